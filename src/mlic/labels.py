@@ -1,0 +1,351 @@
+"""Read and validate a user's labels CSV, in either of the two formats users bring.
+
+- ``onehot``: a ``filename`` column plus one 0/1 column per class (the header names the classes).
+- ``tags``: a ``filename`` column plus one column of tags joined by a delimiter
+  (``clear primary water``).
+
+Everything is checked before any work is done, and every problem found is reported at once,
+each naming the file, line and column and saying what to do. Rows with no label are valid
+("none of the classes") and are counted. Missing or unreadable images stop the run unless
+``skip_bad_images`` is set; then they are skipped and listed, never silently dropped.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+import pandas as pd
+from PIL import Image, UnidentifiedImageError
+
+from mlic.params import Data
+
+log = logging.getLogger(__name__)
+
+# Cap on how many problems one error message lists; the total is always given.
+MAX_REPORTED_PROBLEMS = 25
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the input, located as precisely as we can."""
+
+    file: str
+    line: int | None
+    column: str | None
+    message: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        if self.column is not None:
+            where += f", column '{self.column}'"
+        return f"{where}: {self.message}"
+
+
+class LabelError(ValueError):
+    """The labels CSV or the images it names cannot be used; lists every problem found."""
+
+    def __init__(self, problems: list[Problem]):
+        self.problems = problems
+        shown = "\n".join(f"  - {p}" for p in problems[:MAX_REPORTED_PROBLEMS])
+        more = len(problems) - MAX_REPORTED_PROBLEMS
+        tail = f"\n  ... and {more} more" if more > 0 else ""
+        noun = "problem" if len(problems) == 1 else "problems"
+        super().__init__(f"{len(problems)} {noun} in the labels:\n{shown}{tail}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelTable:
+    """Validated labels: one row per usable image, one column per class."""
+
+    filenames: list[str]          # relative to the images folder, POSIX separators
+    classes: list[str]            # column order of `y`
+    y: np.ndarray                 # (n, k) uint8 multi-hot
+    lines: list[int]              # the CSV line each row came from (header = line 1)
+
+    def to_frame(self) -> pd.DataFrame:
+        """`filename` + one 0/1 column per class: the onehot format, ready to write."""
+        frame = pd.DataFrame(self.y.astype(np.int64), columns=self.classes)
+        frame.insert(0, "filename", self.filenames)
+        return frame
+
+    def subset(self, index: np.ndarray) -> "LabelTable":
+        """Rows `index` of the table, in that order."""
+        return LabelTable(
+            filenames=[self.filenames[i] for i in index],
+            classes=list(self.classes),
+            y=self.y[index],
+            lines=[self.lines[i] for i in index],
+        )
+
+
+def check_filename(name: str) -> str | None:
+    """Return why `name` is not a safe relative path inside the images folder, or None."""
+    if not name.strip():
+        return "the filename is empty; give the image's path relative to the images folder"
+    if name != name.strip():
+        return f"the filename {name!r} has leading or trailing spaces; remove them"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or name.startswith(("/", "\\")):
+        return f"the filename {name!r} is absolute; give it relative to the images folder"
+    parts = name.replace("\\", "/").split("/")
+    if ".." in parts:
+        return f"the filename {name!r} leaves the images folder ('..'); move the image inside it"
+    return None
+
+
+def _parse_binary(value: str) -> int | None:
+    value = value.strip()
+    if value in ("0", "1"):
+        return int(value)
+    if value in ("0.0", "1.0"):  # spreadsheets often save integers as floats
+        return int(float(value))
+    return None
+
+
+def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """Header and (line number, cells) rows of a CSV; line numbers as an editor shows them."""
+    try:
+        fh = open(path, newline="", encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise LabelError([Problem(str(path), None, None,
+                                  "the labels CSV does not exist; check data.labels_csv in params.yaml")]) from None
+    with fh:
+        reader = csv.reader(fh)
+        try:
+            header = next(reader)
+        except StopIteration:
+            raise LabelError([Problem(str(path), None, None,
+                                      "the labels CSV is empty; it needs a header row and one row per image")]) from None
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise LabelError([Problem(str(path), 1, None, f"cannot parse the header: {exc}")]) from None
+        rows = []
+        line = reader.line_num
+        try:
+            for cells in reader:
+                start = line + 1
+                line = reader.line_num
+                if not any(c.strip() for c in cells):
+                    continue  # blank lines carry no image
+                rows.append((start, cells))
+        except (csv.Error, UnicodeDecodeError) as exc:
+            raise LabelError([Problem(str(path), line + 1, None,
+                                      f"cannot parse this line: {exc}; save the file as UTF-8 CSV")]) from None
+    return [h.strip() for h in header], rows
+
+
+def read_labels(spec: Data) -> tuple[LabelTable, pd.DataFrame]:
+    """Read, validate and return the labels, plus a table of skipped rows (may be empty).
+
+    `spec` is the `data` section of params.yaml (paths relative to the working directory).
+
+    Raises LabelError listing every problem found when the input cannot be used as is.
+    """
+    path = Path(spec.labels_csv)
+    src = str(path)
+    header, rows = _read_rows(path)
+    problems: list[Problem] = []
+
+    if spec.format not in ("onehot", "tags"):
+        raise LabelError([Problem(src, None, None,
+                                  f"unknown format {spec.format!r}; set data.format to onehot or tags")])
+    if len(set(header)) != len(header):
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        raise LabelError([Problem(src, 1, d, "this column name appears more than once; rename one") for d in dupes])
+    if spec.filename_column not in header:
+        raise LabelError([Problem(src, 1, None,
+                                  f"no '{spec.filename_column}' column (found: {', '.join(header)}); "
+                                  "rename the column or set data.filename_column")])
+    if not rows:
+        raise LabelError([Problem(src, None, None, "the labels CSV has a header but no rows; add one row per image")])
+    fcol = header.index(spec.filename_column)
+
+    if spec.format == "onehot":
+        classes, ys = _onehot_rows(src, header, rows, spec, problems)
+    else:
+        classes, ys = _tag_rows(src, header, rows, spec, problems)
+
+    filenames: list[str] = []
+    seen: dict[str, int] = {}
+    for line, cells in rows:
+        name = cells[fcol] if fcol < len(cells) else ""
+        why = check_filename(name)
+        if why:
+            problems.append(Problem(src, line, spec.filename_column, why))
+        elif name in seen:
+            problems.append(Problem(src, line, spec.filename_column,
+                                    f"duplicate filename {name!r} (first on line {seen[name]}); "
+                                    "keep one row per image and merge their labels"))
+        else:
+            seen[name] = line
+        filenames.append(name.replace("\\", "/"))
+
+    if problems:
+        raise LabelError(problems)
+
+    y = np.asarray(ys, dtype=np.uint8).reshape(len(rows), len(classes))
+    lines = [line for line, _ in rows]
+    keep, skipped = _check_images(src, Path(spec.images_dir), filenames, lines, spec.skip_bad_images)
+    table = LabelTable(
+        filenames=[filenames[i] for i in keep],
+        classes=classes,
+        y=y[keep],
+        lines=[lines[i] for i in keep],
+    )
+
+    empty = [c for c, n in zip(classes, table.y.sum(axis=0)) if n == 0]
+    if empty:
+        raise LabelError([Problem(src, None, c, "this class has no positive example; remove it from the "
+                                  "classes or add images that show it") for c in empty])
+    log.info("read %d labelled images, %d classes, %d skipped, %d with no label",
+             len(table.filenames), len(classes), len(skipped), int((table.y.sum(axis=1) == 0).sum()))
+    return table, skipped
+
+
+def _onehot_rows(src, header, rows, spec, problems):
+    candidates = [h for h in header if h != spec.filename_column]
+    if spec.classes is not None:
+        missing = [c for c in spec.classes if c not in header]
+        if missing:
+            raise LabelError([Problem(src, 1, c, "this class from data.classes has no column; add the column "
+                                      "or remove the class from data.classes") for c in missing])
+        classes = list(spec.classes)
+        ignored = [c for c in candidates if c not in classes]
+        if ignored:
+            log.warning("%s: columns not in data.classes are ignored: %s", src, ", ".join(ignored))
+    else:
+        classes = candidates
+    if not classes:
+        raise LabelError([Problem(src, 1, None, "no class columns after the filename column; with format onehot "
+                                  "each class needs a 0/1 column (or set data.format: tags)")])
+    idx = [header.index(c) for c in classes]
+    ys = []
+    for line, cells in rows:
+        if len(cells) != len(header):
+            problems.append(Problem(src, line, None, f"has {len(cells)} cells but the header has {len(header)}; "
+                                    "fix the row (a comma inside a filename needs quotes)"))
+            ys.append([0] * len(classes))
+            continue
+        row = []
+        for c, i in zip(classes, idx):
+            v = _parse_binary(cells[i])
+            if v is None:
+                problems.append(Problem(src, line, c, f"value {cells[i]!r} is not 0 or 1; write 1 if the image "
+                                        "shows this class, else 0"))
+                v = 0
+            row.append(v)
+        ys.append(row)
+    return classes, ys
+
+
+def _tag_rows(src, header, rows, spec, problems):
+    if spec.tags_column not in header:
+        raise LabelError([Problem(src, 1, None, f"no '{spec.tags_column}' column (found: {', '.join(header)}); "
+                                  "rename the column or set data.tags_column")])
+    if not spec.delimiter:
+        raise LabelError([Problem(src, None, None, "data.delimiter is empty; set it to the character between tags")])
+    ti = header.index(spec.tags_column)
+    tag_lists = []
+    for line, cells in rows:
+        if len(cells) != len(header):
+            problems.append(Problem(src, line, None, f"has {len(cells)} cells but the header has {len(header)}; "
+                                    "fix the row (tags joined by a comma need quotes)"))
+            tag_lists.append([])
+            continue
+        tags = [t.strip() for t in cells[ti].split(spec.delimiter)]
+        tag_lists.append([t for t in tags if t])
+    if spec.classes is not None:
+        classes = list(spec.classes)
+    else:
+        classes = sorted({t for tags in tag_lists for t in tags})
+    pos = {c: i for i, c in enumerate(classes)}
+    ys = []
+    for (line, _), tags in zip(rows, tag_lists):
+        row = [0] * len(classes)
+        for t in tags:
+            if t not in pos:
+                problems.append(Problem(src, line, spec.tags_column, f"unknown tag {t!r} (not in data.classes); "
+                                        "fix the tag or add it to data.classes"))
+            else:
+                row[pos[t]] = 1
+        ys.append(row)
+    if not classes and not problems:
+        raise LabelError([Problem(src, None, spec.tags_column, "no tags at all; at least one class is needed")])
+    return classes, ys
+
+
+def _check_images(src: str, images_dir: Path, filenames: list[str], lines: list[int],
+                  skip_bad: bool) -> tuple[list[int], pd.DataFrame]:
+    """Indices of rows whose image exists and opens; the others as problems or skipped rows."""
+    if not images_dir.is_dir():
+        raise LabelError([Problem(str(images_dir), None, None,
+                                  "the images folder does not exist; check data.images_dir in params.yaml")])
+    root = images_dir.resolve()
+    keep: list[int] = []
+    bad: list[tuple[int, str]] = []
+    for i, name in enumerate(filenames):
+        path = images_dir / name
+        reason = None
+        if not path.resolve().is_relative_to(root):  # a symlink pointing elsewhere
+            reason = f"{name!r} resolves outside the images folder; copy the image into it"
+        elif not path.is_file():
+            reason = f"image {path} does not exist; fix the filename or add the image"
+        else:
+            try:
+                with Image.open(path) as im:
+                    im.size  # the header is parsed here; pixels are decoded in preprocess
+            except (UnidentifiedImageError, OSError) as exc:
+                reason = f"image {path} cannot be read ({exc.__class__.__name__}); replace or remove it"
+        if reason is None:
+            keep.append(i)
+        else:
+            bad.append((i, reason))
+    if bad and not skip_bad:
+        problems = [Problem(src, lines[i], "filename", reason) for i, reason in bad]
+        raise LabelError(problems + [Problem(src, None, None, "set data.skip_bad_images: true to skip these rows "
+                                             "(they are then listed in the skipped report)")])
+    skipped = pd.DataFrame(
+        {"line": [lines[i] for i, _ in bad],
+         "filename": [filenames[i] for i, _ in bad],
+         "reason": [reason for _, reason in bad]},
+        columns=["line", "filename", "reason"],
+    )
+    if bad:
+        log.warning("skipped %d rows with missing or unreadable images", len(bad))
+    return keep, skipped
+
+
+def summarize(table: LabelTable, n_skipped: int = 0) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Data summary: metrics dict, per-class prevalence, labels-per-image histogram, co-occurrence.
+
+    Co-occurrence is returned long (class_a, class_b, count, p_b_given_a) so DVC can plot it.
+    """
+    y = table.y.astype(np.int64)
+    n, k = y.shape
+    counts = y.sum(axis=0)
+    per_image = y.sum(axis=1)
+    prevalence = pd.DataFrame({"class": table.classes, "count": counts, "prevalence": counts / max(n, 1)})
+    hist = np.bincount(per_image, minlength=k + 1)
+    labels_per_image = pd.DataFrame({"labels": np.arange(k + 1), "images": hist})
+    co = y.T @ y
+    a, b = np.meshgrid(np.arange(k), np.arange(k), indexing="ij")
+    cooccurrence = pd.DataFrame({
+        "class_a": np.asarray(table.classes)[a.ravel()],
+        "class_b": np.asarray(table.classes)[b.ravel()],
+        "count": co.ravel(),
+        "p_b_given_a": (co / np.maximum(counts[:, None], 1)).ravel().round(6),
+    })
+    metrics = {
+        "images": int(n),
+        "classes": int(k),
+        "skipped": int(n_skipped),
+        "images_without_label": int((per_image == 0).sum()),
+        "labels_per_image_mean": round(float(per_image.mean()), 6) if n else 0.0,
+        "labels_per_image_max": int(per_image.max()) if n else 0,
+        "prevalence": {c: round(float(p), 6) for c, p in zip(table.classes, prevalence["prevalence"])},
+        "prevalence_min": round(float(prevalence["prevalence"].min()), 6),
+        "prevalence_max": round(float(prevalence["prevalence"].max()), 6),
+    }
+    return metrics, prevalence, labels_per_image, cooccurrence

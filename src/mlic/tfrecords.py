@@ -1,0 +1,254 @@
+"""The TFRecord schema and the sharded, deterministic, parallel writer.
+
+Schema (the tensorflow/models `official/vision` convention): one `tf.train.Example` per image
+with `image/encoded`, `image/format`, `image/source_id`, `image/filename`, `image/height`,
+`image/width` and the labels as a list of class ids under `image/class/label`, expanded to a
+multi-hot vector at parse time (`parse_example`). Shards are named
+`<split>-00000-of-00004.tfrecord`; each split has a `<split>.manifest.json` beside its shards.
+
+Determinism: records are placed in a seeded order, cut into contiguous shards, and serialized
+with `deterministic=True` (protobuf map ordering is otherwise not stable from run to run), so
+the same inputs and params give byte-identical shards whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlic import images
+
+log = logging.getLogger(__name__)
+
+KEY_ENCODED = "image/encoded"
+KEY_FORMAT = "image/format"
+KEY_SOURCE_ID = "image/source_id"
+KEY_FILENAME = "image/filename"
+KEY_HEIGHT = "image/height"
+KEY_WIDTH = "image/width"
+KEY_LABEL = "image/class/label"
+
+MANIFEST_SUFFIX = ".manifest.json"
+SCHEMA_VERSION = 1
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+    """`train-00000-of-00004.tfrecord`."""
+    return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
+
+
+def serialize_example(encoded: bytes, image_format: str, filename: str, height: int, width: int,
+                      class_ids: Iterable[int]) -> bytes:
+    """One image as a serialized `tf.train.Example`, byte-stable across runs."""
+    import tensorflow as tf  # deferred: workers and light tools never pay TF's import
+
+    def _bytes(v: bytes) -> tf.train.Feature:
+        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
+
+    def _ints(v: Iterable[int]) -> tf.train.Feature:
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
+
+    name = filename.encode("utf-8")
+    example = tf.train.Example(features=tf.train.Features(feature={
+        KEY_ENCODED: _bytes(encoded),
+        KEY_FORMAT: _bytes(image_format.encode("ascii")),
+        KEY_SOURCE_ID: _bytes(name),
+        KEY_FILENAME: _bytes(name),
+        KEY_HEIGHT: _ints([height]),
+        KEY_WIDTH: _ints([width]),
+        KEY_LABEL: _ints(class_ids),
+    }))
+    return example.SerializeToString(deterministic=True)
+
+
+def parse_example(serialized: Any, n_classes: int) -> dict[str, Any]:
+    """Parse one serialized example into image (uint8 HxWx3), multi-hot labels (float32) and filename.
+
+    Works eagerly and inside `tf.data.Dataset.map`.
+    """
+    import tensorflow as tf
+
+    features = tf.io.parse_single_example(serialized, {
+        KEY_ENCODED: tf.io.FixedLenFeature([], tf.string),
+        KEY_FORMAT: tf.io.FixedLenFeature([], tf.string),
+        KEY_FILENAME: tf.io.FixedLenFeature([], tf.string),
+        KEY_HEIGHT: tf.io.FixedLenFeature([], tf.int64),
+        KEY_WIDTH: tf.io.FixedLenFeature([], tf.int64),
+        KEY_LABEL: tf.io.VarLenFeature(tf.int64),
+    })
+    # decode_image handles both JPEG and PNG; expand_animations=False keeps a static 3-D shape.
+    image = tf.io.decode_image(features[KEY_ENCODED], channels=3, expand_animations=False)
+    ids = tf.sparse.to_dense(features[KEY_LABEL])
+    # Sum of one-hots (not max) so an image with no label gives zeros, not -inf.
+    labels = tf.minimum(tf.reduce_sum(tf.one_hot(ids, n_classes, dtype=tf.float32), axis=0), 1.0)
+    return {"image": image, "labels": labels, "filename": features[KEY_FILENAME],
+            "height": features[KEY_HEIGHT], "width": features[KEY_WIDTH]}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodeSettings:
+    """How images become records (the `preprocess` section of params.yaml)."""
+
+    image_size: int
+    resize_mode: str
+    encoding: str
+    jpeg_quality: int
+
+
+def _prepare_one(task: tuple[str, EncodeSettings]) -> tuple[bytes | None, str | None]:
+    """Worker: encoded bytes, or the reason the image failed (never raises across processes)."""
+    path, s = task
+    try:
+        return images.prepare(path, s.image_size, s.resize_mode, s.encoding, s.jpeg_quality), None
+    except Exception as exc:  # noqa: BLE001 - reported with the file name by the parent
+        return None, f"{exc.__class__.__name__}: {exc}"
+
+
+def _prepare_chunk(tasks: list[tuple[str, EncodeSettings]]) -> list[tuple[bytes | None, str | None]]:
+    return [_prepare_one(t) for t in tasks]
+
+
+@contextlib.contextmanager
+def worker_pool(workers: int) -> Iterator[Any]:
+    """A process pool for image work, or None to work in this process when `workers` <= 1.
+
+    spawn, not fork: the parent has TensorFlow loaded and forking a multi-threaded process is
+    unsafe. Create it once per stage: each spawned worker pays a second or so of imports.
+    """
+    if workers <= 1:
+        yield None
+        return
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        yield pool
+
+
+def ordered_map(pool: Any, fn: Callable[[list[Any]], list[Any]], items: list[Any],
+                chunk: int = 16, inflight_per_worker: int = 4) -> Iterator[Any]:
+    """Map `fn` over chunks of `items` in `pool` (None: in-process), yielding results in input order.
+
+    At most `inflight_per_worker` chunks per worker are pending at once, so memory stays flat
+    however many items there are (Pool.imap would queue every result the parent hasn't read).
+    """
+    chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
+    if pool is None:
+        for c in chunks:
+            yield from fn(c)
+        return
+    limit = max(1, pool._processes * inflight_per_worker)
+    pending: collections.deque = collections.deque()
+    for c in chunks:
+        pending.append(pool.apply_async(fn, (c,)))
+        if len(pending) >= limit:
+            yield from pending.popleft().get()
+    while pending:
+        yield from pending.popleft().get()
+
+
+def record_order(filenames: list[str], seed: int) -> np.ndarray:
+    """Seeded permutation of the records, fixed by filenames and seed, not by input order."""
+    base = np.argsort(np.asarray(filenames, dtype=object), kind="stable")
+    rng = np.random.default_rng(seed)
+    return base[rng.permutation(len(base))]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[str], images_dir: Path,
+                out_dir: Path, settings: EncodeSettings, shard_size: int, seed: int, pool: Any = None,
+                skip_bad_images: bool = False) -> dict[str, Any]:
+    """Write one split's shards and manifest into `out_dir`; return the manifest.
+
+    `pool` comes from `worker_pool` (None works in this process). The caller makes `out_dir` atomic (a temp folder renamed into place), so shards are written
+    straight into it. Raises ValueError naming the file when an image cannot be decoded and
+    `skip_bad_images` is false; otherwise such images are skipped and listed in the manifest.
+    """
+    import tensorflow as tf
+
+    n = len(filenames)
+    order = record_order(filenames, seed)
+    n_shards = max(1, -(-n // shard_size))
+    groups = np.array_split(order, n_shards)
+    tasks = [(str(images_dir / filenames[i]), settings) for i in order]
+    results = ordered_map(pool, _prepare_chunk, tasks)
+    image_format = "jpeg" if settings.encoding == "jpeg" else "png"
+
+    shards, skipped, kept = [], [], []
+    for s, group in enumerate(groups):
+        path = out_dir / shard_name(split, s, n_shards)
+        count = 0
+        with tf.io.TFRecordWriter(str(path)) as writer:
+            for i in group:
+                encoded, error = next(results)
+                if error is not None:
+                    if not skip_bad_images:
+                        raise ValueError(
+                            f"{images_dir / filenames[i]}: cannot be decoded ({error}); replace or remove the "
+                            "image, or set data.skip_bad_images: true to skip it")
+                    skipped.append({"filename": filenames[i], "reason": error})
+                    continue
+                ids = np.flatnonzero(y[i]).tolist()
+                writer.write(serialize_example(encoded, image_format, filenames[i],
+                                               settings.image_size, settings.image_size, ids))
+                kept.append(i)
+                count += 1
+        shards.append({"file": path.name, "records": count, "sha256": _sha256(path)})
+    if skipped:
+        log.warning("%s: skipped %d images that could not be decoded", split, len(skipped))
+
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "split": split,
+        "count": len(kept),
+        "skipped": skipped,
+        "classes": list(classes),
+        "image_size": settings.image_size,
+        "channels": 3,
+        "resize_mode": settings.resize_mode,
+        "encoding": settings.encoding,
+        "jpeg_quality": settings.jpeg_quality if settings.encoding == "jpeg" else None,
+        "positives": {c: int(v) for c, v in zip(classes, y[kept].sum(axis=0))},
+        "shards": shards,
+    }
+    manifest["fingerprint"] = fingerprint(manifest)
+    with open(out_dir / f"{split}{MANIFEST_SUFFIX}", "w", encoding="utf-8") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    return manifest
+
+
+def fingerprint(manifest: dict[str, Any]) -> str:
+    """Content fingerprint of a split: its shards' hashes plus what decoding them needs to know."""
+    core = {k: manifest[k] for k in ("schema_version", "classes", "image_size", "encoding")}
+    core["shards"] = [s["sha256"] for s in manifest["shards"]]
+    return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
+
+
+def read_manifest(tfrecord_dir: str | Path, split: str) -> dict[str, Any]:
+    """The manifest of one split, with a clear error if preprocess has not produced it."""
+    path = Path(tfrecord_dir) / f"{split}{MANIFEST_SUFFIX}"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no manifest; run `dvc repro preprocess` first") from None
+
+
+def resolve_workers(workers: int) -> int:
+    """0 means every core."""
+    return workers if workers > 0 else (os.cpu_count() or 1)

@@ -1,0 +1,68 @@
+"""Stage `split`: validate the user's labels, summarise the data, split it into train/val/test.
+
+Reads  params `common`, `data`, `split`; the labels CSV and images folder named in `data`.
+Writes --splits-dir/{train,val,test}.csv (filename + one 0/1 column per class),
+       --reports-dir/summary.json (DVC metrics), prevalence.csv, labels_per_image.csv,
+       split_counts.csv (DVC plots), cooccurrence.csv and skipped.csv.
+Run alone: python stages/split.py --splits-dir data/splits --reports-dir reports/data
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from mlic import labels, split
+from mlic.atomic import atomic_dir, write_csv, write_json
+from mlic.params import load_section, read_params_file
+
+log = logging.getLogger("mlic.stages.split")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--params", default="params.yaml")
+    ap.add_argument("--splits-dir", required=True)
+    ap.add_argument("--reports-dir", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+    raw = read_params_file(args.params)
+    common, data, cfg = (load_section(s, args.params, raw) for s in ("common", "data", "split"))
+    try:
+        table, skipped = labels.read_labels(data)
+    except labels.LabelError as exc:
+        log.error("%s", exc)
+        return 2
+    fractions = split.split_fractions(cfg.val_fraction, cfg.test_fraction)
+    assignment = split.stratified_split(table.y, fractions, common.seed)
+
+    summary, prevalence, per_image, cooc = labels.summarize(table, n_skipped=len(skipped))
+    counts = split.split_counts(table.y, assignment, table.classes)
+    gaps = split.max_prevalence_gap(table.y, assignment)
+    summary["split"] = {
+        **{name: int((assignment == i).sum()) for i, name in enumerate(split.SPLITS)},
+        "max_prevalence_gap": round(float(gaps.max()), 6),
+    }
+
+    with atomic_dir(args.splits_dir) as out:
+        for i, name in enumerate(split.SPLITS):
+            idx = np.flatnonzero(assignment == i)
+            write_csv(out / f"{name}.csv", table.subset(idx).to_frame())
+    with atomic_dir(args.reports_dir) as rep:
+        write_json(rep / "summary.json", summary)
+        write_csv(rep / "prevalence.csv", prevalence)
+        write_csv(rep / "labels_per_image.csv", per_image)
+        write_csv(rep / "cooccurrence.csv", cooc)
+        write_csv(rep / "split_counts.csv", counts)
+        write_csv(rep / "skipped.csv", skipped)
+    log.info("split %d images into %s; largest per-class prevalence gap %.4f",
+             len(table.filenames), summary["split"], gaps.max())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

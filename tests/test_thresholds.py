@@ -1,0 +1,167 @@
+"""Per-class F-beta threshold fitting, checked against a brute-force sklearn oracle."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, fbeta_score
+
+from mlic.thresholds import fit_thresholds, thresholds_from_dict, thresholds_to_dict
+
+# Hand-built class: sorted scores with labels 1 1 0 1 0 0.
+KNOWN_Y = np.array([1, 1, 0, 1, 0, 0])
+KNOWN_P = np.array([0.95, 0.8, 0.7, 0.6, 0.3, 0.1])
+
+
+def column(y: np.ndarray, p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return y.reshape(-1, 1), p.reshape(-1, 1)
+
+
+@pytest.mark.parametrize(
+    "beta, expected",
+    [
+        (1.0, 0.45),  # best set {.95,.8,.7,.6}: F1 6/7; midpoint of (0.3, 0.6]
+        (2.0, 0.45),  # recall-heavy F2 picks the same set: 15/16
+        (0.5, 0.75),  # precision-heavy F0.5 stops at 0.8 (2.5/2.75); midpoint of (0.7, 0.8]
+    ],
+)
+def test_known_optimum(beta: float, expected: float) -> None:
+    assert fit_thresholds(*column(KNOWN_Y, KNOWN_P), beta=beta)[0] == pytest.approx(expected)
+
+
+def make_case(seed: int, n: int, k: int, decimals: int | None) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = (rng.random((n, k)) < rng.uniform(0.05, 0.6, size=k)).astype(np.int64)
+    p = np.clip(0.3 * y + 0.7 * rng.random((n, k)), 0.0, 1.0)
+    if decimals is not None:
+        p = np.round(p, decimals)  # coarse scores: many equal probabilities and F-beta ties
+    return y, p
+
+
+def brute_force_best(y: np.ndarray, p: np.ndarray, beta: float) -> float:
+    """Max F-beta over every candidate threshold, all scored by sklearn in one multilabel call."""
+    candidates = np.unique(p)
+    preds = (p[:, None] >= candidates[None, :]).astype(int)  # one column per candidate
+    truth = np.repeat(y[:, None], candidates.size, axis=1)
+    return float(fbeta_score(truth, preds, beta=beta, average=None, zero_division=0).max())
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+@pytest.mark.parametrize(
+    "seed, n, k, decimals",
+    [(0, 50, 5, None), (1, 200, 12, None), (2, 7, 3, None), (3, 120, 6, 1), (4, 80, 4, 2)],
+)
+def test_fitted_threshold_achieves_brute_force_max(
+    beta: float, seed: int, n: int, k: int, decimals: int | None
+) -> None:
+    y, p = make_case(seed, n, k, decimals)
+    t = fit_thresholds(y, p, beta=beta)
+    for j in range(k):
+        if not y[:, j].any():
+            assert t[j] == 0.5
+            continue
+        best = brute_force_best(y[:, j], p[:, j], beta)
+        ours = fbeta_score(y[:, j], p[:, j] >= t[j], beta=beta, zero_division=0)
+        assert ours == pytest.approx(best, abs=1e-9)
+        assert 0.0 <= t[j] <= 1.0
+        # The midpoint rule: the threshold never sits on a validation score unless forced to.
+        assert not np.isin(t[j], p[:, j]) or np.nextafter(t[j], 0) in p[:, j]
+
+
+def test_tie_goes_to_the_highest_candidate() -> None:
+    # Labels 1 0 0 1: predicting only the top score and predicting all four both give F1 2/3.
+    y, p = column(np.array([1, 0, 0, 1]), np.array([0.9, 0.6, 0.5, 0.2]))
+    assert fit_thresholds(y, p)[0] == pytest.approx(0.75)
+
+
+def test_lowest_candidate_uses_midpoint_to_zero() -> None:
+    y, p = column(np.array([1, 1, 1]), np.array([0.4, 0.2, 0.9]))
+    assert fit_thresholds(y, p)[0] == pytest.approx(0.1)
+
+
+def test_adjacent_floats_keep_the_candidate_itself() -> None:
+    below = np.nextafter(0.5, 0.0)
+    y, p = column(np.array([1, 0]), np.array([0.5, below]))
+    t = fit_thresholds(y, p)[0]
+    assert t == 0.5 and below < t
+
+
+@pytest.mark.parametrize("default", [0.5, 0.3])
+def test_class_without_positives_gets_default(default: float) -> None:
+    y, p = make_case(5, 40, 3, None)
+    y[:, 1] = 0
+    t = fit_thresholds(y, p, default=default)
+    assert t[1] == default
+    assert t[0] != default
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_fitted_f1_never_below_f1_at_half(seed: int) -> None:
+    y, p = make_case(seed, 150, 8, None)
+    y[:, 3] = 0
+    t = fit_thresholds(y, p)
+    fitted = f1_score(y, p >= t, average=None, zero_division=0)
+    at_half = f1_score(y, p >= 0.5, average=None, zero_division=0)
+    assert (fitted >= at_half - 1e-12).all()
+    assert fitted.mean() >= at_half.mean() - 1e-12
+
+
+def test_float32_scores_are_handled() -> None:
+    y, p = make_case(6, 100, 4, None)
+    p32 = p.astype(np.float32)
+    t = fit_thresholds(y, p32)
+    for j in range(4):
+        best = brute_force_best(y[:, j], p32[:, j], 1.0)
+        assert f1_score(y[:, j], p32[:, j] >= t[j]) == pytest.approx(best, abs=1e-9)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"beta": 0.0}, "beta"),
+        ({"beta": -1.0}, "beta"),
+        ({"beta": float("inf")}, "beta"),
+        ({"default": 1.5}, "default"),
+    ],
+)
+def test_fit_rejects_bad_parameters(kwargs: dict, match: str) -> None:
+    y, p = make_case(0, 10, 2, None)
+    with pytest.raises(ValueError, match=match):
+        fit_thresholds(y, p, **kwargs)
+
+
+def test_fit_rejects_bad_arrays() -> None:
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        fit_thresholds(np.zeros((3, 2)), np.full((3, 2), 2.0))
+
+
+def test_dict_round_trip_is_keyed_by_name() -> None:
+    names = ["cat", "dog", "car"]
+    t = np.array([0.25, 0.5, 0.875])
+    d = thresholds_to_dict(names, t)
+    assert d == {"cat": 0.25, "dog": 0.5, "car": 0.875}
+    assert all(type(v) is float for v in d.values())
+    np.testing.assert_array_equal(thresholds_from_dict(d, names), t)
+    # Order comes from class_names, not from the mapping.
+    reordered = thresholds_from_dict(d, ["car", "cat", "dog"])
+    np.testing.assert_array_equal(reordered, [0.875, 0.25, 0.5])
+
+
+def test_from_dict_names_missing_and_extra_classes() -> None:
+    with pytest.raises(ValueError, match=r"missing \['dog'\], extra \['bird'\]"):
+        thresholds_from_dict({"cat": 0.5, "bird": 0.5}, ["cat", "dog"])
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: thresholds_to_dict(["a", "b"], [0.5]), "2 class names"),
+        (lambda: thresholds_to_dict(["a", "a"], [0.5, 0.5]), "not unique"),
+        (lambda: thresholds_from_dict({"a": 1.5}, ["a"]), r"\[0, 1\]"),
+        (lambda: thresholds_from_dict({"a": None}, ["a"]), "finite"),
+    ],
+    ids=["length", "duplicates", "out_of_range", "none"],
+)
+def test_dict_helpers_reject_bad_input(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
