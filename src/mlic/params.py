@@ -59,12 +59,53 @@ class Preprocess:
     workers: int = 2
 
 
+@dataclasses.dataclass(frozen=True)
+class Train:
+    backbone: Literal["simple_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "vgg16", "vgg19"] = "simple_cnn"
+    weights: str | None = None
+    batch_size: int = 32
+    epochs: int = 20
+    learning_rate: float = 0.002
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    dropout: float = 0.3
+    pos_weight: bool = False
+    max_pos_weight: float = 10.0
+    finetune_epochs: int = 0
+    finetune_layers: int = 20
+    finetune_learning_rate: float = 0.0001
+    monitor: str = "val_auc_pr"
+    early_stopping_patience: int = 5
+    augment_flip: bool = True
+    augment_rotation: float = 0.05
+    augment_zoom: float = 0.1
+    augment_contrast: float = 0.1
+    shuffle_buffer: int = 2048
+    mixed_precision: Literal["auto", "on", "off"] = "auto"
+    jit_compile: Literal["auto", "on", "off"] = "auto"
+    deterministic_ops: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluate:
+    threshold: float = 0.5
+    batch_size: int = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrate:
+    beta: float = 1.0
+    default_threshold: float = 0.5
+
+
 SECTIONS: dict[str, type] = {
     "common": Common,
     "data": Data,
     "sample": Sample,
     "split": Split,
     "preprocess": Preprocess,
+    "train": Train,
+    "evaluate": Evaluate,
+    "calibrate": Calibrate,
 }
 
 T = TypeVar("T")

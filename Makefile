@@ -1,0 +1,30 @@
+# Two entry points (see README): `make run` sets everything up and runs the pipeline on the
+# built-in sample; `make test` sets up and runs the tests. Both create .venv on first use.
+VENV ?= .venv
+PYTHON ?= python3
+BIN := $(abspath $(VENV))/bin
+# dvc.yaml's commands call `python`: put the project's environment first on PATH.
+export PATH := $(BIN):$(PATH)
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := 1
+# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) hides the pipeline's own log lines.
+export TF_CPP_MIN_LOG_LEVEL ?= 1
+
+.PHONY: setup run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install -e '.[test]'
+	touch $@
+
+run: setup
+	dvc repro
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV)

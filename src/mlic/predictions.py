@@ -1,0 +1,57 @@
+"""Model predictions for a split, and their CSV form (filename, true_<class>, prob_<class>).
+
+evaluate predicts once and saves these; calibrate and any later analysis read the CSV
+instead of running the model again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from mlic.atomic import write_csv
+
+
+@dataclasses.dataclass(frozen=True)
+class Predictions:
+    filenames: list[str]
+    classes: list[str]
+    y_true: np.ndarray   # (n, k) 0/1
+    y_prob: np.ndarray   # (n, k) sigmoid probabilities
+
+
+def predict_split(model, tfrecord_dir: str | Path, split: str, batch_size: int) -> Predictions:
+    """Run `model` over one split in manifest order (unshuffled), keeping filenames aligned."""
+    from mlic import dataset  # TensorFlow only where a model runs
+    from mlic.tfrecords import read_manifest
+
+    classes = read_manifest(tfrecord_dir, split)["classes"]
+    names, ys, ps = [], [], []
+    for images, labels, filenames in dataset.make_dataset(tfrecord_dir, split, batch_size, with_filenames=True):
+        ps.append(np.asarray(model(images, training=False), dtype=np.float64))
+        ys.append(labels.numpy().astype(np.int64))
+        names.extend(f.decode("utf-8") for f in filenames.numpy())
+    k = len(classes)
+    return Predictions(names, list(classes),
+                       np.concatenate(ys) if ys else np.zeros((0, k), np.int64),
+                       np.clip(np.concatenate(ps), 0.0, 1.0) if ps else np.zeros((0, k)))
+
+
+def write_predictions(path: str | Path, pred: Predictions) -> None:
+    """One row per image: filename, true_<class>..., prob_<class>... (probabilities to 6 d.p.)."""
+    frame = pd.DataFrame({"filename": pred.filenames})
+    true = pd.DataFrame(pred.y_true, columns=[f"true_{c}" for c in pred.classes])
+    prob = pd.DataFrame(np.round(pred.y_prob, 6), columns=[f"prob_{c}" for c in pred.classes])
+    write_csv(path, pd.concat([frame, true, prob], axis=1))
+
+
+def read_predictions(path: str | Path) -> Predictions:
+    """Inverse of `write_predictions`."""
+    frame = pd.read_csv(path)
+    classes = [c[len("true_"):] for c in frame.columns if c.startswith("true_")]
+    return Predictions(frame["filename"].astype(str).tolist(), classes,
+                       frame[[f"true_{c}" for c in classes]].to_numpy(np.int64),
+                       frame[[f"prob_{c}" for c in classes]].to_numpy(np.float64))

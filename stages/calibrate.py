@@ -1,0 +1,59 @@
+"""Stage `calibrate`: fit one decision threshold per class on validation, report on test.
+
+Reads  params `calibrate`, `evaluate`; --predictions/{val,test}.csv written by evaluate.
+Writes --thresholds (thresholds.json keyed by class name), --metrics (test at the fitted
+       thresholds beside test at evaluate.threshold, and val at the fitted thresholds; DVC
+       metrics) and --per-class (test per-class table at the fitted thresholds; DVC plots).
+Run alone: python stages/calibrate.py --predictions reports/evaluate/predictions \
+           --thresholds reports/calibrate/thresholds.json --metrics reports/calibrate/metrics.json \
+           --per-class reports/calibrate/per_class_test.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from mlic import metrics, thresholds
+from mlic.atomic import write_csv, write_json
+from mlic.params import load_section, read_params_file
+from mlic.predictions import read_predictions
+
+log = logging.getLogger("mlic.stages.calibrate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag in ("--predictions", "--thresholds", "--metrics", "--per-class"):
+        ap.add_argument(flag, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    raw = read_params_file(args.params)
+    cfg, ev = load_section("calibrate", args.params, raw), load_section("evaluate", args.params, raw)
+
+    val = read_predictions(Path(args.predictions) / "val.csv")
+    test = read_predictions(Path(args.predictions) / "test.csv")
+    if val.classes != test.classes:
+        log.error("val and test predictions have different classes; re-run `dvc repro evaluate`")
+        return 2
+    fitted = thresholds.fit_thresholds(val.y_true, val.y_prob, beta=cfg.beta, default=cfg.default_threshold)
+
+    report = {
+        "test_calibrated": metrics.nan_to_none(metrics.compute_metrics(test.y_true, test.y_prob, fitted)),
+        "test_default": metrics.nan_to_none(metrics.compute_metrics(test.y_true, test.y_prob, ev.threshold)),
+        "val_calibrated": metrics.nan_to_none(metrics.compute_metrics(val.y_true, val.y_prob, fitted)),
+    }
+    write_json(args.thresholds, thresholds.thresholds_to_dict(val.classes, fitted))
+    write_json(args.metrics, report)
+    write_csv(args.per_class, metrics.per_class_table(test.y_true, test.y_prob, test.classes, fitted).round(6))
+    c, d = report["test_calibrated"], report["test_default"]
+    log.info("test macro-F1 %.3f at fitted thresholds vs %.3f at %.2f; micro-F1 %.3f vs %.3f",
+             c["macro_f1"], d["macro_f1"], ev.threshold, c["micro_f1"], d["micro_f1"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""Stage `evaluate`: predict val and test once; report the multi-label metric set at one threshold.
+
+Reads  params `evaluate`; --model (.keras) and the val/test TFRecords and the train manifest.
+Writes --predictions/{val,test}.csv (filename, true_<class>, prob_<class>), --metrics
+       (val, test and the trivial prevalence predictor on test, DVC metrics) and --per-class
+       (test per-class table, DVC plots).
+Run alone: python stages/evaluate.py --model models/model.keras --tfrecords data/tfrecords \
+           --predictions reports/evaluate/predictions --metrics reports/evaluate/metrics.json \
+           --per-class reports/evaluate/per_class_test.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+import numpy as np
+
+from mlic import metrics
+from mlic.atomic import atomic_dir, write_csv, write_json
+from mlic.params import load_section
+from mlic.predictions import predict_split, write_predictions
+from mlic.tfrecords import read_manifest
+
+log = logging.getLogger("mlic.stages.evaluate")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag in ("--model", "--tfrecords", "--predictions", "--metrics", "--per-class"):
+        ap.add_argument(flag, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = load_section("evaluate", args.params)
+
+    import keras
+
+    import mlic.model  # noqa: F401 - registers the custom layers and loss the model uses
+
+    model = keras.models.load_model(args.model, compile=False)
+    train_m = read_manifest(args.tfrecords, "train")
+    prevalence = np.array([train_m["positives"][c] for c in train_m["classes"]]) / train_m["count"]
+
+    report: dict[str, dict] = {}
+    with atomic_dir(args.predictions) as out:
+        for split in ("val", "test"):
+            pred = predict_split(model, args.tfrecords, split, cfg.batch_size)
+            write_predictions(out / f"{split}.csv", pred)
+            report[split] = metrics.nan_to_none(metrics.compute_metrics(pred.y_true, pred.y_prob, cfg.threshold))
+            baseline = metrics.prevalence_baseline(prevalence, len(pred.filenames))
+            report[f"{split}_baseline"] = metrics.nan_to_none(
+                metrics.compute_metrics(pred.y_true, baseline, cfg.threshold))
+            if split == "test":
+                table = metrics.per_class_table(pred.y_true, pred.y_prob, pred.classes, cfg.threshold)
+    write_csv(args.per_class, table.round(6))
+    write_json(args.metrics, report)
+    t, b = report["test"], report["test_baseline"]
+    log.info("test at %.2f: macro-F1 %.3f (trivial %.3f), mAP %.3f (trivial %.3f), subset accuracy %.3f "
+             "(trivial %.3f), Hamming loss %.4f (trivial %.4f)", cfg.threshold, t["macro_f1"], b["macro_f1"],
+             t["macro_ap"], b["macro_ap"], t["subset_accuracy"], b["subset_accuracy"],
+             t["hamming_loss"], b["hamming_loss"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

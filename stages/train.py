@@ -1,0 +1,85 @@
+"""Stage `train`: fit the model on the TFRecord shards and save it with its provenance.
+
+Reads  params `common`, `train` (and `tracking` for the store check); --tfrecords manifests/shards.
+Writes --model (.keras: raw 0..255 RGB in, probabilities out), --meta (classes in column order,
+       image size, seed, resolved params), --history (per-epoch CSV, DVC plots), --metrics.
+Run alone: python stages/train.py --tfrecords data/tfrecords --model models/model.keras \
+           --meta models/model_meta.json --history reports/train/history.csv --metrics reports/train/metrics.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mlic import dataset, model as mlic_model, tracking, training
+from mlic.atomic import atomic_path, write_csv, write_json
+from mlic.params import load_section, read_params_file
+from mlic.tfrecords import read_manifest
+
+log = logging.getLogger("mlic.stages.train")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for flag in ("--tfrecords", "--model", "--meta", "--history", "--metrics"):
+        ap.add_argument(flag, required=True)
+    ap.add_argument("--params", default="params.yaml")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    raw = read_params_file(args.params)
+    common, cfg, track = (load_section(s, args.params, raw) for s in ("common", "train", "tracking"))
+
+    try:  # say so now, in one line, rather than after a long training
+        tracking.check_store(tracking.resolve_tracking_uri(track.uri, Path.cwd()))
+    except tracking.TrackingUnavailable as exc:
+        log.error("%s", exc)
+        return 2
+
+    mlic_model.set_seed(common.seed, cfg.deterministic_ops)
+    devices = mlic_model.configure_devices(cfg.mixed_precision, cfg.jit_compile)
+    train_m, val_m = read_manifest(args.tfrecords, "train"), read_manifest(args.tfrecords, "val")
+    classes, size = train_m["classes"], int(train_m["image_size"])
+    prevalence = np.array([train_m["positives"][c] for c in classes]) / train_m["count"]
+    train_ds = dataset.make_dataset(args.tfrecords, "train", cfg.batch_size, shuffle=True, seed=common.seed,
+                                    shuffle_buffer=cfg.shuffle_buffer)
+    val_ds = dataset.make_dataset(args.tfrecords, "val", cfg.batch_size)
+    pretrained = cfg.weights is not None
+    with devices.strategy.scope():
+        model = mlic_model.build_model(
+            cfg.backbone, len(classes), size, weights=cfg.weights, dropout=cfg.dropout, seed=common.seed,
+            augmentation=mlic_model.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom,
+                                                 cfg.augment_contrast))
+        pos_weight = mlic_model.positive_weights(prevalence, cfg.max_pos_weight) if cfg.pos_weight else None
+        with atomic_path(args.model) as tmp:
+            ckpt = tmp.with_suffix(".keras")  # Keras insists on the extension
+            result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=len(classes),
+                                  n_train=train_m["count"], checkpoint=ckpt, pos_weight=pos_weight,
+                                  jit_compile=devices.jit_compile, pretrained=pretrained)
+            ckpt.replace(tmp)
+
+    write_csv(args.history, result.history)
+    write_json(args.meta, {
+        "classes": classes, "image_size": size, "input": "float32 RGB 0..255, shape (image_size, image_size, 3)",
+        "output": "sigmoid probability per class, in `classes` order", "seed": common.seed,
+        "train": dataclasses.asdict(cfg), "data_fingerprints": {"train": train_m["fingerprint"],
+                                                                 "val": val_m["fingerprint"]},
+    })
+    write_json(args.metrics, {
+        "best_epoch": result.best_epoch, f"best_{cfg.monitor}": round(result.best_value, 6),
+        "epochs_run": len(result.history), "seconds": round(result.seconds, 1),
+        "images_per_second": round(result.images_seen / max(result.seconds, 1e-9), 1),
+        "params": int(model.count_params()), "gpus": devices.gpus,
+    })
+    log.info("best %s %.4f at epoch %d; %d epochs in %.0f s", cfg.monitor, result.best_value,
+             result.best_epoch, len(result.history), result.seconds)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

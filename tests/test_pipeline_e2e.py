@@ -1,0 +1,189 @@
+"""End to end: the real pipeline through real `dvc repro` / `dvc exp run` on tiny params.
+
+The project is copied into a temporary git repo, with params shrunk (120 images of 32-48 px,
+32 px inputs, 1 epoch) and the MLflow store in the temp dir. Slow (about 2-4 minutes).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages", "src"]
+
+TINY = {
+    "sample": {"n_images": 120, "min_size": 32, "max_size": 48},
+    "preprocess": {"image_size": 32, "shard_size": 40},
+    "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
+    "evaluate": {"batch_size": 32},
+}
+
+
+def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A git + DVC copy of the project with tiny params; env with a temp MLflow store."""
+    repo = tmp_path_factory.mktemp("e2e") / "project"
+    repo.mkdir()
+    for name in COPY:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            shutil.copy2(src, repo / name)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in TINY.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo.parent / 'mlflow.db'}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "e2e"
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "e2e@example.invalid"
+    env.pop("DVC_EXP_NAME", None)
+    _run(["git", "init", "-q", "-b", "main"], repo, env)
+    _run(["dvc", "init", "-q"], repo, env)
+    _run(["dvc", "config", "core.analytics", "false"], repo, env)
+    (repo / ".gitignore").write_text("mlflow.db\n")
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "init"], repo, env)
+    return repo, env
+
+
+def _runs(env: dict[str, str]) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exps = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time ASC"])
+
+
+def _check_complete_run(run, env: dict[str, str], repo: Path) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    params = run.data.params
+    assert params["train.epochs"] == str(yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"])
+    for key in ("common.seed", "split.val_fraction", "preprocess.image_size", "train.backbone", "calibrate.beta"):
+        assert key in params, key
+    metrics = run.data.metrics
+    for key in ("test_macro_f1", "test_baseline_macro_f1", "test_calibrated_macro_f1", "val_macro_ap",
+                "test_hamming_loss", "test_subset_accuracy"):
+        assert key in metrics, (key, sorted(metrics))
+    history = [k for k in metrics if "val_loss" in k and not k.startswith(("test", "train_"))]
+    assert history, sorted(metrics)
+    steps = client.get_metric_history(run.info.run_id, history[0])
+    assert sorted(m.step for m in steps) == list(range(len(steps))) and steps
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"thresholds.json", "dvc.lock", "history.csv"} <= artifacts, artifacts
+    assert any(a.startswith("model") for a in artifacts), artifacts
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["git_commit"] == head
+    assert run.data.tags["git_dirty"] in ("true", "false")
+    assert len(run.data.tags["data_fingerprint"]) == 64
+    assert run.info.status == "FINISHED"
+
+
+def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) -> None:
+    repo, env = project
+    _run(["dvc", "repro"], repo, env)
+
+    # Every declared out, metric and plot exists.
+    for path in ["data/sample/labels.csv", "data/splits/train.csv", "data/tfrecords/train.manifest.json",
+                 "models/model.keras", "models/model_meta.json", "reports/data/summary.json",
+                 "reports/train/history.csv", "reports/train/metrics.json", "reports/evaluate/metrics.json",
+                 "reports/evaluate/per_class_test.csv", "reports/evaluate/predictions/test.csv",
+                 "reports/calibrate/thresholds.json", "reports/calibrate/metrics.json",
+                 "reports/mlflow_run.json"]:
+        assert (repo / path).is_file(), path
+    shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
+    assert shown, "dvc metrics show returned nothing"
+    ev = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert 0.0 <= ev["test"]["macro_f1"] <= 1.0 and "test_baseline" in ev
+    thresholds = json.loads((repo / "reports/calibrate/thresholds.json").read_text())
+    meta = json.loads((repo / "models/model_meta.json").read_text())
+    assert list(thresholds) == meta["classes"]
+
+    runs = _runs(env)
+    assert len(runs) == 1
+    _check_complete_run(runs[0], env, repo)
+    assert json.loads((repo / "reports/mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
+
+    # A no-op repro runs nothing and logs nothing.
+    out = _run(["dvc", "repro"], repo, env).stdout
+    assert "didn't change" in out or "up to date" in out
+    assert len(_runs(env)) == 1
+
+    # An experiment re-runs train onwards and leaves a second complete run.
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "baseline results"], repo, env)
+    _run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2"], repo, env)
+    runs = _runs(env)
+    assert len(runs) == 2
+    _check_complete_run(runs[1], env, repo)
+    assert runs[1].data.params["train.epochs"] == "2"
+    assert runs[1].data.tags.get("dvc_exp_name") == "two-epochs"
+
+    # Only calibrate's params change: a third run, just as complete.
+    _run(["dvc", "exp", "run", "-n", "beta2", "-S", "calibrate.beta=2.0"], repo, env)
+    runs = _runs(env)
+    assert len(runs) == 3
+    _check_complete_run(runs[2], env, repo)
+    assert runs[2].data.params["calibrate.beta"] == "2.0"
+
+    table = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout)
+    text = json.dumps(table)
+    assert "two-epochs" in text and "beta2" in text
+    assert "test_calibrated" in text
+
+
+def test_saved_model_predicts_on_a_raw_image_file(project: tuple[Path, dict[str, str]]) -> None:
+    repo, _ = project
+    if not (repo / "models/model.keras").exists():
+        pytest.skip("pipeline test did not run")
+    import keras
+    from PIL import Image
+
+    import mlic.model  # noqa: F401 - registers custom objects
+    from mlic.images import load_rgb, resize
+
+    meta = json.loads((repo / "models/model_meta.json").read_text())
+    model = keras.models.load_model(repo / "models/model.keras", compile=False)
+    first = sorted((repo / "data/sample/images").iterdir())[0]
+    assert Image.open(first).size  # a real image file from the user-format folder
+    x = np.asarray(resize(load_rgb(first), meta["image_size"], "pad"), dtype=np.float32)[None]
+    probs = np.asarray(model.predict(x, verbose=0))
+    assert probs.shape == (1, len(meta["classes"]))
+    assert np.all((probs >= 0) & (probs <= 1))
+
+
+def test_unreachable_tracking_store_fails_before_training(project: tuple[Path, dict[str, str]]) -> None:
+    repo, env = project
+    bad = dict(env, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
+    proc = subprocess.run(
+        [sys.executable, "stages/train.py", "--tfrecords", "data/tfrecords", "--model", "/tmp/never.keras",
+         "--meta", "/tmp/never.json", "--history", "/tmp/never.csv", "--metrics", "/tmp/never-m.json"],
+        cwd=repo, env=bad, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "not reachable" in proc.stderr
+    assert "Epoch" not in proc.stdout + proc.stderr
