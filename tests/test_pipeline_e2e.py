@@ -96,7 +96,9 @@ def _check_complete_run(run, env: dict[str, str], repo: Path) -> None:
     assert sorted(m.step for m in steps) == list(range(len(steps))) and steps
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"thresholds.json", "dvc.lock", "history.csv"} <= artifacts, artifacts
-    assert any(a.startswith("model") for a in artifacts), artifacts
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert len(models) == 1, models
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"] == head
     assert run.data.tags["git_dirty"] in ("true", "false")

@@ -97,6 +97,13 @@ class Calibrate:
     default_threshold: float = 0.5
 
 
+@dataclasses.dataclass(frozen=True)
+class Tracking:
+    experiment: str = "mlic"
+    uri: str | None = None
+    log_model: bool = True
+
+
 SECTIONS: dict[str, type] = {
     "common": Common,
     "data": Data,
@@ -106,6 +113,7 @@ SECTIONS: dict[str, type] = {
     "train": Train,
     "evaluate": Evaluate,
     "calibrate": Calibrate,
+    "tracking": Tracking,
 }
 
 T = TypeVar("T")

@@ -1,0 +1,409 @@
+"""The `track` stage and mlic.tracking: one complete MLflow run from synthetic pipeline files.
+
+The module fixture builds a tiny project in a temporary git repo (params, history, metrics
+JSONs with a null, per-class tables, thresholds, dvc.lock, manifests, a real 3-class .keras
+model), runs `stages/track.py`'s main once against a sqlite store in tmp, and the tests read the
+run back with MlflowClient.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlic import tracking
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+
+PARAMS_YAML = """\
+common:
+  seed: 42
+data:
+  classes: [cat, dog, bird]
+  skip_bad_images: false
+split:
+  val_fraction: 0.15
+train:
+  learning_rate: 0.001
+  weights: null
+tracking:
+  experiment: mlic-test
+  log_model: true
+"""
+HISTORY = pd.DataFrame({
+    "epoch": [0, 1, 2],
+    "loss": [0.9, 0.6, 0.5],
+    "val_loss": [0.95, 0.7, 0.65],
+    "val_f1": [0.2, 0.5, 0.6],
+    "learning_rate": [0.001, 0.001, 0.0005],
+    "phase": ["head", "head", "finetune"],
+})
+TRAIN_METRICS = {"best_epoch": 2, "epochs_run": 3, "seconds": 1.5, "stopped_early": True}
+EVALUATE_METRICS = {"val": {"macro_f1": 0.8, "micro_f1": 0.85},
+                    "test": {"macro_f1": 0.75, "auc_pr": None, "per_class": {"cat": {"f1": 0.7}}},
+                    "test_baseline": {"macro_f1": 0.5}}
+CALIBRATE_METRICS = {"test_calibrated": {"macro_f1": 0.78}, "val_calibrated": {"macro_f1": 0.82}}
+FINGERPRINTS = {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}
+EXPERIMENT = "mlic-test"
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                          cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _build_project(root: Path) -> None:
+    import keras
+
+    _write(root / "params.yaml", PARAMS_YAML)
+    _write(root / "dvc.lock", "schema: '2.0'\nstages: {}\n")
+    _write(root / "reports/train/history.csv", HISTORY.to_csv(index=False))
+    _write(root / "reports/train/metrics.json", json.dumps(TRAIN_METRICS))
+    _write(root / "reports/evaluate/metrics.json", json.dumps(EVALUATE_METRICS))
+    _write(root / "reports/calibrate/metrics.json", json.dumps(CALIBRATE_METRICS))
+    for stage in ("evaluate", "calibrate"):
+        _write(root / f"reports/{stage}/per_class_test.csv", "class,f1\ncat,0.7\ndog,0.8\nbird,0.6\n")
+    _write(root / "reports/calibrate/thresholds.json", json.dumps({"cat": 0.4, "dog": 0.5, "bird": 0.3}))
+    for split, fp in FINGERPRINTS.items():
+        _write(root / f"data/tfrecords/{split}.manifest.json", json.dumps({"count": 10, "fingerprint": fp}))
+    _write(root / "models/model_meta.json", json.dumps({"classes": ["cat", "dog", "bird"]}))
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8, 8, 3))
+    outputs = keras.layers.Dense(3, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
+    keras.Model(inputs, outputs).save(root / "models/model.keras")
+
+
+def _track_argv(root: Path) -> list[str]:
+    return [
+        "--params", "params.yaml", "--history", "reports/train/history.csv",
+        "--metrics", "train=reports/train/metrics.json", "reports/evaluate/metrics.json",
+        "reports/calibrate/metrics.json",
+        "--artifacts", "dvc.lock", "reports/evaluate/per_class_test.csv",
+        "reports/calibrate/per_class_test.csv", "reports/calibrate/thresholds.json",
+        "models/model_meta.json",
+        "--model", "models/model.keras", "--manifests-dir", "data/tfrecords",
+        "--out", "reports/mlflow_run.json",
+    ]
+
+
+def _load_stage():
+    spec = importlib.util.spec_from_file_location("track_stage", ROOT / "stages" / "track.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tracked(tmp_path_factory):
+    """Run the stage once; yield (project root, tracking uri, client, run)."""
+    from mlflow import MlflowClient
+
+    base = tmp_path_factory.mktemp("track")
+    project = base / "project"
+    project.mkdir()
+    uri = f"sqlite:///{base.as_posix()}/mlflow.db"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        mp.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        mp.setenv("GIT_CEILING_DIRECTORIES", str(base))
+        mp.setenv("DVC_EXP_NAME", "brisk-otter")
+        mp.setenv("DVC_EXP_BASELINE_REV", "0" * 40)
+        mp.chdir(project)
+        _build_project(project)
+        _git(project, "init", "-q")
+        _git(project, "add", "-A")
+        _git(project, "commit", "-q", "-m", "synthetic project")
+        started = time.perf_counter()
+        assert _load_stage().main(_track_argv(project)) == 0
+        print(f"track stage with model: {time.perf_counter() - started:.1f} s")
+        client = MlflowClient(uri)
+        run_id = json.loads((project / "reports/mlflow_run.json").read_text())["run_id"]
+        yield project, uri, client, client.get_run(run_id)
+
+
+# --------------------------------------------------------------------------- the logged run
+def test_every_param_is_logged_flattened(tracked):
+    _, _, _, run = tracked
+    assert run.data.params == {
+        "common.seed": "42",
+        "data.classes": '["cat","dog","bird"]',
+        "data.skip_bad_images": "false",
+        "split.val_fraction": "0.15",
+        "train.learning_rate": "0.001",
+        "train.weights": "null",
+        "tracking.experiment": "mlic-test",
+        "tracking.log_model": "true",
+    }
+
+
+@pytest.mark.parametrize("column", ["loss", "val_loss", "val_f1", "learning_rate"])
+def test_history_columns_are_curves_by_epoch(tracked, column):
+    _, _, client, run = tracked
+    history = sorted(client.get_metric_history(run.info.run_id, f"epoch/{column}"), key=lambda m: m.step)
+    assert [m.step for m in history] == [0, 1, 2]
+    assert [m.value for m in history] == pytest.approx(HISTORY[column].tolist())
+
+
+def test_summary_metrics_are_flattened_and_prefixed(tracked):
+    _, _, _, run = tracked
+    metrics = run.data.metrics
+    expected = {
+        "val_macro_f1": 0.8, "test_macro_f1": 0.75, "test_baseline_macro_f1": 0.5,
+        "test_per_class_cat_f1": 0.7, "test_calibrated_macro_f1": 0.78,
+        "val_calibrated_macro_f1": 0.82, "train_best_epoch": 2, "train_epochs_run": 3,
+        "train_stopped_early": 1.0,
+    }
+    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
+    assert "test_auc_pr" not in metrics  # null in the JSON: skipped, not logged as 0/NaN
+    assert "epoch/phase" not in metrics and "epoch/epoch" not in metrics
+
+
+def test_artifacts_are_top_level_and_unique(tracked):
+    _, _, client, run = tracked
+    listed = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {
+        "params.yaml", "history.csv", "dvc.lock", "thresholds.json", "model_meta.json",
+        "evaluate_per_class_test.csv", "calibrate_per_class_test.csv",
+        "train_metrics.json", "evaluate_metrics.json", "calibrate_metrics.json",
+        "train.manifest.json", "val.manifest.json", "test.manifest.json",
+    } <= listed
+    assert not any(client.list_artifacts(run.info.run_id, "reports"))
+
+
+def test_logged_model_predicts_like_the_keras_file(tracked):
+    import keras
+    import mlflow.keras
+
+    project, _, _, run = tracked
+    x = np.random.default_rng(0).random((4, 8, 8, 3)).astype("float32")
+    expected = keras.models.load_model(project / "models/model.keras").predict(x, verbose=0)
+    logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
+    np.testing.assert_allclose(logged.predict(x, verbose=0), expected, rtol=1e-6)
+
+
+def test_tags_record_git_dvc_and_data(tracked):
+    project, _, _, run = tracked
+    tags = run.data.tags
+    assert tags["git_commit"] == _git(project, "rev-parse", "HEAD")
+    assert tags["git_dirty"] == "false"
+    assert tags["dvc_exp_name"] == "brisk-otter"
+    assert tags["dvc_exp_baseline_rev"] == "0" * 40
+    assert tags["mlflow.runName"] == "brisk-otter"
+    assert tags["mlflow.source.name"] == "dvc exp run"
+    assert tags["data_fingerprint"] == tracking.data_fingerprint(FINGERPRINTS)
+    assert {tags[f"data_fingerprint_{s}"] for s in FINGERPRINTS} == set(FINGERPRINTS.values())
+
+
+def test_experiment_is_a_model_training_experiment(tracked):
+    _, _, client, run = tracked
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.name == EXPERIMENT
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+
+
+def test_exactly_one_finished_run_and_its_record(tracked):
+    project, uri, client, run = tracked
+    runs = client.search_runs([run.info.experiment_id])
+    assert [r.info.run_id for r in runs] == [run.info.run_id]
+    assert run.info.status == "FINISHED"
+    record = json.loads((project / "reports/mlflow_run.json").read_text())
+    assert record == {
+        "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
+        "experiment": EXPERIMENT, "run_name": "brisk-otter", "tracking_uri": uri,
+        "git_commit": run.data.tags["git_commit"],
+    }
+
+
+def test_failure_half_way_marks_the_run_failed(tracked, monkeypatch):
+    from mlflow import MlflowClient
+
+    project, uri, client, _ = tracked
+    monkeypatch.chdir(project)
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", broken)
+    with pytest.raises(OSError, match="disk full"):
+        tracking.log_pipeline_run(
+            tracking_uri=uri, experiment="mlic-failing", params_file=Path("params.yaml"),
+            history_csv=Path("reports/train/history.csv"),
+            metrics_files=[("", Path("reports/evaluate/metrics.json"))], project_root=project)
+    experiment = client.get_experiment_by_name("mlic-failing")
+    runs = client.search_runs([experiment.experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.metrics["test_macro_f1"] == 0.75  # it got half-way: logged, then failed
+
+
+def test_a_missing_passed_file_fails_before_any_run(tracked, monkeypatch, tmp_path):
+    project, uri, client, _ = tracked
+    monkeypatch.chdir(project)
+    params = _write(tmp_path / "params.yaml", "tracking:\n  experiment: mlic-missing\n")
+    argv = ["--params", str(params), "--metrics", "reports/nope.json", "--out", str(tmp_path / "o.json")]
+    assert _load_stage().main(argv) == 2
+    assert client.get_experiment_by_name("mlic-missing") is None
+    assert not (tmp_path / "o.json").exists()
+
+
+# --------------------------------------------------------------------------- tracking store
+@pytest.mark.parametrize(
+    "env, params_uri, expected",
+    [
+        ("http://env:5000", "http://params:5000", "http://env:5000"),
+        (None, "http://params:5000", "http://params:5000"),
+        (None, None, "sqlite:///{root}/mlflow.db"),
+        ("", None, "sqlite:///{root}/mlflow.db"),
+    ],
+)
+def test_tracking_uri_precedence_env_then_params_then_project_db(monkeypatch, tmp_path, env, params_uri, expected):
+    if env is None:
+        monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    else:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
+    assert tracking.resolve_tracking_uri(params_uri, tmp_path) == expected.format(root=tmp_path.resolve().as_posix())
+
+
+def test_default_store_follows_dvc_root(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
+
+
+def test_unreachable_server_fails_fast_in_one_line():
+    started = time.perf_counter()
+    with pytest.raises(tracking.TrackingUnavailable) as info:
+        tracking.check_store("http://127.0.0.1:9", timeout_s=5.0)
+    assert time.perf_counter() - started < 6.0
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith("MLflow tracking store http://127.0.0.1:9 is not reachable: ")
+    assert message.endswith("start the server or unset MLFLOW_TRACKING_URI to use the local mlflow.db")
+
+
+def test_writable_sqlite_folder_passes_and_creates_nothing(tmp_path):
+    tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sqlite_in_missing_folder_fails(tmp_path):
+    with pytest.raises(tracking.TrackingUnavailable, match="does not exist"):
+        tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/nope/mlflow.db")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write anywhere")
+def test_sqlite_in_read_only_folder_fails(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(tracking.TrackingUnavailable, match="not writable"):
+            tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_check_cli_exits_2_with_the_message(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+    assert tracking.main(["check", "--params", str(tmp_path / "absent.yaml"), "--timeout", "2"]) == 2
+    assert "is not reachable" in caplog.text
+
+
+def test_password_is_redacted():
+    assert tracking.redact_uri("https://me:secret@host:8443/x") == "https://me:***@host:8443/x"
+    assert tracking.redact_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
+
+
+# --------------------------------------------------------------------------- naming rules
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (0.001, "0.001"), (42, "42"), (True, "true"), (None, "null"), ("pad", "pad"),
+        (["a", "b"], '["a","b"]'), ({"k": 1}, '{"k":1}'),
+    ],
+)
+def test_param_values_read_like_yaml(value, text):
+    assert tracking.param_value(value) == text
+
+
+def test_long_param_values_are_cut_visibly():
+    text = tracking.param_value(["x" * 50] * 200)
+    assert len(text) == tracking.MAX_PARAM_VALUE and "cut" in text[-60:]
+
+
+def test_metrics_flatten_with_underscores_and_skip_what_is_not_a_number():
+    values, skipped = tracking.flatten_metrics(
+        {"test": {"f1": 0.5, "auc": None, "nan": float("nan"), "ok": True, "name": "x",
+                  "list": [1, 2], "per class": {"t-shirt/top": 0.1}}}, prefix="p")
+    assert values == {"p_test_f1": 0.5, "p_test_ok": 1.0, "p_test_per class_t-shirt_top": 0.1}
+    assert sorted(skipped) == ["p_test_auc", "p_test_list", "p_test_name", "p_test_nan"]
+
+
+@pytest.mark.parametrize(
+    "paths, names",
+    [
+        (["a/x.csv", "b/y.csv"], ["x.csv", "y.csv"]),
+        (["r/evaluate/t.csv", "r/calibrate/t.csv"], ["evaluate_t.csv", "calibrate_t.csv"]),
+        (["a/m/t.csv", "b/m/t.csv", "c.csv"], ["a_m_t.csv", "b_m_t.csv", "c.csv"]),
+    ],
+)
+def test_artifact_names_are_unique_and_short(paths, names):
+    assert list(tracking.artifact_names([Path(p) for p in paths]).values()) == names
+
+
+def test_data_fingerprint_ignores_listing_order():
+    forward = tracking.data_fingerprint(FINGERPRINTS)
+    assert forward == tracking.data_fingerprint(dict(reversed(list(FINGERPRINTS.items()))))
+    assert forward != tracking.data_fingerprint({**FINGERPRINTS, "test": "d" * 64})
+
+
+def test_git_info_outside_a_repo_is_unknown(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert tracking.git_info(tmp_path) == tracking.GitInfo("unknown", "unknown")
+
+
+def test_untracked_file_makes_the_tree_dirty(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    _write(tmp_path / "a.txt", "a")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-q", "-m", "a")
+    assert tracking.git_info(tmp_path).dirty == "false"
+    _write(tmp_path / "new.txt", "b")
+    assert tracking.git_info(tmp_path) == tracking.GitInfo(_git(tmp_path, "rev-parse", "HEAD"), "true", ("new.txt",))
+
+
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "env, name, source",
+    [
+        ({"DVC_EXP_NAME": "brisk-otter"}, "brisk-otter", "dvc exp run"),
+        ({"DVC_STAGE": "track"}, "repro-abcdef1-20250102-030405", "dvc repro"),
+        ({}, "repro-abcdef1-20250102-030405", "python stages/track.py"),
+    ],
+)
+def test_run_names_and_sources(env, name, source):
+    run_name, tags = tracking.run_context(env, "abcdef1234" + "0" * 30, NOW)
+    assert (run_name, tags["mlflow.source.name"]) == (name, source)
+    assert tags["dvc_exp_name"] == env.get("DVC_EXP_NAME", "workspace")
+
+
+def test_run_name_without_git():
+    assert tracking.run_context({}, "unknown", NOW)[0] == "repro-nogit-20250102-030405"
