@@ -46,7 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         "test_default": metrics.nan_to_none(metrics.compute_metrics(test.y_true, test.y_prob, ev.threshold)),
         "val_calibrated": metrics.nan_to_none(metrics.compute_metrics(val.y_true, val.y_prob, fitted)),
     }
-    write_json(args.thresholds, thresholds.thresholds_to_dict(val.classes, fitted))
+    # In the model's class order, so the file reads like the model's output columns.
+    write_json(args.thresholds, thresholds.thresholds_to_dict(val.classes, fitted), sort_keys=False)
     write_json(args.metrics, report)
     write_csv(args.per_class, metrics.per_class_table(test.y_true, test.y_prob, test.classes, fitted).round(6))
     c, d = report["test_calibrated"], report["test_default"]

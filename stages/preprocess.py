@@ -41,25 +41,29 @@ def main(argv: list[str] | None = None) -> int:
 
     metrics: dict[str, dict] = {}
     start = time.perf_counter()
-    with atomic_dir(args.out) as out, tfrecords.worker_pool(workers) as pool:
-        for i, name in enumerate(SPLITS):
-            frame = pd.read_csv(Path(args.splits_dir) / f"{name}.csv")
-            classes = list(frame.columns[1:])
-            t0 = time.perf_counter()
-            try:
+    # The except is outside the `with`: returning from inside it would leave atomic_dir normally
+    # and rename the partial output (train and val written, test half done) into place.
+    try:
+        with atomic_dir(args.out) as out, tfrecords.worker_pool(workers) as pool:
+            for i, name in enumerate(SPLITS):
+                # Filenames as text: "007" must not become 7, nor "NA" a missing value.
+                frame = pd.read_csv(Path(args.splits_dir) / f"{name}.csv", dtype={"filename": str},
+                                    keep_default_na=False)
+                classes = list(frame.columns[1:])
+                t0 = time.perf_counter()
                 manifest = tfrecords.write_split(
                     name, frame["filename"].tolist(), frame[classes].to_numpy(), classes,
                     Path(data.images_dir), out, settings, cfg.shard_size,
                     seed=common.seed + i, pool=pool, skip_bad_images=data.skip_bad_images)
-            except ValueError as exc:
-                log.error("%s", exc)
-                return 2
-            seconds = time.perf_counter() - t0
-            size = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
-            metrics[name] = {"records": manifest["count"], "skipped": len(manifest["skipped"]),
-                             "shards": len(manifest["shards"]), "megabytes": round(size / 2**20, 3)}
-            log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest["count"],
-                     len(manifest["shards"]), size / 2**20, manifest["count"] / max(seconds, 1e-9))
+                seconds = time.perf_counter() - t0
+                size = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
+                metrics[name] = {"records": manifest["count"], "skipped": len(manifest["skipped"]),
+                                 "shards": len(manifest["shards"]), "megabytes": round(size / 2**20, 3)}
+                log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest["count"],
+                         len(manifest["shards"]), size / 2**20, manifest["count"] / max(seconds, 1e-9))
+    except ValueError as exc:  # an image that cannot be decoded (write_split names it)
+        log.error("%s", exc)
+        return 2
     log.info("preprocess done in %.1f s with %d worker(s)", time.perf_counter() - start, workers)
     write_json(args.metrics, metrics)
     return 0

@@ -18,6 +18,12 @@ from typing import Any, IO
 import pandas as pd
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `target`; rename it onto `target` only if the block succeeds."""
@@ -26,6 +32,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should read like any file
     try:
         yield tmp_path
         os.replace(tmp_path, target)
@@ -57,6 +64,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
         old = None
@@ -71,10 +79,13 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Write `obj` as pretty, key-sorted JSON, atomically (stable bytes for DVC hashes)."""
+def write_json(path: str | Path, obj: Any, sort_keys: bool = True) -> None:
+    """Write `obj` as pretty JSON, atomically; keys sorted unless their order means something.
+
+    Stable bytes either way, so DVC hashes only change when the content does.
+    """
     with atomic_open(path) as fh:
-        json.dump(obj, fh, indent=2, sort_keys=True, ensure_ascii=False)
+        json.dump(obj, fh, indent=2, sort_keys=sort_keys, ensure_ascii=False)
         fh.write("\n")
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 from pathlib import Path, PurePosixPath, PureWindowsPath
 
@@ -108,11 +109,18 @@ def _parse_binary(value: str) -> int | None:
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, cells) rows of a CSV; line numbers as an editor shows them."""
     try:
-        fh = open(path, newline="", encoding="utf-8-sig")
+        data = path.read_bytes()
     except FileNotFoundError:
         raise LabelError([Problem(str(path), None, None,
                                   "the labels CSV does not exist; check data.labels_csv in params.yaml")]) from None
-    with fh:
+    try:
+        # Decoded whole, not streamed: a streamed decode error surfaces at whichever line the
+        # reader's buffer was on (the header, for small files), so the line reported was wrong.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise LabelError([Problem(str(path), data[:exc.start].count(b"\n") + 1, None,
+                                  f"byte {data[exc.start]:#04x} is not UTF-8 text; save the file as UTF-8 CSV")]) from None
+    with io.StringIO(text, newline="") as fh:
         reader = csv.reader(fh)
         try:
             header = next(reader)
@@ -169,25 +177,45 @@ def read_labels(spec: Data) -> tuple[LabelTable, pd.DataFrame]:
 
     filenames: list[str] = []
     seen: dict[str, int] = {}
-    for line, cells in rows:
+    unsafe: set[int] = set()  # rows whose filename must not be opened
+    for r, (line, cells) in enumerate(rows):
         name = cells[fcol] if fcol < len(cells) else ""
         why = check_filename(name)
+        # Compared normalised (backslashes, "./", "//"): two spellings of one image are one image,
+        # else its two rows could land in different splits.
+        key = PurePosixPath(name.replace("\\", "/")).as_posix()
         if why:
             problems.append(Problem(src, line, spec.filename_column, why))
-        elif name in seen:
+            unsafe.add(r)
+        elif key in seen:
             problems.append(Problem(src, line, spec.filename_column,
-                                    f"duplicate filename {name!r} (first on line {seen[name]}); "
+                                    f"duplicate filename {name!r} (first on line {seen[key]}); "
                                     "keep one row per image and merge their labels"))
         else:
-            seen[name] = line
-        filenames.append(name.replace("\\", "/"))
+            seen[key] = line
+        filenames.append(key)
 
+    lines = [line for line, _ in rows]
+    images_dir = Path(spec.images_dir)
+    if not images_dir.is_dir():
+        raise LabelError(problems + [Problem(str(images_dir), None, None, "the images folder does not exist; "
+                                             "check data.images_dir in params.yaml")])
+    # Images are checked even when the CSV has problems, so one run reports everything.
+    bad = _bad_images(images_dir, filenames, [i for i in range(len(rows)) if i not in unsafe])
+    if bad and not spec.skip_bad_images:
+        problems += [Problem(src, lines[i], spec.filename_column, reason) for i, reason in bad]
+        problems.append(Problem(src, None, None, "set data.skip_bad_images: true to skip rows with missing "
+                                "or unreadable images (they are then listed in the skipped report)"))
     if problems:
         raise LabelError(problems)
+    if bad:
+        log.warning("skipped %d rows with missing or unreadable images", len(bad))
+    skipped = pd.DataFrame({"line": [lines[i] for i, _ in bad], "filename": [filenames[i] for i, _ in bad],
+                            "reason": [reason for _, reason in bad]}, columns=["line", "filename", "reason"])
+    dropped = {i for i, _ in bad}
+    keep = [i for i in range(len(rows)) if i not in dropped]
 
     y = np.asarray(ys, dtype=np.uint8).reshape(len(rows), len(classes))
-    lines = [line for line, _ in rows]
-    keep, skipped = _check_images(src, Path(spec.images_dir), filenames, lines, spec.skip_bad_images)
     table = LabelTable(
         filenames=[filenames[i] for i in keep],
         classes=classes,
@@ -276,20 +304,15 @@ def _tag_rows(src, header, rows, spec, problems):
     return classes, ys
 
 
-def _check_images(src: str, images_dir: Path, filenames: list[str], lines: list[int],
-                  skip_bad: bool) -> tuple[list[int], pd.DataFrame]:
-    """Indices of rows whose image exists and opens; the others as problems or skipped rows."""
-    if not images_dir.is_dir():
-        raise LabelError([Problem(str(images_dir), None, None,
-                                  "the images folder does not exist; check data.images_dir in params.yaml")])
+def _bad_images(images_dir: Path, filenames: list[str], rows: list[int]) -> list[tuple[int, str]]:
+    """(row index, reason) for each of `rows` whose image is missing, unreadable or outside the folder."""
     root = images_dir.resolve()
-    keep: list[int] = []
     bad: list[tuple[int, str]] = []
-    for i, name in enumerate(filenames):
-        path = images_dir / name
+    for i in rows:
+        path = images_dir / filenames[i]
         reason = None
         if not path.resolve().is_relative_to(root):  # a symlink pointing elsewhere
-            reason = f"{name!r} resolves outside the images folder; copy the image into it"
+            reason = f"{filenames[i]!r} resolves outside the images folder; copy the image into it"
         elif not path.is_file():
             reason = f"image {path} does not exist; fix the filename or add the image"
         else:
@@ -298,23 +321,9 @@ def _check_images(src: str, images_dir: Path, filenames: list[str], lines: list[
                     im.size  # the header is parsed here; pixels are decoded in preprocess
             except (UnidentifiedImageError, OSError) as exc:
                 reason = f"image {path} cannot be read ({exc.__class__.__name__}); replace or remove it"
-        if reason is None:
-            keep.append(i)
-        else:
+        if reason is not None:
             bad.append((i, reason))
-    if bad and not skip_bad:
-        problems = [Problem(src, lines[i], "filename", reason) for i, reason in bad]
-        raise LabelError(problems + [Problem(src, None, None, "set data.skip_bad_images: true to skip these rows "
-                                             "(they are then listed in the skipped report)")])
-    skipped = pd.DataFrame(
-        {"line": [lines[i] for i, _ in bad],
-         "filename": [filenames[i] for i, _ in bad],
-         "reason": [reason for _, reason in bad]},
-        columns=["line", "filename", "reason"],
-    )
-    if bad:
-        log.warning("skipped %d rows with missing or unreadable images", len(bad))
-    return keep, skipped
+    return bad
 
 
 def summarize(table: LabelTable, n_skipped: int = 0) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -1,0 +1,224 @@
+"""Shared fixtures: a tiny synthetic image set with a labels CSV, a tiny params.yaml, stage loaders.
+
+Everything is built in `tmp_path`, small enough (tens of images, 24-64 px) that the data-side
+suite runs in about a minute on two cores. TensorFlow is imported lazily by the tests that need
+it, so it is imported once per session.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import importlib.util
+import re
+import shlex
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image, ImageDraw, ImageFilter
+
+from mlic.params import Data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CLASSES = ("cloud", "road", "water", "field")
+# (mode to save in, file extension) cycled over the images, so every test set mixes formats.
+IMAGE_KINDS = (
+    ("RGB", "jpg"),
+    ("L", "png"),
+    ("RGBA", "png"),
+    ("P", "png"),
+    ("CMYK", "jpg"),
+    ("LA", "png"),
+    ("RGB", "png"),
+)
+COLOURS = {"cloud": (230, 230, 230), "road": (90, 90, 90), "water": (30, 80, 200), "field": (60, 170, 40)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageSet:
+    """A labels CSV plus the images it names, and the labels we meant to write."""
+
+    root: Path
+    images_dir: Path
+    labels_csv: Path
+    format: str
+    delimiter: str
+    filenames: list[str]
+    classes: list[str]
+    y: np.ndarray  # (n, k) uint8, columns in `classes` order
+
+    def spec(self, **overrides: Any) -> Data:
+        """The `data` params section pointing at this set."""
+        values = dict(labels_csv=str(self.labels_csv), images_dir=str(self.images_dir),
+                      format=self.format, delimiter=self.delimiter)
+        values.update(overrides)
+        return Data(**values)
+
+    def data_section(self, **overrides: Any) -> dict[str, Any]:
+        """The same, as a params.yaml mapping."""
+        return dataclasses.asdict(self.spec(**overrides))
+
+
+def render(labels: np.ndarray, classes: list[str], width: int, height: int, rng: np.random.Generator) -> Image.Image:
+    """A smooth RGB picture: a gradient background and one shape per positive class.
+
+    Smooth content keeps the JPEG round-trip error small, as on real photos.
+    """
+    gx = np.linspace(0, 1, width)[None, :, None]
+    gy = np.linspace(0, 1, height)[:, None, None]
+    base = rng.integers(40, 200, size=3)
+    arr = np.clip(base + 50 * gx - 30 * gy, 0, 255).astype(np.uint8)
+    im = Image.fromarray(np.broadcast_to(arr, (height, width, 3)).copy(), "RGB")
+    draw = ImageDraw.Draw(im)
+    for c, on in zip(classes, labels):
+        if on:
+            x0, y0 = int(rng.integers(0, width // 2)), int(rng.integers(0, height // 2))
+            draw.ellipse((x0, y0, x0 + width // 2, y0 + height // 2), fill=COLOURS.get(c, (200, 50, 50)))
+    return im.filter(ImageFilter.GaussianBlur(2))
+
+
+def save_as(im: Image.Image, path: Path, mode: str) -> None:
+    """Save an RGB picture in `mode` (the modes users' folders actually contain)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if mode == "P":
+        im = im.quantize(colors=32)
+    elif mode in ("RGBA", "LA"):
+        im = im.convert(mode)
+        alpha = Image.new("L", im.size, 255)
+        ImageDraw.Draw(alpha).rectangle((0, 0, 3, 3), fill=0)  # a transparent corner
+        im.putalpha(alpha)
+    else:
+        im = im.convert(mode)
+    if path.suffix == ".jpg":
+        im.save(path, quality=95)
+    else:
+        im.save(path)
+
+
+def draw_label_matrix(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """Multi-hot labels with falling prevalence, every class present, and some rows with no label."""
+    rates = np.linspace(0.6, 0.2, k)
+    y = (rng.random((n, k)) < rates).astype(np.uint8)
+    y[:k] = np.eye(k, dtype=np.uint8)  # every class has a positive
+    y[k] = 0                          # and at least one row has none
+    return y
+
+
+def write_labels_csv(path: Path, filenames: list[str], y: np.ndarray, classes: list[str],
+                     fmt: str = "onehot", delimiter: str = " ") -> None:
+    """Write the CSV in format `onehot` (filename + 0/1 columns) or `tags` (filename + tags)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        if fmt == "onehot":
+            w.writerow(["filename", *classes])
+            for name, row in zip(filenames, y):
+                w.writerow([name, *(int(v) for v in row)])
+        else:
+            w.writerow(["filename", "tags"])
+            for name, row in zip(filenames, y):
+                w.writerow([name, delimiter.join(c for c, v in zip(classes, row) if v)])
+
+
+def make_image_set(root: Path, n: int = 30, *, fmt: str = "onehot", delimiter: str = " ", seed: int = 0,
+                   classes: tuple[str, ...] = CLASSES, min_size: int = 24, max_size: int = 64) -> ImageSet:
+    """`n` small images of mixed modes, formats and sizes (some in a subfolder) and their labels CSV."""
+    rng = np.random.default_rng(seed)
+    images_dir = root / "images"
+    y = draw_label_matrix(n, len(classes), rng)
+    filenames = []
+    for i in range(n):
+        mode, ext = IMAGE_KINDS[i % len(IMAGE_KINDS)]
+        name = f"img_{i:03d}.{ext}" if i % 5 else f"sub/img_{i:03d}.{ext}"
+        width, height = (int(v) for v in rng.integers(min_size, max_size + 1, size=2))
+        save_as(render(y[i], list(classes), width, height, rng), images_dir / name, mode)
+        filenames.append(name)
+    labels_csv = root / "labels.csv"
+    write_labels_csv(labels_csv, filenames, y, list(classes), fmt, delimiter)
+    return ImageSet(root, images_dir, labels_csv, fmt, delimiter, filenames, list(classes), y)
+
+
+@pytest.fixture(scope="session")
+def make_set():
+    """`make_image_set`, for tests and fixtures that build their own set (any scope)."""
+    return make_image_set
+
+
+TINY_PARAMS: dict[str, dict[str, Any]] = {
+    "common": {"seed": 3},
+    "data": {},
+    "split": {"val_fraction": 0.2, "test_fraction": 0.2},
+    "preprocess": {"image_size": 32, "resize_mode": "pad", "encoding": "jpeg", "jpeg_quality": 90,
+                   "shard_size": 8, "workers": 1},
+}
+
+
+def write_params(path: Path, **sections: dict[str, Any]) -> Path:
+    """A tiny params.yaml: TINY_PARAMS with each given section's keys overridden."""
+    params = {name: dict(values) for name, values in TINY_PARAMS.items()}
+    for name, values in sections.items():
+        params.setdefault(name, {}).update(values)
+    path.write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def params_yaml():
+    """`write_params`: `params_yaml(path, data={...})` writes a tiny params.yaml."""
+    return write_params
+
+
+def dvc_stage(name: str) -> tuple[list[str], list[str]]:
+    """The argv that dvc.yaml's `cmd` passes to stages/<name>.py, and every output path it declares
+    (outs, metrics, plots), with `${...}` vars substituted: the contract the stage tests check."""
+    doc = yaml.safe_load((ROOT / "dvc.yaml").read_text(encoding="utf-8"))
+    variables: dict[str, Any] = {}
+    for entry in doc.get("vars", []):
+        if isinstance(entry, dict):
+            variables.update(entry)
+
+    def lookup(match: re.Match) -> str:
+        value: Any = variables
+        for part in match.group(1).split("."):
+            value = value[part]
+        return str(value)
+
+    def substitute(text: str) -> str:
+        return re.sub(r"\$\{([^}]+)\}", lookup, text)
+
+    stage = doc["stages"][name]
+    argv = shlex.split(substitute(stage["cmd"]))
+    assert argv[:2] == ["python", f"stages/{name}.py"], argv
+    outputs = [substitute(next(iter(e)) if isinstance(e, dict) else e)
+               for key in ("outs", "metrics", "plots") for e in stage.get(key, [])]
+    return argv[2:], outputs
+
+
+@pytest.fixture(scope="session")
+def dvc_stages():
+    """`dvc_stage`: `argv, outputs = dvc_stages("split")`."""
+    return dvc_stage
+
+
+def _load_stage(name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def split_stage() -> types.ModuleType:
+    """stages/split.py as a module (its `main(argv)` is what DVC runs)."""
+    return _load_stage("split")
+
+
+@pytest.fixture(scope="session")
+def preprocess_stage() -> types.ModuleType:
+    """stages/preprocess.py as a module."""
+    return _load_stage("preprocess")

@@ -1,0 +1,169 @@
+"""Tests for the typed params loader (`mlic.params`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mlic import params
+from mlic.params import Data, ParamsError, Preprocess, Split, flatten, load_section, read_params_file
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_missing_section_gives_the_defaults(tmp_path: Path) -> None:
+    path = _write(tmp_path, "common:\n  seed: 1\n")
+    assert load_section("preprocess", path) == Preprocess()
+    assert load_section("split", path) == Split(val_fraction=0.15, test_fraction=0.15)
+    assert load_section("common", path).seed == 1
+
+
+def test_given_keys_override_and_the_rest_keep_defaults(tmp_path: Path) -> None:
+    path = _write(tmp_path, "preprocess:\n  image_size: 64\n  encoding: png\n")
+    got = load_section("preprocess", path)
+    assert (got.image_size, got.encoding) == (64, "png")
+    assert (got.resize_mode, got.shard_size) == ("pad", 512)
+
+
+def test_project_params_yaml_loads_every_section() -> None:
+    raw = read_params_file(ROOT / "params.yaml")
+    for name in params.SECTIONS:
+        if name in raw:
+            load_section(name, ROOT / "params.yaml", raw)  # raises on any unknown key or bad type
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("preprocess:\n  imagesize: 64\n", ["preprocess", "unknown key", "imagesize", "image_size"]),
+        ("data:\n  clases: [a]\n", ["data", "unknown key", "clases", "classes"]),
+    ],
+    ids=["typo-in-preprocess", "typo-in-data"],
+)
+def test_unknown_key_is_rejected_naming_section_and_key(tmp_path: Path, text: str, expected: list[str]) -> None:
+    path = _write(tmp_path, text)
+    section = expected[0]
+    with pytest.raises(ParamsError) as err:
+        load_section(section, path)
+    for word in expected:
+        assert word in str(err.value)
+    assert str(path) in str(err.value)
+
+
+def test_unknown_section_name_is_rejected() -> None:
+    with pytest.raises(ParamsError, match="unknown params section 'trian'"):
+        load_section("trian", raw={})
+
+
+@pytest.mark.parametrize(
+    "section, text, expected",
+    [
+        ("split", "split:\n  val_fraction: 1e-3\n", ["split.val_fraction", "expected a number", "write 0.001"]),
+        ("split", "split:\n  val_fraction: true\n", ["split.val_fraction", "expected a number"]),
+        ("preprocess", "preprocess:\n  image_size: 96.0\n", ["preprocess.image_size", "expected an integer"]),
+        ("preprocess", "preprocess:\n  image_size: '96'\n", ["preprocess.image_size", "expected an integer"]),
+        ("common", "common:\n  seed: true\n", ["common.seed", "expected an integer"]),
+        ("data", "data:\n  skip_bad_images: 'yes'\n", ["data.skip_bad_images", "expected true or false"]),
+        ("data", "data:\n  classes: a b\n", ["data.classes", "expected a list"]),
+        ("data", "data:\n  classes: [a, 2]\n", ["data.classes[1]", "expected text"]),
+        ("data", "data:\n  delimiter: 3\n", ["data.delimiter", "expected text"]),
+        ("data", "data: [1, 2]\n", ["data", "expected a mapping"]),
+    ],
+    ids=["1e-3-string", "bool-for-float", "float-for-int", "string-for-int", "bool-for-int",
+         "string-for-bool", "string-for-list", "int-in-list", "int-for-str", "list-for-section"],
+)
+def test_wrong_type_is_rejected_with_a_hint(tmp_path: Path, section: str, text: str, expected: list[str]) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ParamsError) as err:
+        load_section(section, path)
+    for word in expected:
+        assert word in str(err.value)
+
+
+def test_1e3_hint_only_for_strings(tmp_path: Path) -> None:
+    path = _write(tmp_path, "split:\n  val_fraction: [0.1]\n")
+    with pytest.raises(ParamsError) as err:
+        load_section("split", path)
+    assert "1e-3" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("split:\n  val_fraction: 1.0e-3\n", 0.001),
+        ("split:\n  val_fraction: 0.001\n", 0.001),
+        ("split:\n  val_fraction: 0\n", 0.0),  # an int where a float is expected is fine
+    ],
+)
+def test_floats_are_accepted_and_ints_widen(tmp_path: Path, text: str, expected: float) -> None:
+    got = load_section("split", _write(tmp_path, text)).val_fraction
+    assert got == expected and isinstance(got, float)
+
+
+@pytest.mark.parametrize(
+    "key, value, ok",
+    [
+        ("resize_mode", "squash", True),
+        ("resize_mode", "crop", True),
+        ("resize_mode", "pad", True),
+        ("resize_mode", "stretch", False),
+        ("encoding", "png", True),
+        ("encoding", "webp", False),
+        ("encoding", "JPEG", False),  # Literal values are case-sensitive
+    ],
+)
+def test_literal_values_are_checked(tmp_path: Path, key: str, value: str, ok: bool) -> None:
+    path = _write(tmp_path, f"preprocess:\n  {key}: {value}\n")
+    if ok:
+        assert getattr(load_section("preprocess", path), key) == value
+    else:
+        with pytest.raises(ParamsError) as err:
+            load_section("preprocess", path)
+        assert f"preprocess.{key}" in str(err.value)
+        assert repr(value) in str(err.value) and "use one of" in str(err.value)
+
+
+def test_data_format_literal_and_nullable_classes(tmp_path: Path) -> None:
+    got = load_section("data", _write(tmp_path, "data:\n  format: tags\n  classes: null\n"))
+    assert got == Data(format="tags", classes=None)
+    with pytest.raises(ParamsError, match="'csv' is not allowed"):
+        load_section("data", _write(tmp_path, "data:\n  format: csv\n"))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("", "expected a mapping of sections"),
+        ("- a\n- b\n", "expected a mapping of sections"),
+        ("common: [\n", "not valid YAML"),
+    ],
+)
+def test_unusable_file_is_rejected(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ParamsError, match=message):
+        read_params_file(_write(tmp_path, text))
+
+
+def test_missing_file_says_where_to_run(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found; run from the project root"):
+        read_params_file(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ({}, {}),
+        ({"a": 1}, {"a": 1}),
+        ({"train": {"lr": 0.1, "epochs": 2}}, {"train.lr": 0.1, "train.epochs": 2}),
+        ({"a": {"b": {"c": None}}, "d": [1, 2]}, {"a.b.c": None, "d": [1, 2]}),
+        ({"data": {"classes": ["x", "y"]}}, {"data.classes": ["x", "y"]}),
+    ],
+)
+def test_flatten_gives_dotted_keys(raw: dict, expected: dict) -> None:
+    assert flatten(raw) == expected

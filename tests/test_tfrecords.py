@@ -1,0 +1,469 @@
+"""Tests for the TFRecord schema and writer (`mlic.tfrecords`), the tf.data reader (`mlic.dataset`)
+and the `preprocess` stage script.
+
+The core check is the write -> read round trip: what comes out of the shards is what
+`images.resize(images.load_rgb(...))` made of the source file (exactly for PNG, within JPEG
+error for JPEG), with the labels and filenames unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import tensorflow as tf
+from PIL import Image
+
+from mlic import dataset, images, tfrecords
+from mlic.tfrecords import EncodeSettings, parse_example, shard_name, worker_pool, write_split
+
+SIZE = 32
+JPEG = EncodeSettings(image_size=SIZE, resize_mode="pad", encoding="jpeg", jpeg_quality=92)
+PNG = dataclasses.replace(JPEG, encoding="png")
+N_IMAGES, SHARD_SIZE = 40, 16  # 40 records in shards of <= 16: three shards
+# JPEG tolerance, in 0..255 levels. Over a split the mean error is ~2.5; single tiny images with
+# saturated shapes against pad's black border reach ~5 (4:2:0 chroma subsampling), and single
+# pixels on that border ~70. Comparing against the wrong image gives means of 25 and more.
+JPEG_MEAN_ERROR, JPEG_IMAGE_MEAN_ERROR, JPEG_MAX_ERROR = 3.0, 7.0, 96
+
+
+def _write(image_set, out: Path, settings: EncodeSettings = JPEG, shard_size: int = SHARD_SIZE, seed: int = 5,
+           rows: np.ndarray | None = None, pool: Any = None, skip: bool = False) -> dict:
+    """write_split of `rows` (default: all) of the set as split `train` into `out`."""
+    rows = np.arange(len(image_set.filenames)) if rows is None else rows
+    out.mkdir(parents=True, exist_ok=True)
+    return write_split("train", [image_set.filenames[i] for i in rows], image_set.y[rows], image_set.classes,
+                       image_set.images_dir, out, settings, shard_size, seed, pool=pool, skip_bad_images=skip)
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def _records(out: Path, split: str = "train") -> list[dict[str, Any]]:
+    """Every record of a split, parsed eagerly, reading the shards one after another in manifest order."""
+    manifest = tfrecords.read_manifest(out, split)
+    k = len(manifest["classes"])
+    raw = tf.data.TFRecordDataset([str(out / s["file"]) for s in manifest["shards"]])
+    return [{key: v.numpy() for key, v in parse_example(r, k).items()} for r in raw]
+
+
+def _expected_pixels(image_set, filename: str, settings: EncodeSettings) -> np.ndarray:
+    im = images.resize(images.load_rgb(image_set.images_dir / filename), settings.image_size,
+                       settings.resize_mode)
+    return np.asarray(im, dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def image_set(tmp_path_factory: pytest.TempPathFactory, make_set):
+    """40 images of mixed modes and sizes, built once for this module."""
+    return make_set(tmp_path_factory.mktemp("tfr_set"), n=N_IMAGES, seed=1)
+
+
+@pytest.fixture(scope="module")
+def jpeg_out(tmp_path_factory: pytest.TempPathFactory, image_set) -> tuple[Path, dict]:
+    """The image set written once as JPEG shards (in this process)."""
+    out = tmp_path_factory.mktemp("tfr_jpeg")
+    return out, _write(image_set, out)
+
+
+# --- schema ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "split, index, count, name",
+    [("train", 0, 3, "train-00000-of-00003.tfrecord"),
+     ("val", 2, 3, "val-00002-of-00003.tfrecord"),
+     ("test", 11, 120, "test-00011-of-00120.tfrecord")],
+)
+def test_shard_name_follows_the_tf_models_convention(split: str, index: int, count: int, name: str) -> None:
+    assert shard_name(split, index, count) == name
+
+
+@pytest.mark.parametrize(
+    "class_ids, n_classes, expected",
+    [([], 3, [0, 0, 0]), ([1], 3, [0, 1, 0]), ([0, 2], 3, [1, 0, 1]), ([0, 1, 2, 3], 4, [1, 1, 1, 1])],
+    ids=["no-label", "one", "two", "all"],
+)
+def test_serialize_then_parse_eagerly_and_in_tf_data(class_ids: list[int], n_classes: int,
+                                                     expected: list[int]) -> None:
+    pixels = np.arange(4 * 6 * 3, dtype=np.uint8).reshape(4, 6, 3)
+    encoded = tf.io.encode_png(pixels).numpy()
+    record = tfrecords.serialize_example(encoded, "png", "sub/ä.png", 4, 6, class_ids)
+    assert record == tfrecords.serialize_example(encoded, "png", "sub/ä.png", 4, 6, class_ids)  # byte-stable
+
+    eager = parse_example(record, n_classes)
+    in_graph = next(iter(tf.data.Dataset.from_tensors(record).map(lambda r: parse_example(r, n_classes))))
+    for ex in (eager, in_graph):
+        assert ex["image"].dtype == tf.uint8
+        np.testing.assert_array_equal(ex["image"].numpy(), pixels)
+        assert ex["labels"].dtype == tf.float32
+        np.testing.assert_array_equal(ex["labels"].numpy(), expected)
+        assert ex["filename"].numpy().decode("utf-8") == "sub/ä.png"
+        assert (int(ex["height"]), int(ex["width"])) == (4, 6)
+
+    parsed = tf.train.Example.FromString(record).features.feature
+    assert parsed[tfrecords.KEY_SOURCE_ID].bytes_list.value[0] == "sub/ä.png".encode()
+    assert parsed[tfrecords.KEY_FORMAT].bytes_list.value[0] == b"png"
+    assert list(parsed[tfrecords.KEY_LABEL].int64_list.value) == class_ids  # ids, not multi-hot
+
+
+# --- writer ---------------------------------------------------------------------------------
+
+
+def test_jpeg_round_trip_pixels_labels_and_filenames(image_set, jpeg_out) -> None:
+    out, manifest = jpeg_out
+    records = _records(out)
+    assert len(records) == manifest["count"] == N_IMAGES
+    row = {name: i for i, name in enumerate(image_set.filenames)}
+    seen, errors, wrong_image_errors = [], [], []
+    for rec in records:
+        name = rec["filename"].decode()
+        seen.append(name)
+        np.testing.assert_array_equal(rec["labels"], image_set.y[row[name]].astype(np.float32))
+        assert rec["image"].shape == (SIZE, SIZE, 3) and rec["image"].dtype == np.uint8
+        assert (rec["height"], rec["width"]) == (SIZE, SIZE)
+        diff = np.abs(rec["image"].astype(np.int32) - _expected_pixels(image_set, name, JPEG))
+        assert diff.mean() < JPEG_IMAGE_MEAN_ERROR and diff.max() <= JPEG_MAX_ERROR, (name, diff.mean(), diff.max())
+        errors.append(diff.mean())
+        other = image_set.filenames[(row[name] + 1) % N_IMAGES]
+        wrong_image_errors.append(np.abs(rec["image"] - _expected_pixels(image_set, other, JPEG)).mean())
+    assert np.mean(errors) < JPEG_MEAN_ERROR
+    assert np.mean(wrong_image_errors) > 4 * np.mean(errors)  # the comparison can tell images apart
+    assert sorted(seen) == sorted(image_set.filenames)
+    assert seen != image_set.filenames  # records are placed in a seeded order, not input order
+    assert any(not r["labels"].any() for r in records)  # rows with no label survive as all-zero
+
+
+def test_png_round_trip_is_exact(image_set, tmp_path: Path) -> None:
+    rows = np.arange(0, N_IMAGES, 3)  # every mode in IMAGE_KINDS appears
+    _write(image_set, tmp_path, PNG, rows=rows)
+    records = _records(tmp_path)
+    assert len(records) == len(rows)
+    for rec in records:
+        np.testing.assert_array_equal(rec["image"], _expected_pixels(image_set, rec["filename"].decode(), PNG))
+
+
+@pytest.mark.parametrize(
+    "n, shard_size, expected",
+    [(40, 16, [14, 13, 13]), (40, 40, [40]), (40, 100, [40]), (10, 3, [3, 3, 2, 2]), (5, 1, [1] * 5)],
+)
+def test_shard_count_and_names_for_a_shard_size(image_set, tmp_path: Path, n: int, shard_size: int,
+                                                expected: list[int]) -> None:
+    manifest = _write(image_set, tmp_path, PNG, shard_size=shard_size, rows=np.arange(n))
+    k = len(expected)
+    names = [shard_name("train", i, k) for i in range(k)]
+    assert [s["file"] for s in manifest["shards"]] == names
+    assert [s["records"] for s in manifest["shards"]] == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["train.manifest.json"])
+    assert max(expected) <= shard_size
+    for s in manifest["shards"]:
+        assert sum(1 for _ in tf.data.TFRecordDataset(str(tmp_path / s["file"]))) == s["records"]
+
+
+def test_manifest_describes_the_split(image_set, jpeg_out) -> None:
+    out, manifest = jpeg_out
+    assert json.loads((out / "train.manifest.json").read_text()) == manifest == tfrecords.read_manifest(out, "train")
+    assert manifest["count"] == N_IMAGES and manifest["split"] == "train"
+    assert manifest["classes"] == image_set.classes  # column order of the labels
+    assert (manifest["image_size"], manifest["channels"]) == (SIZE, 3)
+    assert (manifest["resize_mode"], manifest["encoding"], manifest["jpeg_quality"]) == ("pad", "jpeg", 92)
+    assert manifest["skipped"] == []
+    assert manifest["positives"] == dict(zip(image_set.classes, image_set.y.sum(axis=0).tolist()))
+    assert [s["file"] for s in manifest["shards"]] == [shard_name("train", i, 3) for i in range(3)]
+    assert sum(s["records"] for s in manifest["shards"]) == manifest["count"]
+    for s in manifest["shards"]:
+        assert s["sha256"] == hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
+    assert manifest["fingerprint"] == tfrecords.fingerprint(manifest)
+
+
+def test_shards_are_byte_identical_across_runs_and_worker_counts(image_set, jpeg_out, tmp_path: Path) -> None:
+    out, manifest = jpeg_out
+    again = _write(image_set, tmp_path / "again")
+    with worker_pool(2) as pool:
+        assert pool is not None
+        parallel = _write(image_set, tmp_path / "workers2", pool=pool)
+    assert again["fingerprint"] == parallel["fingerprint"] == manifest["fingerprint"]
+    reference = _tree(out)
+    assert _tree(tmp_path / "again") == reference
+    assert _tree(tmp_path / "workers2") == reference
+
+
+def test_record_order_depends_on_filenames_and_seed_not_input_order(image_set, jpeg_out, tmp_path: Path) -> None:
+    out, manifest = jpeg_out
+    reversed_rows = np.arange(N_IMAGES)[::-1]
+    assert _write(image_set, tmp_path / "reversed", rows=reversed_rows)["fingerprint"] == manifest["fingerprint"]
+    other = _write(image_set, tmp_path / "seed6", seed=6)
+    assert other["fingerprint"] != manifest["fingerprint"]
+    assert [r["filename"] for r in _records(tmp_path / "seed6")] != [r["filename"] for r in _records(out)]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"resize_mode": "crop"}, {"jpeg_quality": 70}, {"image_size": 24}, {"encoding": "png"}],
+    ids=lambda c: next(iter(c)),
+)
+def test_fingerprint_changes_when_params_change(image_set, tmp_path: Path, change: dict) -> None:
+    rows = np.arange(12)
+    base = _write(image_set, tmp_path / "base", rows=rows)
+    assert _write(image_set, tmp_path / "same", rows=rows)["fingerprint"] == base["fingerprint"]
+    changed = _write(image_set, tmp_path / "changed", dataclasses.replace(JPEG, **change), rows=rows)
+    assert changed["fingerprint"] != base["fingerprint"]
+
+
+def truncate(path: Path) -> None:
+    """Cut an image file so its header still opens (the split stage's check passes) but its
+    pixels do not decode: a JPEG just after its start-of-scan marker, a PNG in half."""
+    data = path.read_bytes()
+    cut = data.index(b"\xff\xda") + 24 if path.suffix == ".jpg" else len(data) // 2
+    path.write_bytes(data[:cut])
+    with Image.open(path) as im:
+        assert im.size[0] > 0
+
+
+def _with_truncated_image(make_set, root: Path, n: int = 14):
+    """An image set whose first JPEG is truncated."""
+    image_set = make_set(root, n=n, seed=2)
+    bad = next(f for f in image_set.filenames if f.endswith(".jpg"))
+    truncate(image_set.images_dir / bad)
+    return image_set, bad
+
+
+def test_corrupt_image_is_an_error_naming_the_file(make_set, tmp_path: Path) -> None:
+    image_set, bad = _with_truncated_image(make_set, tmp_path / "set")
+    with pytest.raises(ValueError) as err:
+        _write(image_set, tmp_path / "out", shard_size=4)
+    message = str(err.value)
+    assert str(image_set.images_dir / bad) in message
+    assert "cannot be decoded" in message and "set data.skip_bad_images: true" in message
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_corrupt_image_is_skipped_and_listed_when_skipping(make_set, tmp_path: Path, workers: int) -> None:
+    image_set, bad = _with_truncated_image(make_set, tmp_path / "set")
+    with worker_pool(workers) as pool:
+        manifest = _write(image_set, tmp_path / "out", shard_size=4, pool=pool, skip=True)
+    assert manifest["count"] == len(image_set.filenames) - 1
+    assert [s["filename"] for s in manifest["skipped"]] == [bad]
+    assert manifest["skipped"][0]["reason"].startswith("OSError: image file is truncated")
+    assert sum(s["records"] for s in manifest["shards"]) == manifest["count"]
+    kept = [i for i, f in enumerate(image_set.filenames) if f != bad]
+    assert manifest["positives"] == dict(zip(image_set.classes, image_set.y[kept].sum(axis=0).tolist()))
+    names = [r["filename"].decode() for r in _records(tmp_path / "out")]
+    assert bad not in names and len(names) == manifest["count"]
+
+
+@pytest.mark.parametrize("workers, expected", [(0, os.cpu_count() or 1), (1, 1), (3, 3)])
+def test_resolve_workers_zero_means_every_core(workers: int, expected: int) -> None:
+    assert tfrecords.resolve_workers(workers) == expected
+
+
+def test_ordered_map_keeps_chunk_order_with_a_pool() -> None:
+    # `sorted` is a builtin, so the spawned workers need not import this module (and TensorFlow).
+    items = list(range(36, -1, -1))
+    with worker_pool(2) as pool:
+        for chunk in (1, 3, 16):
+            expected = [x for i in range(0, len(items), chunk) for x in sorted(items[i:i + chunk])]
+            assert list(tfrecords.ordered_map(pool, sorted, items, chunk=chunk, inflight_per_worker=1)) == expected
+            assert list(tfrecords.ordered_map(None, sorted, items, chunk=chunk)) == expected
+
+
+# --- reader ---------------------------------------------------------------------------------
+
+
+def _filenames(ds: tf.data.Dataset) -> list[str]:
+    return [f.decode() for _, _, names in ds for f in names.numpy()]
+
+
+def test_unshuffled_order_follows_the_manifest(jpeg_out) -> None:
+    out, _ = jpeg_out
+    expected = [r["filename"].decode() for r in _records(out)]
+    ds = dataset.make_dataset(out, "train", batch_size=7, with_filenames=True)
+    assert _filenames(ds) == expected
+    assert _filenames(ds) == expected  # every pass, not only the first
+
+
+def test_shuffle_is_seeded(jpeg_out) -> None:
+    out, _ = jpeg_out
+    manifest_order = _filenames(dataset.make_dataset(out, "train", 8, with_filenames=True))
+
+    def shuffled(seed: int) -> list[str]:
+        return _filenames(dataset.make_dataset(out, "train", 8, shuffle=True, seed=seed, shuffle_buffer=64,
+                                               with_filenames=True))
+
+    a = shuffled(1)
+    assert a == shuffled(1)
+    assert a != shuffled(2)
+    assert a != manifest_order and sorted(a) == sorted(manifest_order)
+
+
+@pytest.mark.parametrize("batch_size, drop_remainder, sizes", [(16, False, [16, 16, 8]), (16, True, [16, 16]),
+                                                                 (40, False, [40])])
+def test_batches_are_float32_images_and_multi_hot_labels(image_set, jpeg_out, batch_size: int,
+                                                         drop_remainder: bool, sizes: list[int]) -> None:
+    out, _ = jpeg_out
+    k = len(image_set.classes)
+    ds = dataset.make_dataset(out, "train", batch_size, drop_remainder=drop_remainder)
+    assert ds.element_spec[0].shape.as_list()[1:] == [SIZE, SIZE, 3]
+    assert ds.element_spec[1].shape.as_list()[1:] == [k]
+    got = []
+    for x, y in ds:
+        assert x.dtype == tf.float32 and y.dtype == tf.float32
+        assert x.shape[1:] == (SIZE, SIZE, 3) and y.shape[1:] == (k,)
+        assert 0.0 <= float(tf.reduce_min(x)) and float(tf.reduce_max(x)) <= 255.0
+        assert float(tf.reduce_max(x)) > 1.0  # 0..255, not rescaled to 0..1
+        assert set(np.unique(y.numpy())) <= {0.0, 1.0}
+        got.append(int(x.shape[0]))
+    assert got == sizes
+
+
+def test_with_filenames_lines_up_images_labels_and_names(image_set, jpeg_out) -> None:
+    out, _ = jpeg_out
+    row = {name: i for i, name in enumerate(image_set.filenames)}
+    ds = dataset.make_dataset(out, "train", 16, shuffle=True, seed=3, with_filenames=True)
+    assert len(ds.element_spec) == 3 and ds.element_spec[2].dtype == tf.string
+    x, y, names = next(iter(ds))
+    for img, labels, name in zip(x.numpy(), y.numpy(), names.numpy()):
+        name = name.decode()
+        np.testing.assert_array_equal(labels, image_set.y[row[name]])
+        diff = np.abs(img - _expected_pixels(image_set, name, JPEG))
+        assert diff.mean() < JPEG_IMAGE_MEAN_ERROR
+
+
+def test_repeat_gives_more_than_one_epoch(jpeg_out) -> None:
+    out, _ = jpeg_out
+    ds = dataset.make_dataset(out, "train", 16, shuffle=True, seed=0, repeat=True)
+    assert sum(int(x.shape[0]) for x, _ in ds.take(4)) == 64  # > 40 records
+
+
+def test_reader_errors_say_to_run_preprocess(jpeg_out, tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="no manifest; run `dvc repro preprocess`"):
+        dataset.make_dataset(tmp_path, "train", 4)
+    out, manifest = jpeg_out
+    (tmp_path / "train.manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(FileNotFoundError, match="shards listed in the train manifest are missing"):
+        dataset.shard_paths(tmp_path, "train")
+
+
+# --- the preprocess stage -------------------------------------------------------------------
+
+
+def _arg(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.fixture
+def stage(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_set, split_stage, params_yaml, dvc_stages):
+    """tmp_path as the working directory with 30 images and the split stage already run; yields
+    (image set, preprocess argv and declared outputs from dvc.yaml, tfrecords folder, splits folder)."""
+    monkeypatch.chdir(tmp_path)
+    image_set = make_set(tmp_path / "raw", n=30, seed=4)
+    params_yaml(tmp_path / "params.yaml", data=image_set.data_section())
+    assert split_stage.main(dvc_stages("split")[0]) == 0
+    argv, outputs = dvc_stages("preprocess")
+    return image_set, argv, outputs, tmp_path / _arg(argv, "--out"), tmp_path / _arg(argv, "--splits-dir")
+
+
+def _stray(tmp_path: Path) -> list[str]:
+    """Temp files/folders the atomic writers leave only if they are interrupted."""
+    return [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob(".*") if p.name.endswith((".tmp", ".old"))]
+
+
+def test_preprocess_stage_writes_every_declared_output(stage, preprocess_stage, tmp_path: Path) -> None:
+    image_set, argv, outputs, out, splits_dir = stage
+    assert preprocess_stage.main(argv) == 0
+    for path in outputs:
+        assert (tmp_path / path).exists(), path
+    metrics = json.loads((tmp_path / _arg(argv, "--metrics")).read_text())
+    assert set(metrics) == {"train", "val", "test"}
+    files = {"train.manifest.json", "val.manifest.json", "test.manifest.json"}
+    for split in ("train", "val", "test"):
+        frame = pd.read_csv(splits_dir / f"{split}.csv")
+        manifest = tfrecords.read_manifest(out, split)
+        assert manifest["count"] == len(frame) == metrics[split]["records"]
+        assert manifest["classes"] == list(frame.columns[1:]) == image_set.classes
+        assert manifest["image_size"] == 32  # from the tiny params.yaml
+        assert metrics[split]["shards"] == len(manifest["shards"]) == -(-len(frame) // 8)  # shard_size 8
+        assert sorted(r["filename"].decode() for r in _records(out, split)) == sorted(frame["filename"])
+        files |= {s["file"] for s in manifest["shards"]}
+    assert sum(metrics[s]["records"] for s in metrics) == 30
+    assert {p.name for p in out.iterdir()} == files  # nothing else in the folder
+    assert _stray(tmp_path) == []
+
+
+def _corrupt_one_test_image(splits_dir: Path, image_set) -> str:
+    name = pd.read_csv(splits_dir / "test.csv")["filename"].iloc[-1]
+    truncate(image_set.images_dir / name)
+    return name
+
+
+def test_preprocess_failing_halfway_leaves_no_output(stage, preprocess_stage, tmp_path: Path, caplog) -> None:
+    image_set, argv, outputs, out, splits_dir = stage
+    bad = _corrupt_one_test_image(splits_dir, image_set)  # train and val are written before test fails
+    with caplog.at_level(logging.ERROR):
+        assert preprocess_stage.main(argv) == 2
+    assert str(image_set.images_dir / bad) in caplog.text and "cannot be decoded" in caplog.text
+    for path in outputs:
+        assert not (tmp_path / path).exists(), path
+    assert _stray(tmp_path) == []
+
+
+def test_preprocess_failure_keeps_the_previous_output(stage, preprocess_stage, tmp_path: Path) -> None:
+    image_set, argv, outputs, out, splits_dir = stage
+    assert preprocess_stage.main(argv) == 0
+    before = _tree(out)
+    _corrupt_one_test_image(splits_dir, image_set)
+    assert preprocess_stage.main(argv) == 2
+    assert _tree(out) == before
+    assert _stray(tmp_path) == []
+
+
+def test_preprocess_skips_and_lists_corrupt_images_when_asked(stage, preprocess_stage, params_yaml,
+                                                              tmp_path: Path) -> None:
+    image_set, argv, outputs, out, splits_dir = stage
+    bad = _corrupt_one_test_image(splits_dir, image_set)
+    params_yaml(tmp_path / "params.yaml", data=image_set.data_section(skip_bad_images=True))
+    assert preprocess_stage.main(argv) == 0
+    manifest = tfrecords.read_manifest(out, "test")
+    assert [s["filename"] for s in manifest["skipped"]] == [bad]
+    metrics = json.loads((tmp_path / _arg(argv, "--metrics")).read_text())
+    assert metrics["test"]["skipped"] == 1
+    assert metrics["test"]["records"] == manifest["count"] == len(pd.read_csv(splits_dir / "test.csv")) - 1
+
+
+def test_preprocess_stage_output_is_the_same_for_any_worker_count(stage, preprocess_stage, params_yaml,
+                                                                  tmp_path: Path) -> None:
+    image_set, argv, outputs, out, splits_dir = stage
+    assert preprocess_stage.main(argv) == 0
+    first = _tree(out)
+    params_yaml(tmp_path / "params.yaml", data=image_set.data_section(), preprocess={"workers": 2})
+    assert preprocess_stage.main(argv) == 0
+    assert _tree(out) == first
+
+
+def test_preprocess_keeps_filenames_that_look_like_numbers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           make_set, split_stage, preprocess_stage, params_yaml,
+                                                           dvc_stages) -> None:
+    monkeypatch.chdir(tmp_path)
+    image_set = make_set(tmp_path / "raw", n=12, seed=4)
+    renames = {"img_001.png": "007", "img_002.png": "NA"}  # no extension: PIL reads the content
+    text = image_set.labels_csv.read_text()
+    for old, new in renames.items():
+        (image_set.images_dir / old).rename(image_set.images_dir / new)
+        text = text.replace(old, new)
+    image_set.labels_csv.write_text(text)
+    params_yaml(tmp_path / "params.yaml", data=image_set.data_section())
+    assert split_stage.main(dvc_stages("split")[0]) == 0
+    argv, _ = dvc_stages("preprocess")
+    assert preprocess_stage.main(argv) == 0
+    out = tmp_path / _arg(argv, "--out")
+    names = {r["filename"].decode() for split in ("train", "val", "test") for r in _records(out, split)}
+    assert set(renames.values()) <= names and len(names) == 12
