@@ -19,6 +19,7 @@ from pathlib import Path
 from mlic import metrics, thresholds
 from mlic.atomic import write_csv, write_json
 from mlic.params import load_section, read_params_file
+from mlic.cli import run_stage
 from mlic.predictions import read_predictions
 
 log = logging.getLogger("mlic.stages.calibrate")
@@ -57,4 +58,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

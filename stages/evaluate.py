@@ -21,6 +21,7 @@ from mlic import metrics
 from mlic.atomic import atomic_dir, write_csv, write_json
 from mlic.params import load_section
 from mlic.predictions import predict_split, write_predictions
+from mlic.cli import run_stage
 from mlic.tfrecords import read_manifest
 
 log = logging.getLogger("mlic.stages.evaluate")
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

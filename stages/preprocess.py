@@ -20,6 +20,7 @@ import pandas as pd
 from mlic import tfrecords
 from mlic.atomic import atomic_dir, write_json
 from mlic.params import load_section, read_params_file
+from mlic.cli import run_stage
 from mlic.split import SPLITS
 
 log = logging.getLogger("mlic.stages.preprocess")
@@ -70,4 +71,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

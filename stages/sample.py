@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from mlic.params import load_section
+from mlic.cli import run_stage
 from mlic.sample import generate_sample
 
 log = logging.getLogger("stages.sample")
@@ -55,4 +56,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(run_stage(main))

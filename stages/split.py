@@ -17,6 +17,7 @@ import numpy as np
 
 from mlic import labels, split
 from mlic.atomic import atomic_dir, write_csv, write_json
+from mlic.cli import run_stage
 from mlic.params import load_section, read_params_file
 
 log = logging.getLogger("mlic.stages.split")
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from mlic import tracking
 from mlic.atomic import write_json
+from mlic.cli import run_stage
 from mlic.params import load_section
 
 log = logging.getLogger("mlic.stages.track")
@@ -65,4 +66,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

@@ -20,6 +20,7 @@ import numpy as np
 from mlic import dataset, model as mlic_model, tracking, training
 from mlic.atomic import atomic_path, write_csv, write_json
 from mlic.params import load_section, read_params_file
+from mlic.cli import run_stage
 from mlic.tfrecords import read_manifest
 
 log = logging.getLogger("mlic.stages.train")
@@ -82,4 +83,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_stage(main))

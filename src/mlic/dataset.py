@@ -77,5 +77,11 @@ def make_dataset(tfrecord_dir: str | Path, split: str, batch_size: int, *, shuff
     # quarter of the reader's CPU time (bench/input_pipeline.py). Batch before prefetch: prefetching
     # whole batches keeps the model fed, one element ahead, instead of prefetching single images.
     ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    if not repeat:
+        # Interleaving hides the length from tf.data; stating it lets Keras size its progress and
+        # stops its "input ran out of data" warning at the end of every epoch.
+        count = int(manifest["count"])
+        ds = ds.apply(tf.data.experimental.assert_cardinality(
+            count // batch_size if drop_remainder else -(-count // batch_size)))
     ds = ds.map(_parse_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     return ds.prefetch(AUTOTUNE)

@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import IterativeStratification
 
+from mlic.params import ParamsError
+
 SPLITS = ("train", "val", "test")
 
 
@@ -21,10 +23,10 @@ def split_fractions(val_fraction: float, test_fraction: float) -> np.ndarray:
     """(train, val, test) fractions, checked to be sensible."""
     for name, f in (("split.val_fraction", val_fraction), ("split.test_fraction", test_fraction)):
         if not 0.0 < f < 1.0:
-            raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {f}")
+            raise ParamsError(f"{name} must be between 0 and 1 (exclusive), got {f}")
     train = 1.0 - val_fraction - test_fraction
     if train <= 0.0:
-        raise ValueError(
+        raise ParamsError(
             f"split.val_fraction + split.test_fraction = {val_fraction + test_fraction} leaves no training data; "
             "keep their sum below 1"
         )

@@ -1,0 +1,23 @@
+"""Entry-point glue for the stage scripts: user mistakes end in one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from mlic.params import ParamsError
+
+log = logging.getLogger("mlic")
+
+
+def run_stage(main: Callable[[], int]) -> int:
+    """Run a stage's `main()`; a bad params.yaml value is logged as one line and exits with 2.
+
+    Other exceptions keep their traceback: they are bugs to report, not input to fix.
+    """
+    try:
+        return main()
+    except ParamsError as exc:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        log.error("%s", exc)
+        return 2
