@@ -189,3 +189,17 @@ def test_unreachable_tracking_store_fails_before_training(project: tuple[Path, d
     assert proc.returncode == 2
     assert "not reachable" in proc.stderr
     assert "Epoch" not in proc.stdout + proc.stderr
+
+
+def test_same_params_and_data_give_the_same_metrics(project: tuple[Path, dict[str, str]]) -> None:
+    """Reproducible on CPU: re-training from scratch with the same params gives the same metrics."""
+    repo, env = project
+    if not (repo / "models/model.keras").exists():
+        pytest.skip("pipeline test did not run")
+    before = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    history_before = (repo / "reports/train/history.csv").read_text()
+    _run(["dvc", "repro", "--force", "--single-item", "train"], repo, env)
+    _run(["dvc", "repro", "evaluate"], repo, env)
+    after = json.loads((repo / "reports/evaluate/metrics.json").read_text())
+    assert (repo / "reports/train/history.csv").read_text() == history_before
+    assert after == before

@@ -51,7 +51,7 @@ class Split:
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    image_size: int = 96
+    image_size: int = 64
     resize_mode: Literal["squash", "pad", "crop"] = "pad"
     encoding: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = 92
@@ -64,8 +64,8 @@ class Train:
     backbone: Literal["simple_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "vgg16", "vgg19"] = "simple_cnn"
     weights: str | None = None
     batch_size: int = 32
-    epochs: int = 20
-    learning_rate: float = 0.002
+    epochs: int = 40
+    learning_rate: float = 0.003
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     dropout: float = 0.3
     pos_weight: bool = False
@@ -74,7 +74,7 @@ class Train:
     finetune_layers: int = 20
     finetune_learning_rate: float = 0.0001
     monitor: str = "val_auc_pr"
-    early_stopping_patience: int = 5
+    early_stopping_patience: int = 8
     augment_flip: bool = True
     augment_rotation: float = 0.05
     augment_zoom: float = 0.1

@@ -91,7 +91,7 @@ def fit(model: keras.Model, train_ds: Any, val_ds: Any, *, cfg: Train, n_classes
                 monitor=cfg.monitor, mode=mode, patience=cfg.early_stopping_patience))
         log.info("phase %s: %d epochs at learning rate %g (%s)", phase, epochs, lr0, cfg.lr_schedule)
         hist = model.fit(train_ds, validation_data=val_ds, epochs=epoch0 + epochs, initial_epoch=epoch0,
-                         callbacks=callbacks, verbose=2)
+                         callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles, seeded
         frame = pd.DataFrame(hist.history)
         if cfg.monitor not in frame:
             raise ValueError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
