@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
 
     model = keras.models.load_model(args.model, compile=False)
     train_m = read_manifest(args.tfrecords, "train")
+    if model.output_shape[-1] != len(train_m["classes"]):
+        log.error("the model predicts %d classes but the shards hold %d; re-run `dvc repro train`",
+                  model.output_shape[-1], len(train_m["classes"]))
+        return 2
     prevalence = np.array([train_m["positives"][c] for c in train_m["classes"]]) / train_m["count"]
 
     report: dict[str, dict] = {}

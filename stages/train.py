@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     devices = mlic_model.configure_devices(cfg.mixed_precision, cfg.jit_compile)
     train_m, val_m = read_manifest(args.tfrecords, "train"), read_manifest(args.tfrecords, "val")
     classes, size = train_m["classes"], int(train_m["image_size"])
+    if val_m["classes"] != classes or int(val_m["image_size"]) != size:
+        log.error("train and val shards disagree on classes or image size; re-run `dvc repro preprocess`")
+        return 2
     prevalence = np.array([train_m["positives"][c] for c in classes]) / train_m["count"]
     train_ds = dataset.make_dataset(args.tfrecords, "train", cfg.batch_size, shuffle=True, seed=common.seed,
                                     shuffle_buffer=cfg.shuffle_buffer)
@@ -59,10 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         pos_weight = mlic_model.positive_weights(prevalence, cfg.max_pos_weight) if cfg.pos_weight else None
         with atomic_path(args.model) as tmp:
             ckpt = tmp.with_suffix(".keras")  # Keras insists on the extension
-            result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=len(classes),
-                                  n_train=train_m["count"], checkpoint=ckpt, pos_weight=pos_weight,
-                                  jit_compile=devices.jit_compile, pretrained=pretrained)
-            ckpt.replace(tmp)
+            try:
+                result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=len(classes),
+                                      n_train=train_m["count"], checkpoint=ckpt, pos_weight=pos_weight,
+                                      jit_compile=devices.jit_compile, pretrained=pretrained)
+                ckpt.replace(tmp)
+            finally:  # atomic_path removes its own temp file, not this one
+                ckpt.unlink(missing_ok=True)
 
     write_csv(args.history, result.history)
     write_json(args.meta, {

@@ -14,6 +14,10 @@ import pandas as pd
 
 from mlic.atomic import write_csv
 
+# Probabilities are kept to 6 decimals, in the CSV *and* in what evaluate scores, so metrics
+# recomputed from the CSV (calibrate's `test_default`, any later analysis) equal evaluate's.
+DECIMALS = 6
+
 
 @dataclasses.dataclass(frozen=True)
 class Predictions:
@@ -24,7 +28,10 @@ class Predictions:
 
 
 def predict_split(model, tfrecord_dir: str | Path, split: str, batch_size: int) -> Predictions:
-    """Run `model` over one split in manifest order (unshuffled), keeping filenames aligned."""
+    """Run `model` over one split in manifest order (unshuffled), keeping filenames aligned.
+
+    Probabilities are rounded to `DECIMALS`, as `write_predictions` writes them.
+    """
     from mlic import dataset  # TensorFlow only where a model runs
     from mlic.tfrecords import read_manifest
 
@@ -37,21 +44,22 @@ def predict_split(model, tfrecord_dir: str | Path, split: str, batch_size: int) 
     k = len(classes)
     return Predictions(names, list(classes),
                        np.concatenate(ys) if ys else np.zeros((0, k), np.int64),
-                       np.clip(np.concatenate(ps), 0.0, 1.0) if ps else np.zeros((0, k)))
+                       np.round(np.clip(np.concatenate(ps), 0.0, 1.0), DECIMALS) if ps else np.zeros((0, k)))
 
 
 def write_predictions(path: str | Path, pred: Predictions) -> None:
     """One row per image: filename, true_<class>..., prob_<class>... (probabilities to 6 d.p.)."""
     frame = pd.DataFrame({"filename": pred.filenames})
     true = pd.DataFrame(pred.y_true, columns=[f"true_{c}" for c in pred.classes])
-    prob = pd.DataFrame(np.round(pred.y_prob, 6), columns=[f"prob_{c}" for c in pred.classes])
+    prob = pd.DataFrame(np.round(pred.y_prob, DECIMALS), columns=[f"prob_{c}" for c in pred.classes])
     write_csv(path, pd.concat([frame, true, prob], axis=1))
 
 
 def read_predictions(path: str | Path) -> Predictions:
     """Inverse of `write_predictions`."""
-    frame = pd.read_csv(path)
+    # Filenames stay text: pandas would read `007` as 7 and `NA` as missing.
+    frame = pd.read_csv(path, dtype={"filename": str}, keep_default_na=False)
     classes = [c[len("true_"):] for c in frame.columns if c.startswith("true_")]
-    return Predictions(frame["filename"].astype(str).tolist(), classes,
+    return Predictions(frame["filename"].tolist(), classes,
                        frame[[f"true_{c}" for c in classes]].to_numpy(np.int64),
                        frame[[f"prob_{c}" for c in classes]].to_numpy(np.float64))

@@ -68,6 +68,12 @@ def fit(model: keras.Model, train_ds: Any, val_ds: Any, *, cfg: Train, n_classes
     `pretrained`: freeze the backbone for phase 1, then run `cfg.finetune_epochs` with the top
     `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`.
     """
+    # Check the monitor now, not after a whole phase of training: the names Keras will log.
+    logged = ["loss", *(m.name for m in mlic_model.make_metrics(n_classes))]
+    known = sorted(logged + [f"val_{name}" for name in logged])
+    if cfg.monitor not in known:
+        raise ValueError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
+                         f"choose one of {', '.join(known)}")
     loss = mlic_model.make_loss(pos_weight)
     steps = max(1, math.ceil(n_train / cfg.batch_size))
     mode = monitor_mode(cfg.monitor)

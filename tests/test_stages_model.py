@@ -1,0 +1,388 @@
+"""Tests for the model-side stage scripts (`train`, `evaluate`, `calibrate`) and the predictions CSV.
+
+The stages are called through `main(argv)` with the argv that dvc.yaml's `cmd` passes, in a
+temporary project folder: tiny TFRecords (32 px, 24 train / 8 val / 8 test records), a tiny
+params.yaml (1 epoch, batch 8) and the MLflow store in that folder. calibrate runs on synthetic
+predictions CSVs, so it needs no model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import logging
+import math
+import shutil
+import time
+import types
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from mlic import metrics, thresholds, tfrecords
+from mlic.params import load_section
+from mlic.predictions import Predictions, read_predictions, write_predictions
+
+ROOT = Path(__file__).resolve().parents[1]
+SIZE, SEED, SHARD_SIZE = 32, 3, 5  # shards of 5: val and test span two shards each
+SPLITS = {"train": range(0, 24), "val": range(24, 32), "test": range(32, 40)}
+TRAIN = {"epochs": 1, "batch_size": 8, "early_stopping_patience": 0, "shuffle_buffer": 64,
+         # Op determinism is process-wide and irreversible: keep it out of the rest of the session.
+         "deterministic_ops": False}
+TRACKING = {"experiment": "test", "log_model": False}
+
+
+def _load_stage(name: str) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(f"stage_{name}", ROOT / "stages" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _arg(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+def _stray(folder: Path) -> list[str]:
+    """Temp files/folders the atomic writers (and the train checkpoint) leave behind only on failure."""
+    return [p.relative_to(folder).as_posix() for p in folder.rglob(".*")
+            if p.suffix in (".tmp", ".old", ".keras")]
+
+
+def _strict_json(path: Path) -> Any:
+    """Parse JSON, refusing NaN/Infinity (which json.dump would write but strict JSON has not)."""
+    def refuse(name: str) -> None:
+        raise ValueError(f"{path}: non-standard JSON constant {name}")
+
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=refuse)
+
+
+def assert_metrics_equal(written: dict[str, Any], expected: dict[str, float]) -> None:
+    """A metrics section as written (NaN as null) equals `expected` key for key, to 1e-9."""
+    assert set(written) == set(expected)
+    for key, value in expected.items():
+        if isinstance(value, float) and math.isnan(value):
+            assert written[key] is None, key
+        else:
+            assert written[key] == pytest.approx(value, abs=1e-9), key
+
+
+# --- a project with tiny TFRecords, trained once -------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Project:
+    root: Path
+    tfrecords: Path
+    classes: list[str]
+    labels: dict[str, np.ndarray]       # filename -> the labels written into the records
+    order: dict[str, list[str]]         # split -> filenames in manifest (record) order
+    train_argv: list[str]
+    train_outputs: list[str]
+
+
+def _write_tfrecords(image_set, out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
+    settings = tfrecords.EncodeSettings(image_size=SIZE, resize_mode="pad", encoding="jpeg", jpeg_quality=90)
+    y = image_set.y.copy()
+    y[list(SPLITS["test"]), -1] = 0  # a class with no test positive: AP undefined, ROC-AUC undefined
+    out.mkdir(parents=True)
+    order = {}
+    for split, rows in SPLITS.items():
+        names = [image_set.filenames[i] for i in rows]
+        tfrecords.write_split(split, names, y[list(rows)], image_set.classes, image_set.images_dir, out,
+                              settings, SHARD_SIZE, SEED)
+        order[split] = [names[i] for i in tfrecords.record_order(names, SEED)]
+    return dict(zip(image_set.filenames, y)), order
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory, make_set, params_yaml, dvc_stages) -> Project:
+    """A project folder with tiny TFRecords and the train stage run once (MLflow store in the folder)."""
+    root = tmp_path_factory.mktemp("stages_model")
+    image_set = make_set(root / "raw", n=40, seed=11)
+    params_yaml(root / "params.yaml", train=TRAIN, tracking=TRACKING, evaluate={"batch_size": 3})
+    argv, outputs = dvc_stages("train")
+    labels, order = _write_tfrecords(image_set, root / _arg(argv, "--tfrecords"))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+        assert _load_stage("train").main(argv) == 0
+    return Project(root, root / _arg(argv, "--tfrecords"), image_set.classes, labels, order, argv, outputs)
+
+
+# --- train ---------------------------------------------------------------------------------------
+
+
+def test_train_writes_model_meta_history_and_metrics(project: Project) -> None:
+    root, argv = project.root, project.train_argv
+    for path in project.train_outputs:
+        assert (root / path).is_file(), path
+    assert _stray(root) == []
+
+    meta = json.loads((root / _arg(argv, "--meta")).read_text())
+    manifest = tfrecords.read_manifest(project.tfrecords, "train")
+    assert meta["classes"] == manifest["classes"] == project.classes
+    assert meta["image_size"] == SIZE and meta["seed"] == SEED
+    assert meta["train"] == dataclasses.asdict(load_section("train", root / "params.yaml"))
+    assert meta["train"]["epochs"] == 1 and meta["train"]["batch_size"] == 8
+    assert meta["data_fingerprints"]["train"] == manifest["fingerprint"]
+
+    history = pd.read_csv(root / _arg(argv, "--history"))
+    assert history["epoch"].tolist() == [0]
+    assert history["phase"].tolist() == ["full"]
+    assert {"loss", "val_loss", "val_auc_pr", "val_f1", "learning_rate"} <= set(history.columns)
+
+    result = json.loads((root / _arg(argv, "--metrics")).read_text())
+    assert result["epochs_run"] == len(history) == 1
+    assert result["best_epoch"] == 0
+    assert result["best_val_auc_pr"] == pytest.approx(history["val_auc_pr"].max(), abs=1e-6)
+    assert isinstance(result["gpus"], int)
+
+    import keras
+
+    import mlic.model  # noqa: F401 - registers the custom objects
+
+    model = keras.models.load_model(root / _arg(argv, "--model"), compile=False)
+    assert model.input_shape == (None, SIZE, SIZE, 3)
+    assert model.output_shape == (None, len(project.classes))
+    assert result["params"] == model.count_params() > 0
+
+
+def test_train_stops_before_training_when_the_tracking_store_is_unreachable(
+        project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    shutil.copytree(project.tfrecords, tmp_path / project.tfrecords.relative_to(project.root))
+    shutil.copy(project.root / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")  # the discard port: refused at once
+    start = time.perf_counter()
+    with caplog.at_level(logging.ERROR):
+        assert _load_stage("train").main(project.train_argv) == 2
+    assert time.perf_counter() - start < 30
+    assert "127.0.0.1:9" in caplog.text and "not reachable" in caplog.text
+    for path in project.train_outputs:
+        assert not (tmp_path / path).exists(), path
+
+
+def test_train_failing_midway_leaves_no_model_and_no_stray_checkpoint(
+        project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlic import training
+
+    def fit_then_crash(model, *args, checkpoint: Path, **kwargs):
+        model.save(checkpoint)  # as ModelCheckpoint does after a good epoch
+        raise RuntimeError("interrupted after a checkpoint")
+
+    shutil.copytree(project.tfrecords, tmp_path / project.tfrecords.relative_to(project.root))
+    shutil.copy(project.root / "params.yaml", tmp_path / "params.yaml")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setattr(training, "fit", fit_then_crash)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        _load_stage("train").main(project.train_argv)
+    for path in project.train_outputs:
+        assert not (tmp_path / path).exists(), path
+    assert _stray(tmp_path) == []
+
+
+# --- evaluate ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def evaluated(project: Project, dvc_stages) -> tuple[list[str], list[str]]:
+    argv, outputs = dvc_stages("evaluate")
+    assert _arg(argv, "--model") == _arg(project.train_argv, "--model")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(project.root)
+        assert _load_stage("evaluate").main(argv) == 0
+    return argv, outputs
+
+
+def test_evaluate_writes_every_declared_output(project: Project, evaluated) -> None:
+    argv, outputs = evaluated
+    for path in outputs:
+        assert (project.root / path).exists(), path
+    folder = project.root / _arg(argv, "--predictions")
+    assert sorted(p.name for p in folder.iterdir()) == ["test.csv", "val.csv"]
+    assert _stray(project.root) == []
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_evaluate_predictions_follow_the_manifest_with_the_written_labels(project: Project, evaluated,
+                                                                          split: str) -> None:
+    argv, _ = evaluated
+    path = project.root / _arg(argv, "--predictions") / f"{split}.csv"
+    frame = pd.read_csv(path, dtype={"filename": str})
+    assert list(frame.columns) == (["filename"] + [f"true_{c}" for c in project.classes]
+                                   + [f"prob_{c}" for c in project.classes])
+    assert frame["filename"].tolist() == project.order[split]  # one row per record, manifest order
+    assert len(frame) == tfrecords.read_manifest(project.tfrecords, split)["count"]
+    expected = np.stack([project.labels[name] for name in frame["filename"]])
+    np.testing.assert_array_equal(frame[[f"true_{c}" for c in project.classes]].to_numpy(), expected)
+    prob = frame[[f"prob_{c}" for c in project.classes]].to_numpy()
+    assert ((prob >= 0) & (prob <= 1)).all()
+
+
+def test_evaluate_metrics_are_recomputable_from_the_predictions(project: Project, evaluated) -> None:
+    argv, _ = evaluated
+    report = _strict_json(project.root / _arg(argv, "--metrics"))
+    assert set(report) == {"val", "test", "val_baseline", "test_baseline"}
+    threshold = load_section("evaluate", project.root / "params.yaml").threshold
+    train_m = tfrecords.read_manifest(project.tfrecords, "train")
+    prevalence = np.array([train_m["positives"][c] for c in train_m["classes"]]) / train_m["count"]
+    for split in ("val", "test"):
+        pred = read_predictions(project.root / _arg(argv, "--predictions") / f"{split}.csv")
+        assert_metrics_equal(report[split], metrics.compute_metrics(pred.y_true, pred.y_prob, threshold))
+        baseline = metrics.prevalence_baseline(prevalence, len(pred.filenames))
+        assert_metrics_equal(report[f"{split}_baseline"],
+                             metrics.compute_metrics(pred.y_true, baseline, threshold))
+    assert report["test"]["n_classes_undefined_ap"] == 1  # the class without test positives
+
+
+def test_evaluate_per_class_table_has_one_row_per_class(project: Project, evaluated) -> None:
+    argv, _ = evaluated
+    table = pd.read_csv(project.root / _arg(argv, "--per-class"))
+    assert table["class"].tolist() == project.classes
+    pred = read_predictions(project.root / _arg(argv, "--predictions") / "test.csv")
+    np.testing.assert_array_equal(table["support"], pred.y_true.sum(axis=0))
+    assert math.isnan(table["ap"].iloc[-1])  # no test positive: written as an empty cell
+
+
+def test_evaluate_metrics_match_the_csv_when_rounding_moves_a_score(project: Project, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    dvc_stages) -> None:
+    """A score just below the threshold that the CSV's 6 d.p. round up to it: the metrics JSON
+    must describe the predictions that were saved (calibrate's `test_default` is recomputed from them)."""
+    import keras
+
+    k = len(project.classes)
+    p = np.float32(0.4999997)  # float32 sigmoid output in [0.4999995, 0.5): written as 0.5
+    inputs = keras.Input((SIZE, SIZE, 3))
+    x = keras.layers.GlobalAveragePooling2D()(inputs)
+    outputs = keras.layers.Dense(k, activation="sigmoid", kernel_initializer="zeros",
+                                 bias_initializer=keras.initializers.Constant(float(np.log(p / (1 - p)))))(x)
+    model_path = tmp_path / "constant.keras"
+    keras.Model(inputs, outputs).save(model_path)
+
+    argv, _ = dvc_stages("evaluate")
+    argv[argv.index("--model") + 1] = str(model_path)
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(project.tfrecords, tmp_path / project.tfrecords.relative_to(project.root))
+    shutil.copy(project.root / "params.yaml", tmp_path / "params.yaml")
+    assert _load_stage("evaluate").main(argv) == 0
+
+    pred = read_predictions(tmp_path / _arg(argv, "--predictions") / "test.csv")
+    assert (pred.y_prob == 0.5).all()
+    report = _strict_json(tmp_path / _arg(argv, "--metrics"))
+    assert_metrics_equal(report["test"], metrics.compute_metrics(pred.y_true, pred.y_prob, 0.5))
+    assert report["test"]["mean_labels_pred"] == k  # every score is at the threshold: all predicted
+
+
+# --- calibrate -----------------------------------------------------------------------------------
+
+CLASSES = ["cloud", "dirt road", "wäter", "野原"]
+
+
+def synthetic(n: int, seed: int, classes: list[str] = CLASSES) -> Predictions:
+    """Scores that carry signal about the labels, with class-dependent shifts so 0.5 is not optimal."""
+    rng = np.random.default_rng(seed)
+    k = len(classes)
+    y = (rng.random((n, k)) < np.linspace(0.5, 0.15, k)).astype(np.int64)
+    y[0] = 1  # every class has a positive
+    shift = np.linspace(-0.25, 0.2, k)
+    p = np.clip(0.3 * y + 0.7 * rng.random((n, k)) + shift, 0.0, 1.0)
+    return Predictions([f"img_{i:03d}.jpg" for i in range(n)], list(classes), y, p)
+
+
+@pytest.fixture
+def calibrate_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params_yaml, dvc_stages):
+    """tmp_path as the project; `run(val, test)` writes the predictions CSVs and runs the stage."""
+    monkeypatch.chdir(tmp_path)
+    params_yaml(tmp_path / "params.yaml", calibrate={"beta": 1.0, "default_threshold": 0.5},
+                evaluate={"threshold": 0.5})
+    argv, outputs = dvc_stages("calibrate")
+
+    def run(val: Predictions, test: Predictions) -> int:
+        folder = tmp_path / _arg(argv, "--predictions")
+        write_predictions(folder / "val.csv", val)
+        write_predictions(folder / "test.csv", test)
+        return _load_stage("calibrate").main(argv)
+
+    return run, argv, outputs
+
+
+def test_calibrate_fits_thresholds_on_val_and_reports_test(calibrate_run, tmp_path: Path) -> None:
+    run, argv, outputs = calibrate_run
+    assert run(synthetic(80, seed=1), synthetic(60, seed=2)) == 0
+    for path in outputs:
+        assert (tmp_path / path).is_file(), path
+    # What the stage saw: the CSVs, probabilities rounded to 6 d.p.
+    val = read_predictions(tmp_path / _arg(argv, "--predictions") / "val.csv")
+    test = read_predictions(tmp_path / _arg(argv, "--predictions") / "test.csv")
+    fitted = thresholds.fit_thresholds(val.y_true, val.y_prob, beta=1.0, default=0.5)
+
+    path = tmp_path / _arg(argv, "--thresholds")
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    assert list(saved) == CLASSES  # keyed by class name, in column order
+    np.testing.assert_array_equal(thresholds.thresholds_from_dict(saved, CLASSES), fitted)
+    assert "wäter" in path.read_text(encoding="utf-8")  # written as UTF-8, not \u escapes
+
+    report = _strict_json(tmp_path / _arg(argv, "--metrics"))
+    assert set(report) == {"test_calibrated", "test_default", "val_calibrated"}
+    assert_metrics_equal(report["test_calibrated"], metrics.compute_metrics(test.y_true, test.y_prob, fitted))
+    assert_metrics_equal(report["test_default"], metrics.compute_metrics(test.y_true, test.y_prob, 0.5))
+    assert_metrics_equal(report["val_calibrated"], metrics.compute_metrics(val.y_true, val.y_prob, fitted))
+
+    # On val, where they were fitted, the thresholds are at least as good as 0.5 for every class.
+    at_fitted = metrics.per_class_table(val.y_true, val.y_prob, CLASSES, fitted)["f1"].to_numpy()
+    at_half = metrics.per_class_table(val.y_true, val.y_prob, CLASSES, 0.5)["f1"].to_numpy()
+    assert (at_fitted >= at_half - 1e-12).all()
+    assert (at_fitted > at_half).any()  # the shifted scores make 0.5 suboptimal somewhere
+    val_default = metrics.compute_metrics(val.y_true, val.y_prob, 0.5)
+    assert report["val_calibrated"]["macro_f1"] >= val_default["macro_f1"]
+
+    table = pd.read_csv(tmp_path / _arg(argv, "--per-class"))
+    assert table["class"].tolist() == CLASSES
+    np.testing.assert_allclose(table["threshold"], fitted, atol=1e-6)
+
+
+def test_calibrate_refuses_val_and_test_with_different_classes(calibrate_run, tmp_path: Path, caplog) -> None:
+    run, argv, outputs = calibrate_run
+    other = synthetic(60, seed=2, classes=["cloud", "dirt road", "water", "野原"])
+    with caplog.at_level(logging.ERROR):
+        assert run(synthetic(80, seed=1), other) == 2
+    assert "different classes" in caplog.text
+    for path in outputs:
+        assert not (tmp_path / path).exists(), path
+
+
+# --- the predictions CSV -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "classes, filenames",
+    [
+        (["cloud", "road"], ["a.jpg", "sub/b.png"]),
+        (["dirt road", " leading space", "comma, quote\""], ["with space.jpg", "x,y.png"]),
+        (["wäter", "野原", "naïve café"], ["ä/ö.jpg", "日本.png"]),
+        (["1", "2"], ["007", "NA"]),  # names pandas would read as numbers or missing values
+    ],
+    ids=["plain", "spaces-and-csv-specials", "unicode", "numeric-looking"],
+)
+def test_predictions_round_trip(tmp_path: Path, classes: list[str], filenames: list[str]) -> None:
+    rng = np.random.default_rng(0)
+    n, k = len(filenames), len(classes)
+    y = rng.integers(0, 2, (n, k))
+    p = rng.random((n, k))
+    p[0, 0], p[-1, -1] = 0.0, 1.0
+    path = tmp_path / "preds.csv"
+    write_predictions(path, Predictions(filenames, classes, y, p))
+    back = read_predictions(path)
+    assert back.filenames == filenames
+    assert back.classes == classes
+    assert back.y_true.dtype == np.int64 and back.y_prob.dtype == np.float64
+    np.testing.assert_array_equal(back.y_true, y)
+    np.testing.assert_array_equal(back.y_prob, np.round(p, 6))  # exact after rounding to 6 d.p.
+    assert np.abs(back.y_prob - p).max() <= 5e-7

@@ -1,0 +1,182 @@
+"""Tests for the training procedure (`mlic.training.fit`) on tiny TFRecords.
+
+Everything is small: 40 images written as 32 px JPEG records (24 train, 8 val), batches of 8,
+1-4 epochs, simple_cnn of width 8, or a MobileNetV2 built with weights=None whose weights are
+saved to a local file and loaded back to play the pretrained backbone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import mlic.model  # noqa: F401 - registers the custom objects load_model needs
+from mlic import dataset, training
+from mlic import model as mm
+from mlic.params import Train
+from mlic.tfrecords import EncodeSettings, write_split
+
+SIZE, BATCH, SEED = 32, 8, 5
+SPLITS = {"train": range(0, 24), "val": range(24, 32)}
+# Every transform off: these tests are about the training loop, not augmentation.
+NO_AUG = dict(augment_flip=False, augment_rotation=0.0, augment_zoom=0.0, augment_contrast=0.0)
+
+
+@pytest.fixture(scope="module")
+def tfr(tmp_path_factory: pytest.TempPathFactory, make_set) -> tuple[Path, int]:
+    """Tiny train/val TFRecords (shards of 8 records); returns (folder, number of classes)."""
+    image_set = make_set(tmp_path_factory.mktemp("train_set"), n=32, seed=7)
+    out = tmp_path_factory.mktemp("train_tfr")
+    settings = EncodeSettings(image_size=SIZE, resize_mode="pad", encoding="jpeg", jpeg_quality=90)
+    for split, rows in SPLITS.items():
+        rows = np.asarray(rows)
+        write_split(split, [image_set.filenames[i] for i in rows], image_set.y[rows], image_set.classes,
+                    image_set.images_dir, out, settings, shard_size=8, seed=SEED)
+    return out, len(image_set.classes)
+
+
+def config(**overrides) -> Train:
+    """The default `train` section shrunk for tests, with `overrides` on top."""
+    small = dict(batch_size=BATCH, epochs=2, early_stopping_patience=0, shuffle_buffer=64, **NO_AUG)
+    return dataclasses.replace(Train(), **{**small, **overrides})
+
+
+def run_fit(tfr, cfg: Train, checkpoint: Path, model: keras.Model | None = None, pretrained: bool = False):
+    folder, k = tfr
+    mm.set_seed(SEED)
+    if model is None:
+        model = mm.build_model("simple_cnn", k, SIZE, dropout=cfg.dropout, seed=SEED, width=8)
+    train_ds = dataset.make_dataset(folder, "train", cfg.batch_size, shuffle=True, seed=SEED,
+                                    shuffle_buffer=cfg.shuffle_buffer)
+    val_ds = dataset.make_dataset(folder, "val", cfg.batch_size)
+    result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=k, n_train=len(SPLITS["train"]),
+                          checkpoint=checkpoint, pretrained=pretrained)
+    return model, result, val_ds
+
+
+@pytest.mark.parametrize("monitor, mode", [("val_auc_pr", "max"), ("val_loss", "min"), ("loss", "min"),
+                                           ("val_f1", "max")])
+def test_monitor_mode_is_min_only_for_losses(monitor: str, mode: str) -> None:
+    assert training.monitor_mode(monitor) == mode
+
+
+def test_unknown_lr_schedule_is_rejected() -> None:
+    with pytest.raises(ValueError, match="constant or cosine"):
+        training.learning_rate("linear", 0.1, 10)
+
+
+@pytest.mark.parametrize(
+    "schedule, monitor",
+    [("cosine", "val_auc_pr"), ("constant", "val_loss")],
+    ids=["cosine-max-auc", "constant-min-loss"],
+)
+def test_history_best_epoch_and_checkpoint(tfr, tmp_path: Path, schedule: str, monitor: str) -> None:
+    epochs, lr0 = 3, 0.01
+    cfg = config(epochs=epochs, lr_schedule=schedule, learning_rate=lr0, monitor=monitor)
+    _, result, val_ds = run_fit(tfr, cfg, tmp_path / "best.keras")
+    h = result.history
+
+    # One row per epoch, numbered from 0, with the phase, learning rate and monitored metric.
+    assert len(h) == epochs
+    assert h["epoch"].tolist() == list(range(epochs))
+    assert h["phase"].tolist() == ["full"] * epochs
+    for column in ("loss", "val_loss", "auc_pr", "val_auc_pr", "f1", "val_f1", "learning_rate", monitor):
+        assert column in h.columns, column
+    assert np.isfinite(h[monitor]).all()
+
+    lr = h["learning_rate"].to_numpy()
+    if schedule == "constant":
+        np.testing.assert_allclose(lr, lr0, rtol=1e-6)
+    else:  # cosine to 0 over the phase, read at the end of each epoch: lr0 * (1 + cos(pi * (e+1)/E)) / 2
+        expected = [lr0 * 0.5 * (1 + math.cos(math.pi * (e + 1) / epochs)) for e in range(epochs)]
+        np.testing.assert_allclose(lr, expected, rtol=1e-5, atol=1e-9)
+        assert (np.diff(lr) < 0).all()
+
+    # Best epoch/value agree with the history, in the direction monitor_mode says (first if tied).
+    values = h[monitor].to_numpy()
+    best = int(np.argmax(values) if training.monitor_mode(monitor) == "max" else np.argmin(values))
+    assert result.best_epoch == best
+    assert result.best_value == pytest.approx(values[best], abs=0)
+    assert result.images_seen == len(SPLITS["train"]) * epochs and result.seconds > 0
+
+    # The checkpoint is a loadable .keras model holding the best epoch's weights.
+    path = tmp_path / "best.keras"
+    assert path.is_file()
+    loaded = keras.models.load_model(path)
+    scores = loaded.evaluate(val_ds, return_dict=True, verbose=0)
+    assert scores[monitor.removeprefix("val_")] == pytest.approx(result.best_value, rel=1e-4, abs=1e-6)
+
+
+def test_unknown_monitor_names_the_logged_metrics_before_training(tfr, tmp_path: Path, monkeypatch) -> None:
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking train.monitor")
+
+    monkeypatch.setattr(keras.Model, "fit", no_training)
+    cfg = config(epochs=1, monitor="val_acuracy")
+    with pytest.raises(ValueError) as err:
+        run_fit(tfr, cfg, tmp_path / "best.keras")
+    message = str(err.value)
+    assert "'val_acuracy'" in message
+    for name in ("val_auc_pr", "val_loss", "val_f1", "auc_pr", "loss"):
+        assert name in message, message
+
+
+def test_early_stopping_stops_when_the_metric_cannot_improve(tfr, tmp_path: Path) -> None:
+    # Learning rate 0 with the backbone frozen (BatchNorm in inference mode): the weights never
+    # change, so the validation metric is the same every epoch and never improves after epoch 0.
+    cfg = config(epochs=5, learning_rate=0.0, lr_schedule="constant", early_stopping_patience=1)
+    _, result, _ = run_fit(tfr, cfg, tmp_path / "best.keras", pretrained=True)
+    h = result.history
+    assert len(h) == 2 < cfg.epochs  # epoch 0 sets the best, epoch 1 exhausts a patience of 1
+    assert h["val_auc_pr"].nunique() == 1
+    assert result.best_epoch == 0
+
+
+def test_two_phase_fine_tuning_of_a_pretrained_backbone(tfr, tmp_path: Path, monkeypatch) -> None:
+    _, k = tfr
+    weights = tmp_path / "backbone.weights.h5"
+    source = mm.build_backbone("mobilenet_v2", (SIZE, SIZE, 3))
+    source.save_weights(weights)
+    model = mm.build_model("mobilenet_v2", k, SIZE, weights=weights, seed=SEED)
+    head = model.get_layer("probabilities")
+    head_before = [w.copy() for w in head.get_weights()]
+
+    # Snapshot the model at the start of phase 2, i.e. as phase 1 left it.
+    after_phase1: dict[str, list[np.ndarray]] = {}
+    unfreeze = mm.unfreeze_top
+
+    def spy(m: keras.Model, n_layers: int) -> int:
+        after_phase1["backbone"] = [w.copy() for w in m.get_layer(mm.BACKBONE_NAME).get_weights()]
+        after_phase1["head"] = [w.copy() for w in m.get_layer("probabilities").get_weights()]
+        return unfreeze(m, n_layers)
+
+    monkeypatch.setattr(mm, "unfreeze_top", spy)
+    cfg = config(backbone="mobilenet_v2", weights=str(weights), lr_schedule="constant",
+                 epochs=1, learning_rate=0.01,
+                 finetune_epochs=1, finetune_layers=5, finetune_learning_rate=0.001)
+    _, result, _ = run_fit(tfr, cfg, tmp_path / "best.keras", model=model, pretrained=True)
+
+    h = result.history
+    assert h["phase"].tolist() == ["head", "finetune"]
+    assert h["epoch"].tolist() == [0, 1]
+    np.testing.assert_allclose(h["learning_rate"], [0.01, 0.001], rtol=1e-6)
+    assert result.best_epoch in (0, 1) and (tmp_path / "best.keras").is_file()
+
+    # Phase 1: the backbone (weights and BatchNorm statistics) is exactly the loaded file; the head learnt.
+    assert after_phase1, "phase 2 never started"
+    for ours, theirs in zip(after_phase1["backbone"], source.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert any(not np.array_equal(a, b) for a, b in zip(after_phase1["head"], head_before))
+
+    # Phase 2: the top 5 layers are open except BatchNorm, which stays frozen everywhere.
+    backbone = model.get_layer(mm.BACKBONE_NAME)
+    top = backbone.layers[-5:]
+    bns = [layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    assert bns and not any(layer.trainable for layer in bns)
+    assert [layer for layer in backbone.layers if layer.trainable] == [
+        layer for layer in top if not isinstance(layer, keras.layers.BatchNormalization)]
