@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from iterstrat.ml_stratifiers import IterativeStratification
-
 from mlic.params import ParamsError
 
 SPLITS = ("train", "val", "test")
@@ -39,6 +37,10 @@ def stratified_split(y: np.ndarray, fractions: np.ndarray, seed: int) -> np.ndar
     Deterministic for a given `y`, `fractions` and `seed`. Rows are shuffled first (seeded) so
     that ties are broken at random rather than by file order.
     """
+    # Imported here: it pulls in scikit-learn, and preprocess's spawned workers re-import the
+    # stage module (which needs only SPLITS from this one) — about 1 s of CPU each.
+    from iterstrat.ml_stratifiers import IterativeStratification
+
     y = np.asarray(y, dtype=bool)
     n = y.shape[0]
     if n < len(fractions):
