@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import dataclasses
 import hashlib
 import json
@@ -134,25 +135,28 @@ def worker_pool(workers: int) -> Iterator[Any]:
 
 
 def ordered_map(pool: Any, fn: Callable[[list[Any]], list[Any]], items: list[Any],
-                chunk: int = 16, inflight_per_worker: int = 4) -> Iterator[Any]:
+                chunk: int = 32, inflight_per_worker: int = 8) -> Iterator[Any]:
     """Map `fn` over chunks of `items` in `pool` (None: in-process), yielding results in input order.
 
-    At most `inflight_per_worker` chunks per worker are pending at once, so memory stays flat
-    however many items there are (Pool.imap would queue every result the parent hasn't read).
+    The first chunks are submitted on the call, not on the first read, so the workers start while
+    the caller is still busy (importing TensorFlow takes ~3 s). At most `inflight_per_worker`
+    chunks per worker are pending at once, so memory stays flat however many items there are
+    (Pool.imap would queue every result the parent hasn't read): a few MB of encoded images.
     """
     chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
     if pool is None:
-        for c in chunks:
-            yield from fn(c)
-        return
+        return (result for c in chunks for result in fn(c))
     limit = max(1, pool._processes * inflight_per_worker)
-    pending: collections.deque = collections.deque()
-    for c in chunks:
-        pending.append(pool.apply_async(fn, (c,)))
-        if len(pending) >= limit:
+    pending = collections.deque(pool.apply_async(fn, (c,)) for c in itertools.islice(chunks, limit))
+
+    def drain() -> Iterator[Any]:
+        while pending:
             yield from pending.popleft().get()
-    while pending:
-        yield from pending.popleft().get()
+            nxt = next(chunks, None)
+            if nxt is not None:
+                pending.append(pool.apply_async(fn, (nxt,)))
+
+    return drain()
 
 
 def record_order(filenames: list[str], seed: int) -> np.ndarray:
@@ -179,14 +183,13 @@ def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[s
     straight into it. Raises ValueError naming the file when an image cannot be decoded and
     `skip_bad_images` is false; otherwise such images are skipped and listed in the manifest.
     """
-    import tensorflow as tf
-
     n = len(filenames)
     order = record_order(filenames, seed)
     n_shards = max(1, -(-n // shard_size))
     groups = np.array_split(order, n_shards)
     tasks = [(str(images_dir / filenames[i]), settings) for i in order]
     results = ordered_map(pool, _prepare_chunk, tasks)
+    import tensorflow as tf  # after the workers have their first images: the import takes ~3 s
     image_format = "jpeg" if settings.encoding == "jpeg" else "png"
 
     shards, skipped, kept = [], [], []
