@@ -18,8 +18,8 @@ from pathlib import Path
 
 from mlic import metrics, thresholds
 from mlic.atomic import write_csv, write_json
+from mlic.cli import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
-from mlic.cli import run_stage
 from mlic.predictions import read_predictions
 
 log = logging.getLogger("mlic.stages.calibrate")
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(flag, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     raw = read_params_file(args.params)
     cfg, ev = load_section("calibrate", args.params, raw), load_section("evaluate", args.params, raw)
 

@@ -15,13 +15,11 @@ import argparse
 import logging
 import sys
 
-import numpy as np
-
-from mlic import metrics
+from mlic import metrics, tfrecords
 from mlic.atomic import atomic_dir, write_csv, write_json
+from mlic.cli import run_stage, setup_logging
 from mlic.params import load_section
 from mlic.predictions import predict_split, write_predictions
-from mlic.cli import run_stage
 from mlic.tfrecords import read_manifest
 
 log = logging.getLogger("mlic.stages.evaluate")
@@ -33,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(flag, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     cfg = load_section("evaluate", args.params)
 
     import keras
@@ -46,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("the model predicts %d classes but the shards hold %d; re-run `dvc repro train`",
                   model.output_shape[-1], len(train_m["classes"]))
         return 2
-    prevalence = np.array([train_m["positives"][c] for c in train_m["classes"]]) / train_m["count"]
+    prevalence = tfrecords.prevalence(train_m)
 
     report: dict[str, dict] = {}
     with atomic_dir(args.predictions) as out:

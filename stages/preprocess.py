@@ -19,8 +19,8 @@ import pandas as pd
 
 from mlic import tfrecords
 from mlic.atomic import atomic_dir, write_json
+from mlic.cli import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
-from mlic.cli import run_stage
 from mlic.split import SPLITS
 
 log = logging.getLogger("mlic.stages.preprocess")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--metrics", required=True)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     raw = read_params_file(args.params)
     common, data, cfg = (load_section(s, args.params, raw) for s in ("common", "data", "preprocess"))

@@ -16,8 +16,8 @@ import logging
 import time
 from pathlib import Path
 
+from mlic.cli import run_stage, setup_logging
 from mlic.params import load_section
-from mlic.cli import run_stage
 from mlic.sample import generate_sample
 
 log = logging.getLogger("stages.sample")
@@ -25,7 +25,7 @@ log = logging.getLogger("stages.sample")
 
 def main(argv: list[str] | None = None) -> int:
     """Generate the sample set; return 0 on success."""
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
     parser.add_argument("--out", type=Path, default=Path("data/sample"), help="folder to (re)create")

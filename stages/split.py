@@ -17,7 +17,7 @@ import numpy as np
 
 from mlic import labels, split
 from mlic.atomic import atomic_dir, write_csv, write_json
-from mlic.cli import run_stage
+from mlic.cli import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
 
 log = logging.getLogger("mlic.stages.split")
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--splits-dir", required=True)
     ap.add_argument("--reports-dir", required=True)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     raw = read_params_file(args.params)
     common, data, cfg = (load_section(s, args.params, raw) for s in ("common", "data", "split"))

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from mlic import tracking
 from mlic.atomic import write_json
-from mlic.cli import run_stage
+from mlic.cli import run_stage, setup_logging
 from mlic.params import load_section
 
 log = logging.getLogger("mlic.stages.track")
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifests-dir", type=Path, help="folder of <split>.manifest.json")
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
 
     cfg = load_section("tracking", args.params)
     uri = tracking.resolve_tracking_uri(cfg.uri)

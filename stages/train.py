@@ -15,12 +15,10 @@ import logging
 import sys
 from pathlib import Path
 
-import numpy as np
-
-from mlic import dataset, model as mlic_model, tracking, training
+from mlic import dataset, model as mlic_model, tfrecords, tracking, training
 from mlic.atomic import atomic_path, write_csv, write_json
+from mlic.cli import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
-from mlic.cli import run_stage
 from mlic.tfrecords import read_manifest
 
 log = logging.getLogger("mlic.stages.train")
@@ -32,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.add_argument(flag, required=True)
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     raw = read_params_file(args.params)
     common, cfg, track = (load_section(s, args.params, raw) for s in ("common", "train", "tracking"))
 
@@ -49,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if val_m["classes"] != classes or int(val_m["image_size"]) != size:
         log.error("train and val shards disagree on classes or image size; re-run `dvc repro preprocess`")
         return 2
-    prevalence = np.array([train_m["positives"][c] for c in classes]) / train_m["count"]
+    prevalence = tfrecords.prevalence(train_m)
     train_ds = dataset.make_dataset(args.tfrecords, "train", cfg.batch_size, shuffle=True, seed=common.seed,
                                     shuffle_buffer=cfg.shuffle_buffer)
     val_ds = dataset.make_dataset(args.tfrecords, "val", cfg.batch_size)

@@ -9,6 +9,13 @@ from mlic.params import ParamsError
 
 log = logging.getLogger("mlic")
 
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
+
+
+def setup_logging() -> None:
+    """INFO-level logging in the one format every stage prints (called from main, never on import)."""
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+
 
 def run_stage(main: Callable[[], int]) -> int:
     """Run a stage's `main()`; a bad params.yaml value is logged as one line and exits with 2.
@@ -18,6 +25,6 @@ def run_stage(main: Callable[[], int]) -> int:
     try:
         return main()
     except ParamsError as exc:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        setup_logging()
         log.error("%s", exc)
         return 2

@@ -243,6 +243,11 @@ def fingerprint(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
+def prevalence(manifest: dict[str, Any]) -> np.ndarray:
+    """Per-class fraction of positive records in a split, in the manifest's class order."""
+    return np.array([manifest["positives"][c] for c in manifest["classes"]], dtype=np.float64) / manifest["count"]
+
+
 def read_manifest(tfrecord_dir: str | Path, split: str) -> dict[str, Any]:
     """The manifest of one split, with a clear error if preprocess has not produced it."""
     path = Path(tfrecord_dir) / f"{split}{MANIFEST_SUFFIX}"

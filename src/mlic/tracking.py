@@ -634,8 +634,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from mlic.cli import setup_logging
     from mlic.params import load_section
+
+    setup_logging()
 
     params_uri = load_section("tracking", args.params).uri if Path(args.params).exists() else None
     uri = resolve_tracking_uri(params_uri)
