@@ -85,7 +85,7 @@ def write_shards(images_dir: Path, frame: pd.DataFrame, out: Path, size: int) ->
         manifest = tfrecords.write_split("bench", frame["filename"].tolist(), frame[classes].to_numpy(),
                                          classes, images_dir, out, settings, shard_size=512, seed=42,
                                          pool=pool)
-    return sum((out / s["file"]).stat().st_size for s in manifest["shards"])
+    return sum((out / s.file).stat().st_size for s in manifest.shards)
 
 
 def one_pass(ds: tf.data.Dataset, proc: psutil.Process) -> tuple[int, float, float]:
@@ -109,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     import tensorflow as tf
 
     from mlic.dataset import make_dataset
+    from mlic.tfrecords import Manifest
 
     print(f"CPUs: {os.cpu_count()} | TensorFlow {tf.__version__} | load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}")
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.batch}; shards {shard_bytes / 2**20:.1f} MiB; {args.repeats} timed passes each\n")
 
         routes = {
-            "tfrecord (make_dataset)": make_dataset(shard_dir, "bench", args.batch),
+            "tfrecord (make_dataset)": make_dataset(Manifest.read(shard_dir, "bench"), args.batch),
             "tf.data from paths": tf_paths_route(paths, y, args.size, args.batch),
             "PIL generator": pil_generator_route(paths, y, args.size, args.batch),
         }

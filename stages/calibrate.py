@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mlic import metrics, thresholds
 from mlic.atomic import write_csv, write_json
-from mlic.cli import run_stage, setup_logging
+from mlic.stage import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
 from mlic.predictions import read_predictions
 

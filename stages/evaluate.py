@@ -15,12 +15,13 @@ import argparse
 import logging
 import sys
 
-from mlic import metrics, tfrecords
+from mlic import metrics
 from mlic.atomic import atomic_dir, write_csv, write_json
-from mlic.cli import run_stage, setup_logging
+from mlic.model import load_model
 from mlic.params import load_section
 from mlic.predictions import predict_split, write_predictions
-from mlic.tfrecords import read_manifest
+from mlic.stage import run_stage, setup_logging
+from mlic.tfrecords import Manifest
 
 log = logging.getLogger("mlic.stages.evaluate")
 
@@ -34,22 +35,18 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     cfg = load_section("evaluate", args.params)
 
-    import keras
-
-    import mlic.model  # noqa: F401 - registers the custom layers and loss the model uses
-
-    model = keras.models.load_model(args.model, compile=False)
-    train_m = read_manifest(args.tfrecords, "train")
-    if model.output_shape[-1] != len(train_m["classes"]):
+    model = load_model(args.model)
+    train_m = Manifest.read(args.tfrecords, "train")
+    if model.output_shape[-1] != len(train_m.classes):
         log.error("the model predicts %d classes but the shards hold %d; re-run `dvc repro train`",
-                  model.output_shape[-1], len(train_m["classes"]))
+                  model.output_shape[-1], len(train_m.classes))
         return 2
-    prevalence = tfrecords.prevalence(train_m)
+    prevalence = train_m.prevalence
 
     report: dict[str, dict] = {}
     with atomic_dir(args.predictions) as out:
         for split in ("val", "test"):
-            pred = predict_split(model, args.tfrecords, split, cfg.batch_size)
+            pred = predict_split(model, Manifest.read(args.tfrecords, split), cfg.batch_size)
             write_predictions(out / f"{split}.csv", pred)
             report[split] = metrics.nan_to_none(metrics.compute_metrics(pred.y_true, pred.y_prob, cfg.threshold))
             baseline = metrics.prevalence_baseline(prevalence, len(pred.filenames))

@@ -19,7 +19,7 @@ import pandas as pd
 
 from mlic import tfrecords
 from mlic.atomic import atomic_dir, write_json
-from mlic.cli import run_stage, setup_logging
+from mlic.stage import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
 from mlic.split import SPLITS
 
@@ -57,11 +57,11 @@ def main(argv: list[str] | None = None) -> int:
                     Path(data.images_dir), out, settings, cfg.shard_size,
                     seed=common.seed + i, pool=pool, skip_bad_images=data.skip_bad_images)
                 seconds = time.perf_counter() - t0
-                size = sum((out / s["file"]).stat().st_size for s in manifest["shards"])
-                metrics[name] = {"records": manifest["count"], "skipped": len(manifest["skipped"]),
-                                 "shards": len(manifest["shards"]), "megabytes": round(size / 2**20, 3)}
-                log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest["count"],
-                         len(manifest["shards"]), size / 2**20, manifest["count"] / max(seconds, 1e-9))
+                size = sum((out / s.file).stat().st_size for s in manifest.shards)
+                metrics[name] = {"records": manifest.count, "skipped": len(manifest.skipped),
+                                 "shards": len(manifest.shards), "megabytes": round(size / 2**20, 3)}
+                log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest.count,
+                         len(manifest.shards), size / 2**20, manifest.count / max(seconds, 1e-9))
     except ValueError as exc:  # an image that cannot be decoded (write_split names it)
         log.error("%s", exc)
         return 2

@@ -16,7 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from mlic.cli import run_stage, setup_logging
+from mlic.stage import run_stage, setup_logging
 from mlic.params import load_section
 from mlic.sample import generate_sample
 

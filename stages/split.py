@@ -17,7 +17,7 @@ import numpy as np
 
 from mlic import labels, split
 from mlic.atomic import atomic_dir, write_csv, write_json
-from mlic.cli import run_stage, setup_logging
+from mlic.stage import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
 
 log = logging.getLogger("mlic.stages.split")

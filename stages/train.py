@@ -1,8 +1,9 @@
 """Stage `train`: fit the model on the TFRecord shards and save it with its provenance.
 
 Reads  params `common`, `train` (and `tracking` for the store check); --tfrecords manifests/shards.
-Writes --model (.keras: raw 0..255 RGB in, probabilities out), --meta (classes in column order,
-       image size, seed, resolved params), --history (per-epoch CSV, DVC plots), --metrics.
+Writes --model (.keras: raw 0..255 RGB in, probabilities out), --meta (model_meta.json: classes
+       in column order, image size and resize mode, shard encoding, where calibrate's thresholds
+       are, seed, resolved params), --history (per-epoch CSV, DVC plots), --metrics.
 Run alone: python stages/train.py --tfrecords data/tfrecords --model models/model.keras \
            --meta models/model_meta.json --history reports/train/history.csv --metrics reports/train/metrics.json
 """
@@ -15,11 +16,12 @@ import logging
 import sys
 from pathlib import Path
 
-from mlic import dataset, model as mlic_model, tfrecords, tracking, training
+from mlic import dataset, model as mlic_model, store, training
 from mlic.atomic import atomic_path, write_csv, write_json
-from mlic.cli import run_stage, setup_logging
+from mlic.model_meta import ModelMeta
 from mlic.params import load_section, read_params_file
-from mlic.tfrecords import read_manifest
+from mlic.stage import run_stage, setup_logging
+from mlic.tfrecords import Manifest
 
 log = logging.getLogger("mlic.stages.train")
 
@@ -28,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for flag in ("--tfrecords", "--model", "--meta", "--history", "--metrics"):
         ap.add_argument(flag, required=True)
+    ap.add_argument("--thresholds-source", default="reports/calibrate/thresholds.json",
+                    help="where calibrate writes the thresholds (recorded in --meta for `mlic predict`)")
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args(argv)
     setup_logging()
@@ -35,46 +39,44 @@ def main(argv: list[str] | None = None) -> int:
     common, cfg, track = (load_section(s, args.params, raw) for s in ("common", "train", "tracking"))
 
     try:  # say so now, in one line, rather than after a long training
-        tracking.check_store(tracking.resolve_tracking_uri(track.uri, Path.cwd()))
-    except tracking.TrackingUnavailable as exc:
+        store.check_store(store.resolve_tracking_uri(track.uri, Path.cwd()))
+    except store.TrackingUnavailable as exc:
         log.error("%s", exc)
         return 2
 
     mlic_model.set_seed(common.seed, cfg.deterministic_ops)
     devices = mlic_model.configure_devices(cfg.mixed_precision, cfg.jit_compile)
-    train_m, val_m = read_manifest(args.tfrecords, "train"), read_manifest(args.tfrecords, "val")
-    classes, size = train_m["classes"], int(train_m["image_size"])
-    if val_m["classes"] != classes or int(val_m["image_size"]) != size:
-        log.error("train and val shards disagree on classes or image size; re-run `dvc repro preprocess`")
+    train_m, val_m = Manifest.read(args.tfrecords, "train"), Manifest.read(args.tfrecords, "val")
+    classes, size = train_m.classes, train_m.image_size
+    if (val_m.classes, val_m.image_size, val_m.resize_mode) != (classes, size, train_m.resize_mode):
+        log.error("train and val shards disagree on classes, image size or resize mode; "
+                  "re-run `dvc repro preprocess`")
         return 2
-    prevalence = tfrecords.prevalence(train_m)
-    train_ds = dataset.make_dataset(args.tfrecords, "train", cfg.batch_size, shuffle=True, seed=common.seed,
+    train_ds = dataset.make_dataset(train_m, cfg.batch_size, shuffle=True, seed=common.seed,
                                     shuffle_buffer=cfg.shuffle_buffer)
-    val_ds = dataset.make_dataset(args.tfrecords, "val", cfg.batch_size)
+    val_ds = dataset.make_dataset(val_m, cfg.batch_size)
     pretrained = cfg.weights is not None
     with devices.strategy.scope():
         model = mlic_model.build_model(
             cfg.backbone, len(classes), size, weights=cfg.weights, dropout=cfg.dropout, seed=common.seed,
             augmentation=mlic_model.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom,
                                                  cfg.augment_contrast))
-        pos_weight = mlic_model.positive_weights(prevalence, cfg.max_pos_weight) if cfg.pos_weight else None
+        pos_weight = mlic_model.positive_weights(train_m.prevalence, cfg.max_pos_weight) if cfg.pos_weight else None
         with atomic_path(args.model) as tmp:
             ckpt = tmp.with_suffix(".keras")  # Keras insists on the extension
             try:
                 result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=len(classes),
-                                      n_train=train_m["count"], checkpoint=ckpt, pos_weight=pos_weight,
+                                      n_train=train_m.count, checkpoint=ckpt, pos_weight=pos_weight,
                                       jit_compile=devices.jit_compile, pretrained=pretrained)
                 ckpt.replace(tmp)
             finally:  # atomic_path removes its own temp file, not this one
                 ckpt.unlink(missing_ok=True)
 
     write_csv(args.history, result.history)
-    write_json(args.meta, {
-        "classes": classes, "image_size": size, "input": "float32 RGB 0..255, shape (image_size, image_size, 3)",
-        "output": "sigmoid probability per class, in `classes` order", "seed": common.seed,
-        "train": dataclasses.asdict(cfg), "data_fingerprints": {"train": train_m["fingerprint"],
-                                                                 "val": val_m["fingerprint"]},
-    })
+    ModelMeta(classes=classes, image_size=size, resize_mode=train_m.resize_mode, encoding=train_m.encoding,
+              jpeg_quality=train_m.jpeg_quality, thresholds=args.thresholds_source, backbone=cfg.backbone,
+              seed=common.seed, train=dataclasses.asdict(cfg),
+              data_fingerprints={"train": train_m.fingerprint, "val": val_m.fingerprint}).write(args.meta)
     write_json(args.metrics, {
         "best_epoch": result.best_epoch, f"best_{cfg.monitor}": round(result.best_value, 6),
         "epochs_run": len(result.history), "seconds": round(result.seconds, 1),

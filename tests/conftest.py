@@ -222,3 +222,52 @@ def split_stage() -> types.ModuleType:
 def preprocess_stage() -> types.ModuleType:
     """stages/preprocess.py as a module."""
     return _load_stage("preprocess")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDir:
+    """A pipeline-shaped models folder: model.keras, model_meta.json, and the thresholds it names."""
+
+    root: Path          # the "project root" the thresholds path is relative to
+    models: Path        # root / "models"
+    thresholds: Path
+    classes: list[str]
+    image_size: int
+
+
+def make_model_dir(root: Path, backbone: str = "simple_cnn", image_size: int = 32,
+                   classes: tuple[str, ...] = CLASSES, thresholds: tuple[float, ...] | None = None) -> ModelDir:
+    """An untrained (seeded) model saved as `train` saves it, with metadata and thresholds."""
+    import json
+
+    import keras
+
+    from mlic import model as mlic_model
+    from mlic.model_meta import ModelMeta
+
+    keras.utils.set_random_seed(0)
+    model = mlic_model.build_model(backbone, len(classes), image_size, augmentation=None, seed=0)
+    models = root / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    model.save(models / "model.keras")
+    rel = "reports/calibrate/thresholds.json"
+    ModelMeta(classes=list(classes), image_size=image_size, resize_mode="pad", encoding="png", jpeg_quality=None,
+              thresholds=rel, backbone=backbone, seed=0, train={"backbone": backbone},
+              data_fingerprints={}).write(models / "model_meta.json")
+    values = thresholds or tuple(0.3 + 0.1 * i for i in range(len(classes)))
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(dict(zip(classes, values))), encoding="utf-8")
+    return ModelDir(root, models, path, list(classes), image_size)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
+    """A tiny simple_cnn models folder (32 px, 4 classes), built once per session."""
+    return make_model_dir(tmp_path_factory.mktemp("model_dir"))
+
+
+@pytest.fixture(scope="session")
+def predict_images(tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
+    """A dozen images of mixed modes, formats and sizes to predict on."""
+    return make_image_set(tmp_path_factory.mktemp("predict_images"), n=12, seed=11, min_size=20, max_size=90)

@@ -124,12 +124,12 @@ def test_train_writes_model_meta_history_and_metrics(project: Project) -> None:
     assert _stray(root) == []
 
     meta = json.loads((root / _arg(argv, "--meta")).read_text())
-    manifest = tfrecords.read_manifest(project.tfrecords, "train")
-    assert meta["classes"] == manifest["classes"] == project.classes
+    manifest = tfrecords.Manifest.read(project.tfrecords, "train")
+    assert meta["classes"] == manifest.classes == project.classes
     assert meta["image_size"] == SIZE and meta["seed"] == SEED
     assert meta["train"] == dataclasses.asdict(load_section("train", root / "params.yaml"))
     assert meta["train"]["epochs"] == 1 and meta["train"]["batch_size"] == 8
-    assert meta["data_fingerprints"]["train"] == manifest["fingerprint"]
+    assert meta["data_fingerprints"]["train"] == manifest.fingerprint
 
     history = pd.read_csv(root / _arg(argv, "--history"))
     assert history["epoch"].tolist() == [0]
@@ -218,7 +218,7 @@ def test_evaluate_predictions_follow_the_manifest_with_the_written_labels(projec
     assert list(frame.columns) == (["filename"] + [f"true_{c}" for c in project.classes]
                                    + [f"prob_{c}" for c in project.classes])
     assert frame["filename"].tolist() == project.order[split]  # one row per record, manifest order
-    assert len(frame) == tfrecords.read_manifest(project.tfrecords, split)["count"]
+    assert len(frame) == tfrecords.Manifest.read(project.tfrecords, split).count
     expected = np.stack([project.labels[name] for name in frame["filename"]])
     np.testing.assert_array_equal(frame[[f"true_{c}" for c in project.classes]].to_numpy(), expected)
     prob = frame[[f"prob_{c}" for c in project.classes]].to_numpy()
@@ -230,8 +230,8 @@ def test_evaluate_metrics_are_recomputable_from_the_predictions(project: Project
     report = _strict_json(project.root / _arg(argv, "--metrics"))
     assert set(report) == {"val", "test", "val_baseline", "test_baseline"}
     threshold = load_section("evaluate", project.root / "params.yaml").threshold
-    train_m = tfrecords.read_manifest(project.tfrecords, "train")
-    prevalence = np.array([train_m["positives"][c] for c in train_m["classes"]]) / train_m["count"]
+    train_m = tfrecords.Manifest.read(project.tfrecords, "train")
+    prevalence = np.array([train_m.positives[c] for c in train_m.classes]) / train_m.count
     for split in ("val", "test"):
         pred = read_predictions(project.root / _arg(argv, "--predictions") / f"{split}.csv")
         assert_metrics_equal(report[split], metrics.compute_metrics(pred.y_true, pred.y_prob, threshold))

@@ -50,9 +50,9 @@ def _tree(folder: Path) -> dict[str, bytes]:
 
 def _records(out: Path, split: str = "train") -> list[dict[str, Any]]:
     """Every record of a split, parsed eagerly, reading the shards one after another in manifest order."""
-    manifest = tfrecords.read_manifest(out, split)
-    k = len(manifest["classes"])
-    raw = tf.data.TFRecordDataset([str(out / s["file"]) for s in manifest["shards"]])
+    manifest = tfrecords.Manifest.read(out, split)
+    k = len(manifest.classes)
+    raw = tf.data.TFRecordDataset([str(out / s.file) for s in manifest.shards])
     return [{key: v.numpy() for key, v in parse_example(r, k).items()} for r in raw]
 
 
@@ -122,7 +122,7 @@ def test_serialize_then_parse_eagerly_and_in_tf_data(class_ids: list[int], n_cla
 def test_jpeg_round_trip_pixels_labels_and_filenames(image_set, jpeg_out) -> None:
     out, manifest = jpeg_out
     records = _records(out)
-    assert len(records) == manifest["count"] == N_IMAGES
+    assert len(records) == manifest.count == N_IMAGES
     row = {name: i for i, name in enumerate(image_set.filenames)}
     seen, errors, wrong_image_errors = [], [], []
     for rec in records:
@@ -161,28 +161,29 @@ def test_shard_count_and_names_for_a_shard_size(image_set, tmp_path: Path, n: in
     manifest = _write(image_set, tmp_path, PNG, shard_size=shard_size, rows=np.arange(n))
     k = len(expected)
     names = [shard_name("train", i, k) for i in range(k)]
-    assert [s["file"] for s in manifest["shards"]] == names
-    assert [s["records"] for s in manifest["shards"]] == expected
+    assert [s.file for s in manifest.shards] == names
+    assert [s.records for s in manifest.shards] == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names + ["train.manifest.json"])
     assert max(expected) <= shard_size
-    for s in manifest["shards"]:
-        assert sum(1 for _ in tf.data.TFRecordDataset(str(tmp_path / s["file"]))) == s["records"]
+    for s in manifest.shards:
+        assert sum(1 for _ in tf.data.TFRecordDataset(str(tmp_path / s.file))) == s.records
 
 
 def test_manifest_describes_the_split(image_set, jpeg_out) -> None:
     out, manifest = jpeg_out
-    assert json.loads((out / "train.manifest.json").read_text()) == manifest == tfrecords.read_manifest(out, "train")
-    assert manifest["count"] == N_IMAGES and manifest["split"] == "train"
-    assert manifest["classes"] == image_set.classes  # column order of the labels
-    assert (manifest["image_size"], manifest["channels"]) == (SIZE, 3)
-    assert (manifest["resize_mode"], manifest["encoding"], manifest["jpeg_quality"]) == ("pad", "jpeg", 92)
-    assert manifest["skipped"] == []
-    assert manifest["positives"] == dict(zip(image_set.classes, image_set.y.sum(axis=0).tolist()))
-    assert [s["file"] for s in manifest["shards"]] == [shard_name("train", i, 3) for i in range(3)]
-    assert sum(s["records"] for s in manifest["shards"]) == manifest["count"]
-    for s in manifest["shards"]:
-        assert s["sha256"] == hashlib.sha256((out / s["file"]).read_bytes()).hexdigest()
-    assert manifest["fingerprint"] == tfrecords.fingerprint(manifest)
+    assert json.loads((out / "train.manifest.json").read_text()) == manifest.to_dict()
+    assert manifest == tfrecords.Manifest.read(out, "train")
+    assert manifest.count == N_IMAGES and manifest.split == "train"
+    assert manifest.classes == image_set.classes  # column order of the labels
+    assert (manifest.image_size, manifest.channels) == (SIZE, 3)
+    assert (manifest.resize_mode, manifest.encoding, manifest.jpeg_quality) == ("pad", "jpeg", 92)
+    assert manifest.skipped == []
+    assert manifest.positives == dict(zip(image_set.classes, image_set.y.sum(axis=0).tolist()))
+    assert [s.file for s in manifest.shards] == [shard_name("train", i, 3) for i in range(3)]
+    assert sum(s.records for s in manifest.shards) == manifest.count
+    for s in manifest.shards:
+        assert s.sha256 == hashlib.sha256((out / s.file).read_bytes()).hexdigest()
+    assert manifest.fingerprint == tfrecords.fingerprint(manifest.to_dict())
 
 
 def test_shards_are_byte_identical_across_runs_and_worker_counts(image_set, jpeg_out, tmp_path: Path) -> None:
@@ -191,7 +192,7 @@ def test_shards_are_byte_identical_across_runs_and_worker_counts(image_set, jpeg
     with worker_pool(2) as pool:
         assert pool is not None
         parallel = _write(image_set, tmp_path / "workers2", pool=pool)
-    assert again["fingerprint"] == parallel["fingerprint"] == manifest["fingerprint"]
+    assert again.fingerprint == parallel.fingerprint == manifest.fingerprint
     reference = _tree(out)
     assert _tree(tmp_path / "again") == reference
     assert _tree(tmp_path / "workers2") == reference
@@ -200,9 +201,9 @@ def test_shards_are_byte_identical_across_runs_and_worker_counts(image_set, jpeg
 def test_record_order_depends_on_filenames_and_seed_not_input_order(image_set, jpeg_out, tmp_path: Path) -> None:
     out, manifest = jpeg_out
     reversed_rows = np.arange(N_IMAGES)[::-1]
-    assert _write(image_set, tmp_path / "reversed", rows=reversed_rows)["fingerprint"] == manifest["fingerprint"]
+    assert _write(image_set, tmp_path / "reversed", rows=reversed_rows).fingerprint == manifest.fingerprint
     other = _write(image_set, tmp_path / "seed6", seed=6)
-    assert other["fingerprint"] != manifest["fingerprint"]
+    assert other.fingerprint != manifest.fingerprint
     assert [r["filename"] for r in _records(tmp_path / "seed6")] != [r["filename"] for r in _records(out)]
 
 
@@ -214,9 +215,9 @@ def test_record_order_depends_on_filenames_and_seed_not_input_order(image_set, j
 def test_fingerprint_changes_when_params_change(image_set, tmp_path: Path, change: dict) -> None:
     rows = np.arange(12)
     base = _write(image_set, tmp_path / "base", rows=rows)
-    assert _write(image_set, tmp_path / "same", rows=rows)["fingerprint"] == base["fingerprint"]
+    assert _write(image_set, tmp_path / "same", rows=rows).fingerprint == base.fingerprint
     changed = _write(image_set, tmp_path / "changed", dataclasses.replace(JPEG, **change), rows=rows)
-    assert changed["fingerprint"] != base["fingerprint"]
+    assert changed["fingerprint"] != base.fingerprint
 
 
 def truncate(path: Path) -> None:
@@ -251,14 +252,14 @@ def test_corrupt_image_is_skipped_and_listed_when_skipping(make_set, tmp_path: P
     image_set, bad = _with_truncated_image(make_set, tmp_path / "set")
     with worker_pool(workers) as pool:
         manifest = _write(image_set, tmp_path / "out", shard_size=4, pool=pool, skip=True)
-    assert manifest["count"] == len(image_set.filenames) - 1
-    assert [s["filename"] for s in manifest["skipped"]] == [bad]
-    assert manifest["skipped"][0]["reason"].startswith("OSError: image file is truncated")
-    assert sum(s["records"] for s in manifest["shards"]) == manifest["count"]
+    assert manifest.count == len(image_set.filenames) - 1
+    assert [s["filename"] for s in manifest.skipped] == [bad]
+    assert manifest.skipped[0]["reason"].startswith("OSError: image file is truncated")
+    assert sum(s.records for s in manifest.shards) == manifest.count
     kept = [i for i, f in enumerate(image_set.filenames) if f != bad]
-    assert manifest["positives"] == dict(zip(image_set.classes, image_set.y[kept].sum(axis=0).tolist()))
+    assert manifest.positives == dict(zip(image_set.classes, image_set.y[kept].sum(axis=0).tolist()))
     names = [r["filename"].decode() for r in _records(tmp_path / "out")]
-    assert bad not in names and len(names) == manifest["count"]
+    assert bad not in names and len(names) == manifest.count
 
 
 @pytest.mark.parametrize("workers, expected", [(0, os.cpu_count() or 1), (1, 1), (3, 3)])
@@ -387,13 +388,13 @@ def test_preprocess_stage_writes_every_declared_output(stage, preprocess_stage, 
     files = {"train.manifest.json", "val.manifest.json", "test.manifest.json"}
     for split in ("train", "val", "test"):
         frame = pd.read_csv(splits_dir / f"{split}.csv")
-        manifest = tfrecords.read_manifest(out, split)
-        assert manifest["count"] == len(frame) == metrics[split]["records"]
-        assert manifest["classes"] == list(frame.columns[1:]) == image_set.classes
-        assert manifest["image_size"] == 32  # from the tiny params.yaml
-        assert metrics[split]["shards"] == len(manifest["shards"]) == -(-len(frame) // 8)  # shard_size 8
+        manifest = tfrecords.Manifest.read(out, split)
+        assert manifest.count == len(frame) == metrics[split]["records"]
+        assert manifest.classes == list(frame.columns[1:]) == image_set.classes
+        assert manifest.image_size == 32  # from the tiny params.yaml
+        assert metrics[split]["shards"] == len(manifest.shards) == -(-len(frame) // 8)  # shard_size 8
         assert sorted(r["filename"].decode() for r in _records(out, split)) == sorted(frame["filename"])
-        files |= {s["file"] for s in manifest["shards"]}
+        files |= {s.file for s in manifest.shards}
     assert sum(metrics[s]["records"] for s in metrics) == 30
     assert {p.name for p in out.iterdir()} == files  # nothing else in the folder
     assert _stray(tmp_path) == []
@@ -432,11 +433,11 @@ def test_preprocess_skips_and_lists_corrupt_images_when_asked(stage, preprocess_
     bad = _corrupt_one_test_image(splits_dir, image_set)
     params_yaml(tmp_path / "params.yaml", data=image_set.data_section(skip_bad_images=True))
     assert preprocess_stage.main(argv) == 0
-    manifest = tfrecords.read_manifest(out, "test")
-    assert [s["filename"] for s in manifest["skipped"]] == [bad]
+    manifest = tfrecords.Manifest.read(out, "test")
+    assert [s["filename"] for s in manifest.skipped] == [bad]
     metrics = json.loads((tmp_path / _arg(argv, "--metrics")).read_text())
     assert metrics["test"]["skipped"] == 1
-    assert metrics["test"]["records"] == manifest["count"] == len(pd.read_csv(splits_dir / "test.csv")) - 1
+    assert metrics["test"]["records"] == manifest.count == len(pd.read_csv(splits_dir / "test.csv")) - 1
 
 
 def test_preprocess_stage_output_is_the_same_for_any_worker_count(stage, preprocess_stage, params_yaml,

@@ -1,30 +1,228 @@
-"""Entry-point glue for the stage scripts: user mistakes end in one clear line, not a traceback."""
+"""The `mlic` command. `mlic predict PATH... --model M --out predictions.csv` labels new images.
+
+PATH: image files, folders (searched recursively for image files) and globs (quoted globs are
+expanded here, `**` included). --model: the pipeline's models folder (default `models`, with
+thresholds from calibrate as model_meta.json says), a packaged MLflow model folder, or an MLflow
+URI (`runs:/<run id>/model`, `models:/<name>@champion`, `models:/<name>/<version>`).
+Writes one row per readable image: filename, labels, prob_<class>... as CSV, or JSON if --out
+ends in .json. Unreadable images are logged with their reason (and listed in
+`<out>.errors.csv`); the rest are still predicted. Exit code: 0 all predicted, 1 some inputs
+failed, 2 a usage error (no model, nothing to predict).
+"""
 
 from __future__ import annotations
 
+import argparse
+import glob
 import logging
-from collections.abc import Callable
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
-from mlic.params import ParamsError
+log = logging.getLogger("mlic.predict")
 
-log = logging.getLogger("mlic")
-
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
-
-
-def setup_logging() -> None:
-    """INFO-level logging in the one format every stage prints (called from main, never on import)."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
+EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def run_stage(main: Callable[[], int]) -> int:
-    """Run a stage's `main()`; a bad params.yaml value is logged as one line and exits with 2.
+class UsageError(Exception):
+    """The command cannot run as asked; the message says what to do."""
 
-    Other exceptions keep their traceback: they are bugs to report, not input to fix.
+
+def _images_in(folder: Path) -> list[str]:
+    """Image files under `folder`, recursively, sorted; hidden files and folders are left out."""
+    found = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder).parts
+        if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not any(p.startswith(".") for p in rel):
+            found.append(str(path))
+    return sorted(found)
+
+
+def expand_inputs(args: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Files to predict (in order, each once) and the arguments that matched nothing, with why.
+
+    A file named explicitly is tried whatever its extension; folders and globs keep image files.
+    """
+    files: list[str] = []
+    problems: list[tuple[str, str]] = []
+    for arg in args:
+        path = Path(arg)
+        if path.is_dir():
+            found = _images_in(path)
+            if not found:
+                problems.append((arg, "folder holds no image files (" + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"))
+            files += found
+        elif path.is_file():
+            files.append(arg)
+        elif glob.has_magic(arg):
+            matches = sorted(glob.glob(arg, recursive=True))
+            found = []
+            for match in matches:
+                if Path(match).is_dir():
+                    found += _images_in(Path(match))
+                elif Path(match).suffix.lower() in IMAGE_EXTENSIONS:
+                    found.append(match)
+            if not found:
+                problems.append((arg, "no image file matches this pattern"))
+            files += found
+        else:
+            problems.append((arg, "no such file or folder"))
+    return list(dict.fromkeys(files)), problems
+
+
+def _tracking_uri(params_path: Path) -> str:
+    from mlic.params import load_section
+    from mlic.store import resolve_tracking_uri
+
+    params_uri = load_section("tracking", params_path).uri if params_path.is_file() else None
+    return resolve_tracking_uri(params_uri)
+
+
+def _thresholds_path(models_dir: Path, source: str) -> Path:
+    """model_meta.json's `thresholds` is relative to the project root: the cwd, or models/'s parent."""
+    candidates = [Path(source)] if Path(source).is_absolute() else [Path.cwd() / source, models_dir.parent / source]
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise UsageError(f"calibrated thresholds not found at {' or '.join(str(p) for p in candidates)} "
+                     "(named by model_meta.json); run `dvc repro calibrate`, or pass --thresholds FILE")
+
+
+def load_predictor(model: str, thresholds: str | None, params_path: Path) -> Any:
+    """A Predictor for --model: a models folder, a packaged MLflow model folder, or an MLflow URI.
+
+    Whatever stops the model from loading (a missing or mismatched file, an unknown URI) is a
+    UsageError naming it.
     """
     try:
-        return main()
-    except ParamsError as exc:
-        setup_logging()
+        return _load_predictor(model, thresholds, params_path)
+    except (FileNotFoundError, ValueError) as exc:
+        raise UsageError(str(exc)) from None
+    except Exception as exc:
+        if type(exc).__name__ == "MlflowException":  # a URI MLflow cannot resolve
+            raise UsageError(f"--model {model}: {getattr(exc, 'message', exc)}") from None
+        raise
+
+
+def _load_predictor(model: str, thresholds: str | None, params_path: Path) -> Any:
+    from mlic.inference import KERAS_FILE, META_FILE, Predictor
+
+    path = Path(model)
+    if path.is_dir() and (path / META_FILE).is_file():
+        if not (path / KERAS_FILE).is_file():
+            raise UsageError(f"{path / KERAS_FILE}: not found; run `dvc repro train`")
+        from mlic.model_meta import ModelMeta
+
+        meta = ModelMeta.read(path / META_FILE)
+        source = Path(thresholds) if thresholds else _thresholds_path(path, meta.thresholds)
+        return Predictor.from_files(path / KERAS_FILE, path / META_FILE, source)
+    if thresholds:
+        raise UsageError("--thresholds applies to a models folder only: a packaged model carries its own")
+    if path.is_dir() and (path / "MLmodel").is_file():
+        from mlic import serving
+
+        return serving.load_predictor(str(path))
+    if "://" in model or model.startswith(("runs:/", "models:/")):
+        from mlic import serving
+
+        uri = _tracking_uri(params_path)
+        return serving.load_predictor(model, tracking_uri=uri)
+    raise UsageError(f"--model {model}: not a models folder (with {META_FILE}), an MLflow model folder "
+                     "(with MLmodel), or an MLflow URI such as models:/<name>@champion")
+
+
+def _labels_separator(classes: Sequence[str]) -> str:
+    """Space, as in a tags-format labels CSV, unless a class name holds one."""
+    return ";" if any(" " in c for c in classes) else " "
+
+
+def write_results(out: Path, filenames: list[str], classes: list[str], labels: list[list[str]],
+                  probabilities: Any) -> None:
+    """CSV (labels joined by a space, or `;` if a class name has one) or JSON records (labels a list)."""
+    import pandas as pd
+
+    from mlic.atomic import write_csv, write_json
+    from mlic.serving import PROB_PREFIX
+
+    probs = pd.DataFrame(probabilities, columns=[f"{PROB_PREFIX}{c}" for c in classes])
+    if out.suffix.lower() == ".json":
+        frame = pd.concat([pd.DataFrame({"filename": filenames, "labels": pd.Series(labels, dtype=object)}),
+                           probs], axis=1)
+        write_json(out, frame.to_dict(orient="records"), sort_keys=False)
+    else:
+        sep = _labels_separator(classes)
+        frame = pd.concat([pd.DataFrame({"filename": filenames, "labels": [sep.join(x) for x in labels]}),
+                           probs], axis=1)
+        write_csv(out, frame)
+
+
+def predict_command(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise UsageError(f"--out {out}: use a .csv or .json file name")
+    files, problems = expand_inputs(args.paths)
+    for arg, reason in problems:
+        log.error("%s: %s", arg, reason)
+    if not files:
+        raise UsageError("nothing to predict: no image file among the given paths")
+    predictor = load_predictor(args.model, args.thresholds, Path(args.params))
+
+    from tqdm import tqdm
+
+    # tqdm(disable=None) draws only on an interactive terminal: logs and CI stay clean.
+    with tqdm(total=len(files), unit="img", desc="predict", disable=None, file=sys.stderr) as bar:
+        result = predictor.predict(files, batch_size=args.batch_size, on_batch=bar.update)
+    for i, reason in result.errors.items():
+        log.error("%s: cannot be read (%s)", files[i], reason)
+    write_results(out, [files[i] for i in result.index], predictor.classes, result.labels,
+                  result.probabilities)
+    failed = [(files[i], reason) for i, reason in result.errors.items()] + problems
+    errors_file = out.with_name(out.stem + ".errors.csv")
+    if failed:
+        import pandas as pd
+
+        from mlic.atomic import write_csv
+
+        write_csv(errors_file, pd.DataFrame(failed, columns=["path", "reason"]))
+    else:
+        errors_file.unlink(missing_ok=True)  # a stale list from an earlier run would mislead
+    log.info("predicted %d image(s) into %s%s", len(result.index), out,
+             f"; {len(failed)} failed, listed in {errors_file}" if failed else "")
+    return EXIT_SOME_FAILED if failed else EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="mlic", description="mlic: multi-label image classification.")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("predict", help="label image files with a trained model",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files, folders (recursive) or globs")
+    p.add_argument("--model", default="models",
+                   help="models folder, packaged MLflow model folder, or runs:/ or models:/ URI (default: models)")
+    p.add_argument("--out", default="predictions.csv", help=".csv or .json (default: predictions.csv)")
+    p.add_argument("--thresholds", help="thresholds.json to use with a models folder (default: model_meta.json's)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--params", default="params.yaml", help="for tracking.uri with an MLflow URI (default: params.yaml)")
+    p.set_defaults(func=predict_command)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlic.stage import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging()
+    if getattr(args, "batch_size", 1) < 1:
+        log.error("--batch-size must be at least 1")
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except UsageError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,40 +7,27 @@ predictions line up with filenames; training shuffles shard order and records wi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import tensorflow as tf
 
-from mlic.tfrecords import parse_example, read_manifest
+from mlic.tfrecords import Manifest, parse_example
 
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def shard_paths(tfrecord_dir: str | Path, split: str) -> list[str]:
-    """The split's shard files in manifest order, checked to exist."""
-    manifest = read_manifest(tfrecord_dir, split)
-    paths = [str(Path(tfrecord_dir) / s["file"]) for s in manifest["shards"]]
-    missing = [p for p in paths if not Path(p).is_file()]
-    if missing:
-        raise FileNotFoundError(f"shards listed in the {split} manifest are missing: {', '.join(missing)}; "
-                                "run `dvc repro preprocess`")
-    return paths
-
-
-def make_dataset(tfrecord_dir: str | Path, split: str, batch_size: int, *, shuffle: bool = False,
+def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, shuffle_buffer: int = 2048, repeat: bool = False,
                  with_filenames: bool = False, drop_remainder: bool = False,
                  deterministic: bool = True) -> tf.data.Dataset:
-    """Batches of (images float32 0..255 [B,H,W,3], multi-hot labels float32 [B,k]).
+    """Batches of (images float32 0..255 [B,H,W,3], multi-hot labels float32 [B,k]) of one split.
 
     With `with_filenames` the element is (images, labels, filenames) for evaluation. Images
     stay 0..255: the model applies its backbone's own preprocessing, so it cannot happen twice.
     """
-    manifest = read_manifest(tfrecord_dir, split)
-    n_classes = len(manifest["classes"])
-    size = int(manifest["image_size"])
-    paths = shard_paths(tfrecord_dir, split)
+    n_classes = len(manifest.classes)
+    size = int(manifest.image_size)
+    paths = manifest.shard_paths()
 
     files = tf.data.Dataset.from_tensor_slices(paths)
     if shuffle:
@@ -80,7 +67,7 @@ def make_dataset(tfrecord_dir: str | Path, split: str, batch_size: int, *, shuff
     if not repeat:
         # Interleaving hides the length from tf.data; stating it lets Keras size its progress and
         # stops its "input ran out of data" warning at the end of every epoch.
-        count = int(manifest["count"])
+        count = int(manifest.count)
         ds = ds.apply(tf.data.experimental.assert_cardinality(
             count // batch_size if drop_remainder else -(-count // batch_size)))
     ds = ds.map(_parse_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)

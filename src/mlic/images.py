@@ -8,21 +8,29 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
-from typing import Literal
+from typing import IO, Literal, Union
 
-from PIL import Image, ImageOps
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 ResizeMode = Literal["squash", "pad", "crop"]
 RESIZE_MODES: tuple[str, ...] = ("squash", "pad", "crop")
 
+# Where an image comes from: a file path, the file's bytes (an upload, a base64 payload decoded)
+# or an open binary file. Every source goes through the same decoding.
+ImageSource = Union[str, Path, bytes, bytearray, IO[bytes]]
 
-def load_rgb(path: str | Path) -> Image.Image:
+
+def load_rgb(source: ImageSource) -> Image.Image:
     """Open an image, apply its EXIF orientation and convert it to 8-bit RGB.
 
-    Grayscale, palette, CMYK and 16-bit images become RGB; transparency is composited onto
-    black so padded borders and transparent areas look the same to the model.
+    `source` is a path, the file's bytes, or a binary file object. Grayscale, palette, CMYK and
+    16-bit images become RGB; transparency is composited onto black so padded borders and
+    transparent areas look the same to the model.
     """
-    with Image.open(path) as im:
+    if isinstance(source, (bytes, bytearray)):
+        source = io.BytesIO(source)
+    with Image.open(source) as im:
         im = ImageOps.exif_transpose(im)  # phones store rotated pixels plus a tag
         if im.mode == "P" and "transparency" in im.info:
             im = im.convert("RGBA")
@@ -35,6 +43,15 @@ def load_rgb(path: str | Path) -> Image.Image:
             # 16-bit grayscale: PIL's convert("RGB") would clip, so scale to 8 bits first.
             im = im.point(lambda v: v / 256).convert("L")
         return im.convert("RGB")
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line saying why an image could not be used, without PIL's object reprs."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "not an image file that can be read (JPEG, PNG, GIF, BMP, TIFF, WebP)"
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    return f"{exc.__class__.__name__}: {exc}"
 
 
 def resize(im: Image.Image, size: int, mode: ResizeMode) -> Image.Image:
@@ -67,7 +84,22 @@ def encode(im: Image.Image, encoding: Literal["jpeg", "png"], quality: int = 92)
     return buf.getvalue()
 
 
-def prepare(path: str | Path, size: int, mode: ResizeMode, encoding: Literal["jpeg", "png"],
+def to_model_input(source: ImageSource, size: int, mode: ResizeMode) -> Image.Image:
+    """THE definition of "image file -> model input": decode, orient, convert to RGB, resize.
+
+    `preprocess` (through `prepare`) and every prediction path (`mlic predict`, the packaged
+    MLflow model, the served model) call this one function with the size and resize mode the
+    model was trained with (model_meta.json), so training and serving cannot drift apart.
+    """
+    return resize(load_rgb(source), size, mode)
+
+
+def to_array(source: ImageSource, size: int, mode: ResizeMode) -> np.ndarray:
+    """`to_model_input` as the model's pixel array: uint8, shape (size, size, 3), RGB."""
+    return np.asarray(to_model_input(source, size, mode), dtype=np.uint8)
+
+
+def prepare(path: ImageSource, size: int, mode: ResizeMode, encoding: Literal["jpeg", "png"],
             quality: int = 92) -> bytes:
     """Load, orient, convert, resize and encode one image file: the unit of work of preprocess."""
-    return encode(resize(load_rgb(path), size, mode), encoding, quality)
+    return encode(to_model_input(path, size, mode), encoding, quality)

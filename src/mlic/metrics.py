@@ -34,6 +34,15 @@ from sklearn import metrics as skm
 Thresholds = float | Sequence[float] | np.ndarray
 
 
+# Metrics where lower is better; every other metric of `compute_metrics` is higher-is-better.
+LOWER_IS_BETTER = ("hamming_loss", "coverage_error", "ranking_loss", "loss")
+
+
+def greater_is_better(name: str) -> bool:
+    """Direction of a metric by its (possibly prefixed) name: `val_hamming_loss` -> False."""
+    return not name.endswith(LOWER_IS_BETTER)
+
+
 def check_arrays(
     y_true: np.ndarray, y_prob: np.ndarray, min_classes: int = 2
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -309,6 +309,14 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"mlic_{backbone}")
 
 
+def load_model(path: str | Path) -> keras.Model:
+    """Load a `.keras` model built here, for inference (compile=False: no loss or optimizer).
+
+    Importing this module registered the custom layers, so no `custom_objects` are needed.
+    """
+    return keras.models.load_model(path, compile=False)
+
+
 # --------------------------------------------------------------------------- fine-tuning
 def _backbone_of(model: keras.Model) -> keras.Model:
     try:

@@ -102,6 +102,8 @@ class Tracking:
     experiment: str = "mlic"
     uri: str | None = None
     log_model: bool = True
+    registered_model: str | None = "mlic"
+    champion_metric: str = "val_macro_ap"
 
 
 SECTIONS: dict[str, type] = {

@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
 from mlic.atomic import write_csv
+
+if TYPE_CHECKING:  # calibrate reads predictions without the TFRecord side
+    from mlic.tfrecords import Manifest
 
 # Probabilities are kept to 6 decimals, in the CSV *and* in what evaluate scores, so metrics
 # recomputed from the CSV (calibrate's `test_default`, any later analysis) equal evaluate's.
@@ -27,24 +31,32 @@ class Predictions:
     y_prob: np.ndarray   # (n, k) sigmoid probabilities
 
 
-def predict_split(model, tfrecord_dir: str | Path, split: str, batch_size: int) -> Predictions:
+def round_probabilities(y_prob: np.ndarray) -> np.ndarray:
+    """Model outputs as every consumer sees them: clipped to [0, 1], rounded to `DECIMALS`.
+
+    evaluate, calibrate, `mlic predict` and the packaged model all threshold these rounded
+    values, so a probability within rounding of a threshold gets the same label everywhere.
+    """
+    return np.round(np.clip(np.asarray(y_prob, dtype=np.float64), 0.0, 1.0), DECIMALS)
+
+
+def predict_split(model, manifest: Manifest, batch_size: int) -> Predictions:
     """Run `model` over one split in manifest order (unshuffled), keeping filenames aligned.
 
     Probabilities are rounded to `DECIMALS`, as `write_predictions` writes them.
     """
     from mlic import dataset  # TensorFlow only where a model runs
-    from mlic.tfrecords import read_manifest
 
-    classes = read_manifest(tfrecord_dir, split)["classes"]
+    classes = manifest.classes
     names, ys, ps = [], [], []
-    for images, labels, filenames in dataset.make_dataset(tfrecord_dir, split, batch_size, with_filenames=True):
+    for images, labels, filenames in dataset.make_dataset(manifest, batch_size, with_filenames=True):
         ps.append(np.asarray(model(images, training=False), dtype=np.float64))
         ys.append(labels.numpy().astype(np.int64))
         names.extend(f.decode("utf-8") for f in filenames.numpy())
     k = len(classes)
     return Predictions(names, list(classes),
                        np.concatenate(ys) if ys else np.zeros((0, k), np.int64),
-                       np.round(np.clip(np.concatenate(ps), 0.0, 1.0), DECIMALS) if ps else np.zeros((0, k)))
+                       round_probabilities(np.concatenate(ps)) if ps else np.zeros((0, k)))
 
 
 def write_predictions(path: str | Path, pred: Predictions) -> None:

@@ -176,7 +176,7 @@ def _sha256(path: Path) -> str:
 
 def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[str], images_dir: Path,
                 out_dir: Path, settings: EncodeSettings, shard_size: int, seed: int, pool: Any = None,
-                skip_bad_images: bool = False) -> dict[str, Any]:
+                skip_bad_images: bool = False) -> "Manifest":
     """Write one split's shards and manifest into `out_dir`; return the manifest.
 
     `pool` comes from `worker_pool` (None works in this process). The caller makes `out_dir` atomic (a temp folder renamed into place), so shards are written
@@ -215,24 +215,16 @@ def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[s
     if skipped:
         log.warning("%s: skipped %d images that could not be decoded", split, len(skipped))
 
-    manifest = {
-        "schema_version": SCHEMA_VERSION,
-        "split": split,
-        "count": len(kept),
-        "skipped": skipped,
-        "classes": list(classes),
-        "image_size": settings.image_size,
-        "channels": 3,
-        "resize_mode": settings.resize_mode,
-        "encoding": settings.encoding,
-        "jpeg_quality": settings.jpeg_quality if settings.encoding == "jpeg" else None,
-        "positives": {c: int(v) for c, v in zip(classes, y[kept].sum(axis=0))},
-        "shards": shards,
-    }
-    manifest["fingerprint"] = fingerprint(manifest)
-    with open(out_dir / f"{split}{MANIFEST_SUFFIX}", "w", encoding="utf-8") as fh:
-        json.dump(manifest, fh, indent=2, sort_keys=True)
-        fh.write("\n")
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, split=split, count=len(kept), skipped=skipped,
+        classes=list(classes), image_size=settings.image_size, channels=3,
+        resize_mode=settings.resize_mode, encoding=settings.encoding,
+        jpeg_quality=settings.jpeg_quality if settings.encoding == "jpeg" else None,
+        positives={c: int(v) for c, v in zip(classes, y[kept].sum(axis=0))},
+        shards=[Shard(**s) for s in shards], fingerprint="", directory=Path(out_dir),
+    )
+    manifest = dataclasses.replace(manifest, fingerprint=fingerprint(manifest.to_dict()))
+    manifest.write()
     return manifest
 
 
@@ -243,18 +235,77 @@ def fingerprint(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(core, sort_keys=True).encode()).hexdigest()
 
 
-def prevalence(manifest: dict[str, Any]) -> np.ndarray:
-    """Per-class fraction of positive records in a split, in the manifest's class order."""
-    return np.array([manifest["positives"][c] for c in manifest["classes"]], dtype=np.float64) / manifest["count"]
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    file: str      # name inside the manifest's folder
+    records: int
+    sha256: str
 
 
-def read_manifest(tfrecord_dir: str | Path, split: str) -> dict[str, Any]:
-    """The manifest of one split, with a clear error if preprocess has not produced it."""
-    path = Path(tfrecord_dir) / f"{split}{MANIFEST_SUFFIX}"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no manifest; run `dvc repro preprocess` first") from None
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """`<split>.manifest.json`: what one split's shards hold. Read once per split with `read`.
+
+    `directory` is where the manifest and its shards are (not stored in the file).
+    """
+
+    schema_version: int
+    split: str
+    count: int
+    skipped: list[dict[str, str]]   # {"filename", "reason"} of images that could not be decoded
+    classes: list[str]              # label column order
+    image_size: int
+    channels: int
+    resize_mode: str
+    encoding: str
+    jpeg_quality: int | None
+    positives: dict[str, int]       # positive records per class
+    shards: list[Shard]
+    fingerprint: str
+    directory: Path = dataclasses.field(default=Path("."), compare=False)
+
+    @classmethod
+    def read(cls, tfrecord_dir: str | Path, split: str) -> "Manifest":
+        """The manifest of one split, with a clear error if preprocess has not produced it."""
+        path = Path(tfrecord_dir) / f"{split}{MANIFEST_SUFFIX}"
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no manifest; run `dvc repro preprocess` first") from None
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc}); run `dvc repro preprocess`") from None
+        names = {f.name for f in dataclasses.fields(cls)} - {"directory"}
+        if not isinstance(raw, dict) or set(raw) != names:
+            raise ValueError(f"{path}: not a manifest of schema {SCHEMA_VERSION}; run `dvc repro preprocess`")
+        return cls(**{**raw, "shards": [Shard(**s) for s in raw["shards"]]}, directory=Path(tfrecord_dir))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The file's content (everything but `directory`)."""
+        out = dataclasses.asdict(self)
+        del out["directory"]
+        return out
+
+    def write(self) -> Path:
+        """Write `<directory>/<split>.manifest.json` (sorted keys: stable bytes)."""
+        path = self.directory / f"{self.split}{MANIFEST_SUFFIX}"
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")
+        return path
+
+    @property
+    def prevalence(self) -> np.ndarray:
+        """Per-class fraction of positive records, in class order."""
+        return np.array([self.positives[c] for c in self.classes], dtype=np.float64) / max(self.count, 1)
+
+    def shard_paths(self) -> list[str]:
+        """The shard files in manifest order, checked to exist."""
+        paths = [str(self.directory / s.file) for s in self.shards]
+        missing = [p for p in paths if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"shards listed in the {self.split} manifest are missing: "
+                                    f"{', '.join(missing)}; run `dvc repro preprocess`")
+        return paths
 
 
 def resolve_workers(workers: int) -> int:

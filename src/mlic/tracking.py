@@ -20,9 +20,11 @@ Naming conventions (one place, so the UI columns stay stable from run to run):
   tags     git_commit, git_dirty (true/false/unknown), git_dirty_paths, dvc_exp_name,
            dvc_exp_baseline_rev, data_fingerprint, data_fingerprint_<split>,
            mlflow.source.name ("dvc repro" | "dvc exp run" | "python stages/track.py").
-  model    `models/model.keras` logged with the native Keras 3 flavour (`mlflow.keras`) under
-           name "model"; load it with `import mlic.model` first (registers the custom layers),
-           then `mlflow.keras.load_model("runs:/<run_id>/model")`.
+  model    the packaged pyfunc model (`serving.py`: image files in, labels + probabilities out,
+           with the .keras file, thresholds and model_meta.json as artifacts) under name
+           "model", registered as a new version of `tracking.registered_model` with the
+           headline metrics as version tags; the `champion` alias follows `registry.py`'s rule
+           and the decision is logged (`champion.json`, tags `champion.*`).
 
 The experiment is tagged `mlflow.experimentKind = custom_model_development`, so the MLflow 3 UI
 opens the classic runs table instead of asking for / showing the GenAI overview.
@@ -39,25 +41,31 @@ import math
 import os
 import re
 import shutil
-import ssl
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from mlic import registry, serving
+from mlic.store import (  # noqa: F401 - re-exported: tracking is where users look for them
+    DB_FILE,
+    TrackingUnavailable,
+    _one_line,
+    check_store,
+    default_project_root,
+    redact_uri,
+    resolve_tracking_uri,
+    sqlite_path,
+)
+
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "mlic"
-DB_FILE = "mlflow.db"
 HISTORY_PREFIX = "epoch/"
 MODEL_NAME = "model"
 # Read by the MLflow 3 UI (server/js: `ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`); without it the
@@ -71,16 +79,15 @@ MAX_TAG_VALUE = 8000
 _UNKNOWN = "unknown"
 
 
-class TrackingUnavailable(RuntimeError):
-    """The MLflow tracking store cannot be used. The message is one line, fit for a log."""
+@dataclasses.dataclass(frozen=True)
+class PackageSpec:
+    """What the packaged model is made of, and where it is registered."""
 
-    def __init__(self, uri: str, reason: str):
-        self.uri = uri
-        self.reason = _one_line(reason)
-        super().__init__(
-            f"MLflow tracking store {redact_uri(uri)} is not reachable: {self.reason}; "
-            "start the server or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
-        )
+    keras_model: Path
+    meta: Path
+    thresholds: Path
+    registered_model: str | None = None   # None: log the model, register nothing
+    champion_metric: str = "val_macro_ap"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +98,10 @@ class RunInfo:
     run_name: str
     tracking_uri: str
     git_commit: str
+    model_uri: str | None = None
+    registered_model: str | None = None
+    model_version: str | None = None
+    champion: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, str]:
         """For reports/mlflow_run.json: no password from the tracking URI ends up in a file."""
@@ -102,143 +113,6 @@ class GitInfo:
     commit: str  # full sha, or "unknown" outside a git repo / without git
     dirty: str  # "true" | "false" | "unknown"
     dirty_paths: tuple[str, ...] = ()
-
-
-# --------------------------------------------------------------------------- tracking store
-def default_project_root() -> Path:
-    """Where the local mlflow.db lives: DVC's repo root when run by DVC, else the current folder.
-
-    `dvc exp run --queue/--temp` runs stages in a temporary copy of the repo but sets DVC_ROOT to
-    the real one, so runs land in the project's mlflow.db instead of vanishing with the copy.
-    """
-    return Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
-
-
-def resolve_tracking_uri(params_uri: str | None, project_root: Path | None = None) -> str:
-    """MLFLOW_TRACKING_URI if set, else params `tracking.uri`, else `<project_root>/mlflow.db`.
-
-    The fallback is MLflow 3's own default store, made absolute, so `mlflow ui` started in the
-    project folder shows these runs with no flags.
-    """
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    if env:
-        return env
-    if params_uri:
-        return params_uri
-    root = (project_root or default_project_root()).resolve()
-    return f"sqlite:///{root.as_posix()}/{DB_FILE}"
-
-
-def redact_uri(uri: str) -> str:
-    """The URI without a password (`https://user:***@host`), for logs and files."""
-    try:
-        parts = urllib.parse.urlsplit(uri)
-    except ValueError:
-        return uri
-    if parts.password is None:
-        return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def sqlite_path(uri: str) -> Path | None:
-    """The database file of a `sqlite:///...` URI (relative to the cwd if relative), or None."""
-    if not uri.startswith("sqlite:///"):
-        return None
-    rest = uri[len("sqlite:///"):].split("?", 1)[0]
-    return None if rest in ("", ":memory:") else Path(rest)
-
-
-def check_store(uri: str, timeout_s: float = 5.0) -> None:
-    """Raise TrackingUnavailable (one line) unless the tracking store at `uri` can be used.
-
-    sqlite: the database's folder must exist and be writable (nothing is created yet).
-    http(s): GET <uri>/health, then one small API call through MlflowClient (so auth settings
-    apply), with MLflow's retries turned off. Other schemes: that API call only.
-    Returns within about `timeout_s` (plus the first `import mlflow`, 1-3 s, outside the sqlite
-    case): a call that hangs is abandoned in a daemon thread.
-    """
-    scheme = urllib.parse.urlsplit(uri).scheme.lower()
-    if scheme == "sqlite":
-        _check_sqlite(uri)
-        return
-    started = time.monotonic()
-    if scheme in ("http", "https"):
-        _check_health(uri, timeout_s)
-    budget = max(1.0, timeout_s - (time.monotonic() - started))
-    import mlflow  # noqa: F401  (not counted in the budget)
-
-    _probe_with_client(uri, budget)
-
-
-def _check_sqlite(uri: str) -> None:
-    path = sqlite_path(uri)
-    if path is None:
-        return  # in-memory database
-    folder = path.parent.resolve()
-    if not folder.is_dir():
-        raise TrackingUnavailable(uri, f"folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise TrackingUnavailable(uri, f"folder {folder} is not writable")
-    if path.exists() and not (path.is_file() and os.access(path, os.R_OK | os.W_OK)):
-        raise TrackingUnavailable(uri, f"{path} is not a writable file")
-
-
-def _check_health(uri: str, timeout_s: float) -> None:
-    url = uri.rstrip("/") + "/health"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout_s) as response:  # noqa: S310 (http(s) only)
-            response.read(64)
-    except urllib.error.HTTPError:
-        return  # the server answered (401, 404 behind a proxy...): let the API call decide
-    except urllib.error.URLError as exc:
-        if isinstance(exc.reason, ssl.SSLError):
-            return  # MLflow may have its own TLS settings (MLFLOW_TRACKING_SERVER_CERT_PATH...)
-        raise TrackingUnavailable(uri, f"GET /health failed: {exc.reason}") from None
-    except (OSError, ValueError) as exc:  # timeouts, resets, malformed URLs
-        raise TrackingUnavailable(uri, f"GET /health failed: {exc}") from None
-
-
-def _probe_with_client(uri: str, timeout_s: float) -> None:
-    from mlflow import MlflowClient
-
-    outcome: dict[str, BaseException] = {}
-
-    def probe() -> None:
-        try:
-            MlflowClient(uri).search_experiments(max_results=1)
-        except BaseException as exc:  # noqa: BLE001 - reported to the caller below
-            outcome["error"] = exc
-
-    quick = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-             "MLFLOW_HTTP_REQUEST_TIMEOUT": str(max(1, math.ceil(timeout_s)))}
-    with _environ(quick):
-        thread = threading.Thread(target=probe, name="mlflow-store-check", daemon=True)
-        thread.start()
-        thread.join(timeout_s)
-    if thread.is_alive():
-        raise TrackingUnavailable(uri, f"no answer within {timeout_s:.1f} s")
-    if "error" in outcome:
-        raise TrackingUnavailable(uri, str(outcome["error"]) or type(outcome["error"]).__name__)
-
-
-@contextlib.contextmanager
-def _environ(values: Mapping[str, str]) -> Iterator[None]:
-    before = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, old in before.items():
-            if old is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = old
-
-
-def _one_line(text: str, limit: int = 300) -> str:
-    text = " ".join(str(text).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------- pure helpers
@@ -422,33 +296,6 @@ def _require(path: Path | None, what: str) -> None:
         raise FileNotFoundError(f"{path}: {what} not found (it was passed, so it is required)")
 
 
-def _load_keras_model(path: Path) -> Any:
-    try:
-        import mlic.model  # noqa: F401  (registers mlic's custom layers with Keras)
-    except ImportError:
-        pass
-    import keras
-
-    # compile=False: the logged model is for inference; its loss/metrics need not round-trip.
-    return keras.models.load_model(path, compile=False)
-
-
-def _model_signature(model: Any) -> Any:
-    """Tensor signature from the model's own input/output specs (no prediction needed)."""
-    import numpy as np
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import Schema, TensorSpec
-
-    if len(model.inputs) != 1 or len(model.outputs) != 1:
-        return None
-
-    def spec(tensor: Any) -> Any:
-        shape = tuple(-1 if d is None else int(d) for d in tensor.shape)
-        return Schema([TensorSpec(np.dtype(str(tensor.dtype)), shape)])
-
-    return ModelSignature(inputs=spec(model.inputs[0]), outputs=spec(model.outputs[0]))
-
-
 @contextlib.contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
     """Point the fluent API (needed by log_model) at `uri` for the block only."""
@@ -499,7 +346,7 @@ def log_pipeline_run(
     history_csv: Path | None = None,
     metrics_files: Sequence[tuple[str, Path]] = (),
     artifacts: Sequence[Path] = (),
-    model_path: Path | None = None,
+    package: PackageSpec | None = None,
     manifests_dir: Path | None = None,
     project_root: Path | None = None,
     env: Mapping[str, str] | None = None,
@@ -514,7 +361,9 @@ def log_pipeline_run(
     env = os.environ if env is None else env
     project_root = Path(project_root or Path.cwd())
     for path, what in [(params_file, "params file"), (history_csv, "history CSV"),
-                       (model_path, "model"), (manifests_dir, "manifests folder"),
+                       *([(package.keras_model, "model"), (package.meta, "model metadata"),
+                          (package.thresholds, "thresholds")] if package else []),
+                       (manifests_dir, "manifests folder"),
                        *[(p, "metrics file") for _, p in metrics_files],
                        *[(p, "artifact") for p in artifacts]]:
         _require(path, what)
@@ -570,7 +419,8 @@ def log_pipeline_run(
         "Logged by the mlic `track` stage from the pipeline's files, which are the source of "
         "truth." + (f" Reproduce: {' or '.join(how)}." if how else ""))
 
-    model = _load_keras_model(Path(model_path)) if model_path else None
+    if package is not None and package.registered_model:
+        registry.check_selection_metric(package.champion_metric)
 
     # ---- then log
     import mlflow
@@ -598,30 +448,48 @@ def log_pipeline_run(
                     else:
                         shutil.copy2(path, Path(staging) / name)
                 client.log_artifacts(run_id, staging)
-            if model is not None:
-                _log_keras_model(model)
+            model_info = decision = None
+            if package is not None:
+                model_info, decision = _log_package(client, run_id, package, summary)
     except BaseException as exc:  # also covers start_run itself failing; Ctrl-C -> KILLED
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     log.info("logged %d params, %d summary metrics, %d curves, %d artifacts%s",
-             len(params), len(summary), len(curves), len(names), ", model" if model is not None else "")
-    return RunInfo(run_id, experiment_id, experiment, run_name, tracking_uri, git.commit)
+             len(params), len(summary), len(curves), len(names), ", packaged model" if model_info else "")
+    return RunInfo(run_id, experiment_id, experiment, run_name, tracking_uri, git.commit,
+                   model_uri=model_info.model_uri if model_info else None,
+                   registered_model=package.registered_model if model_info and package.registered_model else None,
+                   model_version=None if decision is None else decision.version,
+                   champion=None if decision is None else decision.as_dict())
 
 
-def _log_keras_model(model: Any) -> None:
-    import importlib.metadata
+def _log_package(client: Any, run_id: str, package: PackageSpec,
+                 summary: Mapping[str, float]) -> tuple[Any, Any]:
+    """Log the packaged pyfunc model into the active run, register it, and hold the champion vote."""
+    import mlflow
 
-    import mlflow.keras
-
-    requirements = []
-    for package in ("keras", "tensorflow"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            requirements.append(f"{package}=={importlib.metadata.version(package)}")
-    # Explicit requirements: MLflow's inference would re-load the model in a subprocess (slow,
-    # and it cannot import mlic's custom layers there).
-    mlflow.keras.log_model(model, name=MODEL_NAME, signature=_model_signature(model),
-                           pip_requirements=requirements)
+    info = serving.log_packaged_model(package.keras_model, package.meta, package.thresholds, name=MODEL_NAME,
+                                      registered_model_name=package.registered_model)
+    headline = registry.headline(summary, package.champion_metric)
+    if headline:  # shown on the logged model's page and on the registered version's
+        mlflow.log_metrics(headline, model_id=info.model_id)
+    if not package.registered_model:
+        return info, None
+    version = str(info.registered_model_version)
+    registry.tag_version(client, package.registered_model, version, headline, {"run_id": run_id})
+    decision = registry.elect_champion(client, package.registered_model, version, package.champion_metric,
+                                       summary.get(package.champion_metric))
+    with tempfile.TemporaryDirectory(prefix="mlic-champion-") as tmp:
+        path = Path(tmp) / "champion.json"
+        path.write_text(json.dumps(decision.as_dict(), indent=2) + "\n", encoding="utf-8")
+        client.log_artifact(run_id, str(path))
+    client.set_tag(run_id, "champion.promoted", str(decision.promoted).lower())
+    client.set_tag(run_id, "champion.reason", _one_line(decision.reason, MAX_TAG_VALUE))
+    client.set_tag(run_id, "registered_model_version", f"{package.registered_model}/{version}")
+    log.info("registered %s version %s; champion: %s (%s)", package.registered_model, version,
+             "promoted" if decision.promoted else f"stays version {decision.previous_champion}", decision.reason)
+    return info, decision
 
 
 # --------------------------------------------------------------------------- CLI
@@ -634,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args(argv)
-    from mlic.cli import setup_logging
+    from mlic.stage import setup_logging
     from mlic.params import load_section
 
     setup_logging()

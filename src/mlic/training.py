@@ -19,6 +19,7 @@ import numpy as np
 import pandas as pd
 
 from mlic import model as mlic_model
+from mlic.metrics import greater_is_better
 from mlic.params import Train
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ log = logging.getLogger(__name__)
 
 def monitor_mode(monitor: str) -> str:
     """'min' for losses, 'max' for scores (AUC, F1, accuracy)."""
-    return "min" if monitor.endswith("loss") else "max"
+    return "max" if greater_is_better(monitor) else "min"
 
 
 def learning_rate(kind: str, initial: float, total_steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:

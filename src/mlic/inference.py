@@ -1,0 +1,141 @@
+"""Predict labels for image files: the one prediction path behind `mlic predict` and the MLflow model.
+
+A `Predictor` is a trained Keras model plus its `ModelMeta` and calibrated thresholds. Images
+(paths or file bytes) go through `images.to_model_input`, the function preprocess used, inside a
+tf.data pipeline that decodes in parallel threads and feeds the model whole batches. Probabilities
+are rounded as evaluate rounds them (`predictions.round_probabilities`) and a class is predicted
+when its probability is >= its threshold (`metrics.predict`), so labels here equal calibrate's
+labels on evaluate's predictions. An image that cannot be read is reported with its reason;
+the others are still predicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mlic import images
+from mlic.metrics import predict as apply_thresholds
+from mlic.model_meta import ModelMeta
+from mlic.predictions import round_probabilities
+from mlic.thresholds import thresholds_from_dict
+
+log = logging.getLogger(__name__)
+
+KERAS_FILE = "model.keras"
+META_FILE = "model_meta.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+    """Predictions for the readable images, in input order, and the reasons the others failed."""
+
+    index: list[int]              # positions in the input of the rows below
+    probabilities: np.ndarray     # (len(index), k), rounded like evaluate's CSV
+    labels: list[list[str]]       # class names at the thresholds, in class order
+    errors: dict[int, str]        # input position -> why that image could not be read
+
+
+def read_thresholds(path: str | Path, classes: Sequence[str]) -> np.ndarray:
+    """Calibrate's `thresholds.json` ({class: threshold}) as an array in `classes` order."""
+    path = Path(path)
+    try:
+        mapping = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no thresholds; run `dvc repro calibrate` first") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc}); run `dvc repro calibrate`") from None
+    try:
+        return thresholds_from_dict(mapping, classes)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}; re-run `dvc repro calibrate`") from None
+
+
+def load_keras_model(path: str | Path) -> Any:
+    """Load a `.keras` model saved by `train` (TensorFlow is imported here, not on import)."""
+    from mlic.model import load_model
+
+    return load_model(path)
+
+
+class Predictor:
+    """A trained model with its input contract and decision thresholds."""
+
+    def __init__(self, model: Any, meta: ModelMeta, thresholds: np.ndarray | float):
+        n_out = int(model.output_shape[-1])
+        if n_out != len(meta.classes):
+            raise ValueError(f"the model has {n_out} outputs but its metadata lists {len(meta.classes)} "
+                             "classes; model and model_meta.json come from different runs")
+        self.model = model
+        self.meta = meta
+        self.thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (n_out,)).copy()
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.meta.classes)
+
+    @classmethod
+    def from_files(cls, keras_path: str | Path, meta_path: str | Path,
+                   thresholds_path: str | Path) -> "Predictor":
+        meta = ModelMeta.read(meta_path)
+        return cls(load_keras_model(keras_path), meta, read_thresholds(thresholds_path, meta.classes))
+
+    def labels(self, probabilities: np.ndarray) -> list[list[str]]:
+        """Class names whose (rounded) probability is >= their threshold, per row."""
+        if len(probabilities) == 0:
+            return []
+        on = apply_thresholds(probabilities, self.thresholds).astype(bool)
+        return [[c for c, keep in zip(self.meta.classes, row) if keep] for row in on]
+
+    def predict_arrays(self, pixels: np.ndarray) -> np.ndarray:
+        """Rounded probabilities for a batch of model inputs, uint8 or float (n, s, s, 3) RGB 0..255."""
+        out = self.model(np.asarray(pixels, dtype=np.float32), training=False)
+        return round_probabilities(np.asarray(out))
+
+    def predict(self, sources: Sequence[images.ImageSource], batch_size: int = 64,
+                on_batch: Callable[[int], None] | None = None) -> Result:
+        """Predict every image in `sources` (paths or file bytes) in batches through tf.data.
+
+        `on_batch(n)` is called after each batch with how many images it held (progress bars).
+        """
+        import tensorflow as tf
+
+        size, mode, n = self.meta.image_size, self.meta.resize_mode, len(sources)
+        errors: dict[int, str] = {}
+
+        def load(i: np.int64) -> tuple[np.ndarray, np.bool_]:
+            i = int(i)
+            try:
+                return images.to_array(sources[i], size, mode), np.True_
+            except Exception as exc:  # noqa: BLE001 - any unreadable input is reported, not fatal
+                errors[i] = images.describe_failure(exc)
+                return np.zeros((size, size, 3), np.uint8), np.False_
+
+        def load_tf(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            pixels, ok = tf.numpy_function(load, [i], (tf.uint8, tf.bool), stateful=False)
+            return tf.ensure_shape(pixels, (size, size, 3)), tf.ensure_shape(ok, ()), i
+
+        # Decoding runs in parallel threads (PIL releases the GIL while it decodes and resizes);
+        # deterministic=True keeps input order, and batch before prefetch keeps whole batches ready.
+        ds = (tf.data.Dataset.range(n)
+              .map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .batch(batch_size)
+              .prefetch(tf.data.AUTOTUNE))
+        index, probs = [], []
+        for pixels, ok, idx in ds:
+            ok = ok.numpy()
+            if ok.any():
+                batch = self.predict_arrays(tf.cast(pixels, tf.float32).numpy())
+                probs.append(batch[ok])
+                index.extend(int(i) for i in idx.numpy()[ok])
+            if on_batch is not None:
+                on_batch(int(len(ok)))
+        k = len(self.meta.classes)
+        probabilities = np.concatenate(probs) if probs else np.zeros((0, k))
+        return Result(index, probabilities, self.labels(probabilities), dict(sorted(errors.items())))

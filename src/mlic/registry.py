@@ -1,0 +1,119 @@
+"""The Model Registry side of a pipeline run: headline metrics on the version, and the champion rule.
+
+Each pipeline run registers one version of the packaged model under `tracking.registered_model`.
+The alias `champion` moves to the new version only when it is strictly better than the current
+champion on `tracking.champion_metric`, a *validation* metric: choosing a model on test would
+make the test figures an optimistic, leaked estimate. Ties keep the current champion, so a
+bit-identical retrain never moves the alias. The decision, with both values, is returned for
+the run to log (`champion.json`, `champion.*` tags) and written on the version's tags.
+
+Functions take an `MlflowClient`; this module never imports mlflow itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from mlic.metrics import greater_is_better
+
+ALIAS = "champion"
+# The numbers a user decides on, shown on every registered version (when the run has them).
+HEADLINE = (
+    "test_calibrated_macro_f1",
+    "test_calibrated_micro_f1",
+    "test_macro_ap",
+    "test_calibrated_subset_accuracy",
+    "test_calibrated_hamming_loss",
+    "val_macro_ap",
+)
+
+
+def check_selection_metric(name: str) -> None:
+    """A champion is chosen on validation only (`val_...`); anything else is refused with why."""
+    if not name.startswith("val_"):
+        raise ValueError(
+            f"tracking.champion_metric {name!r}: choose a validation metric (val_...), e.g. val_macro_ap; "
+            "selecting a model on test leaks the test set into the choice")
+
+
+def headline(summary: Mapping[str, float], selection_metric: str) -> dict[str, float]:
+    """The headline metrics present in `summary`, plus the selection metric."""
+    names = list(dict.fromkeys([*HEADLINE, selection_metric]))
+    return {n: float(summary[n]) for n in names if n in summary and math.isfinite(float(summary[n]))}
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """Whether the new version became champion, and the comparison behind it."""
+
+    model: str
+    metric: str
+    greater_is_better: bool
+    version: str
+    value: float | None
+    previous_champion: str | None
+    previous_value: float | None
+    promoted: bool
+    reason: str
+    rule: str = ("the alias moves when the new version is strictly better than the current champion on "
+                 "the validation metric; ties keep the champion; test metrics are never used")
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def decide(metric: str, value: float | None, champion_value: float | None, *,
+           has_champion: bool) -> tuple[bool, str]:
+    """(promote?, why) for a new version scoring `value` against the champion's `champion_value`."""
+    up = greater_is_better(metric)
+    if value is None or not math.isfinite(value):
+        return False, f"the new version has no finite {metric}"
+    if not has_champion:
+        return True, "no champion yet"
+    if champion_value is None or not math.isfinite(champion_value):
+        return True, f"the champion has no finite {metric}"
+    better = value > champion_value if up else value < champion_value
+    op = (">" if up else "<") if better else ("<=" if up else ">=")
+    verdict = "better" if better else "not better"
+    return better, f"{metric} {value:.6g} {op} {champion_value:.6g} ({verdict}; {'higher' if up else 'lower'} is better)"
+
+
+def _run_metric(client: Any, run_id: str | None, metric: str) -> float | None:
+    if not run_id:
+        return None
+    value = client.get_run(run_id).data.metrics.get(metric)
+    return None if value is None else float(value)
+
+
+def elect_champion(client: Any, model: str, version: str, metric: str, value: float | None) -> Decision:
+    """Compare the new `version` with the current champion and move the alias if it wins."""
+    check_selection_metric(metric)
+    try:
+        current = client.get_model_version_by_alias(model, ALIAS)
+    except Exception:  # noqa: BLE001 - MLflow raises RESOURCE_DOES_NOT_EXIST for "no such alias"
+        current = None
+    if current is not None and str(current.version) == str(version):
+        current = None  # already champion (a re-run of the election): compare with nobody
+    champion_value = _run_metric(client, current.run_id, metric) if current is not None else None
+    promoted, reason = decide(metric, value, champion_value, has_champion=current is not None)
+    if promoted:
+        client.set_registered_model_alias(model, ALIAS, str(version))
+    decision = Decision(model=model, metric=metric, greater_is_better=greater_is_better(metric),
+                        version=str(version), value=value,
+                        previous_champion=None if current is None else str(current.version),
+                        previous_value=champion_value, promoted=promoted, reason=reason)
+    client.set_model_version_tag(model, str(version), "champion_decision",
+                                 ("promoted: " if promoted else "not promoted: ") + reason)
+    return decision
+
+
+def tag_version(client: Any, model: str, version: str, metrics: Mapping[str, float],
+                tags: Mapping[str, str]) -> None:
+    """Headline metrics and provenance tags on a registered version (shown in the registry UI)."""
+    for name, value in metrics.items():
+        client.set_model_version_tag(model, str(version), name, f"{value:.6g}")
+    for name, value in tags.items():
+        client.set_model_version_tag(model, str(version), name, value)

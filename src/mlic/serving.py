@@ -1,0 +1,211 @@
+"""The packaged model: an MLflow pyfunc that takes image files and answers labels + probabilities.
+
+Input: a pandas DataFrame with a column `image` holding base64-encoded image *file bytes* (JPEG,
+PNG, any size or mode). Output: one row per image, `labels` (class names at the calibrated
+thresholds) and one `prob_<class>` column per class. The model's artifacts are the `.keras`
+file, `thresholds.json` and `model_meta.json`; mlic's own package is shipped with it as code
+(`code/mlic`), so it loads in any interpreter that has its pip requirements, whatever the
+backbone (the ImageNet preprocessing layers are mlic's), and decodes images with the very
+function preprocess used (`images.to_model_input`).
+
+Besides `tracking.py`, the only module that imports mlflow: this class *is* an MLflow model.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import importlib.metadata
+import logging
+import shutil
+import tempfile
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+IMAGE_COLUMN = "image"
+LABELS_COLUMN = "labels"
+PROB_PREFIX = "prob_"
+ARTIFACT_KERAS = "keras_model"
+ARTIFACT_META = "model_meta"
+ARTIFACT_THRESHOLDS = "thresholds"
+ARTIFACT_SUMMARY = "model_summary"
+# What the packaged model imports, pinned to the versions it was built and tested with.
+REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "scikit-learn", "mlflow")
+
+
+class InvalidImages(ValueError):
+    """Some rows of the input are not images; the message names each row and why."""
+
+
+def decode_base64_column(values: Sequence[Any]) -> tuple[list[bytes | None], dict[int, str]]:
+    """base64 text (or raw bytes) per row -> file bytes; rows that are neither are reported."""
+    out: list[bytes | None] = []
+    errors: dict[int, str] = {}
+    for i, value in enumerate(values):
+        if isinstance(value, (bytes, bytearray)):
+            out.append(bytes(value))
+            continue
+        if not isinstance(value, str) or not value.strip():
+            out.append(None)
+            errors[i] = f"expected base64 text of an image file, got {type(value).__name__}"
+            continue
+        try:
+            out.append(base64.b64decode(value.strip(), validate=True))
+        except (binascii.Error, ValueError) as exc:
+            out.append(None)
+            errors[i] = f"not valid base64 ({exc})"
+    return out, errors
+
+
+def output_frame(classes: Sequence[str], labels: list[list[str]], probabilities: np.ndarray) -> pd.DataFrame:
+    """`labels` (list of class names) then `prob_<class>` per class, one row per image."""
+    frame = pd.DataFrame({LABELS_COLUMN: pd.Series(labels, dtype=object)})
+    probs = pd.DataFrame(np.asarray(probabilities, dtype=np.float64).reshape(len(labels), len(classes)),
+                         columns=[f"{PROB_PREFIX}{c}" for c in classes])
+    return pd.concat([frame, probs], axis=1)
+
+
+# MLflow 3 warns, when the class is defined, that `predict` has no type hints: we log an explicit
+# signature instead (a hint would replace it; see `predict`), so that advice does not apply.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+
+    class MlicModel(mlflow.pyfunc.PythonModel):
+        """pyfunc wrapper around `inference.Predictor` (built in `load_context` from the artifacts)."""
+
+        def load_context(self, context: Any) -> None:
+            from mlic.inference import Predictor
+
+            self.predictor = Predictor.from_files(context.artifacts[ARTIFACT_KERAS], context.artifacts[ARTIFACT_META],
+                                                  context.artifacts[ARTIFACT_THRESHOLDS])
+
+        # model_input is left unannotated on purpose: MLflow 3 reads a type hint there as a schema and
+        # would override the explicit signature logged with the model.
+        def predict(self, context, model_input, params=None) -> pd.DataFrame:
+            """DataFrame with column `image` (base64 file bytes) -> `labels` + `prob_<class>` per row.
+
+            Raises an MlflowException (HTTP 400 when served) naming every row that is not an image.
+            """
+            from mlflow.exceptions import MlflowException
+            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
+            try:
+                return self.predict_frame(model_input)
+            except InvalidImages as exc:
+                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+
+        def predict_frame(self, model_input: Any) -> pd.DataFrame:
+            """`predict` without MLflow's error type: raises InvalidImages."""
+            if isinstance(model_input, dict):
+                model_input = pd.DataFrame(model_input)
+            if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+                got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+                raise InvalidImages(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded image "
+                                    f"files; got {got}")
+            files, errors = decode_base64_column(model_input[IMAGE_COLUMN].tolist())
+            readable = [i for i, f in enumerate(files) if f is not None]
+            result = self.predictor.predict([files[i] for i in readable])
+            errors.update({readable[j]: reason for j, reason in result.errors.items()})
+            if errors:
+                rows = "; ".join(f"row {i}: {reason}" for i, reason in sorted(errors.items()))
+                raise InvalidImages(f"{len(errors)} of {len(files)} row(s) are not readable images ({rows}); "
+                                    f"send each image file's bytes, base64-encoded, in column {IMAGE_COLUMN!r}")
+            return output_frame(self.predictor.classes, result.labels, result.probabilities)
+
+
+def signature(classes: Sequence[str]) -> Any:
+    """Input: `image` (base64 string). Output: `labels` (list of strings), `prob_<class>` (double)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, DataType, Schema
+
+    inputs = Schema([ColSpec(DataType.string, IMAGE_COLUMN)])
+    outputs = Schema([ColSpec(Array(DataType.string), LABELS_COLUMN),
+                      *[ColSpec(DataType.double, f"{PROB_PREFIX}{c}") for c in classes]])
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def input_example(image_size: int) -> pd.DataFrame:
+    """One small PNG (not the model's size, so the example shows any size is accepted)."""
+    import io
+
+    from PIL import Image
+
+    side = max(8, image_size // 2 + 3)
+    gradient = np.linspace(0, 255, side * side * 3).astype(np.uint8).reshape(side, side, 3)
+    buf = io.BytesIO()
+    Image.fromarray(gradient, "RGB").save(buf, format="PNG")
+    return pd.DataFrame({IMAGE_COLUMN: [base64.b64encode(buf.getvalue()).decode("ascii")]})
+
+
+def pip_requirements() -> list[str]:
+    """The packages the model needs, at the versions installed here."""
+    out = []
+    for name in REQUIREMENTS:
+        try:
+            out.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            out.append(name)
+    return out
+
+
+@contextmanager
+def _package_files(keras_path: Path, meta_path: Path, thresholds_path: Path) -> Iterator[tuple[dict[str, str], str]]:
+    """(artifacts, code dir) staged in a temp folder: mlic's source without caches, and the summary."""
+    import mlic
+    from mlic.inference import load_keras_model
+
+    with tempfile.TemporaryDirectory(prefix="mlic-package-") as tmp:
+        code = Path(tmp) / "mlic"
+        shutil.copytree(Path(mlic.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        summary = Path(tmp) / "model_summary.txt"
+        lines: list[str] = []
+        load_keras_model(keras_path).summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True)
+        summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        artifacts = {ARTIFACT_KERAS: str(keras_path), ARTIFACT_META: str(meta_path),
+                     ARTIFACT_THRESHOLDS: str(thresholds_path), ARTIFACT_SUMMARY: str(summary)}
+        yield artifacts, str(code)
+
+
+def _model_kwargs(meta_path: Path) -> dict[str, Any]:
+    from mlic.model_meta import ModelMeta
+
+    meta = ModelMeta.read(meta_path)
+    return dict(python_model=MlicModel(), signature=signature(meta.classes),
+                input_example=input_example(meta.image_size), pip_requirements=pip_requirements())
+
+
+def save_packaged_model(path: str | Path, keras_path: str | Path, meta_path: str | Path,
+                        thresholds_path: str | Path) -> Path:
+    """Write the pyfunc model to a local folder (`mlflow models serve -m <folder>` serves it)."""
+    keras_path, meta_path, thresholds_path = Path(keras_path), Path(meta_path), Path(thresholds_path)
+    with _package_files(keras_path, meta_path, thresholds_path) as (artifacts, code):
+        mlflow.pyfunc.save_model(str(path), artifacts=artifacts, code_paths=[code], **_model_kwargs(meta_path))
+    return Path(path)
+
+
+def log_packaged_model(keras_path: str | Path, meta_path: str | Path, thresholds_path: str | Path, *,
+                       name: str, registered_model_name: str | None = None,
+                       params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Any:
+    """Log the pyfunc model into the active run (and register it); returns MLflow's ModelInfo."""
+    keras_path, meta_path, thresholds_path = Path(keras_path), Path(meta_path), Path(thresholds_path)
+    with _package_files(keras_path, meta_path, thresholds_path) as (artifacts, code):
+        return mlflow.pyfunc.log_model(name=name, artifacts=artifacts, code_paths=[code],
+                                       registered_model_name=registered_model_name, params=params,
+                                       tags=tags, **_model_kwargs(meta_path))
+
+
+def load_predictor(model_uri: str, tracking_uri: str | None = None) -> Any:
+    """The `inference.Predictor` inside a packaged model (`runs:/`, `models:/`, a local folder)."""
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model(model_uri)
+    return model.unwrap_python_model().predictor

@@ -1,0 +1,92 @@
+"""The one prediction path: image files -> the same pixels as preprocess -> batched model -> labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlic import images
+from mlic.inference import Predictor, read_thresholds
+from mlic.model_meta import ModelMeta
+from mlic.predictions import round_probabilities
+
+
+@pytest.fixture(scope="module")
+def predictor(model_dir) -> Predictor:
+    return Predictor.from_files(model_dir.models / "model.keras", model_dir.models / "model_meta.json",
+                                model_dir.thresholds)
+
+
+def _reference(predictor: Predictor, paths: list[Path]) -> np.ndarray:
+    """What the model says on the preprocess pixels of each file, one image at a time."""
+    meta = predictor.meta
+    x = np.stack([images.to_array(p, meta.image_size, meta.resize_mode) for p in paths]).astype(np.float32)
+    return round_probabilities(np.asarray(predictor.model(x, training=False)))
+
+
+def test_files_give_the_models_answer_on_preprocess_pixels(predictor, predict_images) -> None:
+    paths = [predict_images.images_dir / f for f in predict_images.filenames]
+    result = predictor.predict([str(p) for p in paths], batch_size=5)
+    assert result.errors == {}
+    assert result.index == list(range(len(paths)))  # input order, across batches
+    np.testing.assert_allclose(result.probabilities, _reference(predictor, paths), atol=1e-6)
+    assert result.probabilities.shape == (len(paths), len(predictor.classes))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 64])
+def test_batch_size_does_not_change_the_answer(predictor, predict_images, batch_size: int) -> None:
+    paths = [str(predict_images.images_dir / f) for f in predict_images.filenames]
+    base = predictor.predict(paths, batch_size=4)
+    other = predictor.predict(paths, batch_size=batch_size)
+    np.testing.assert_allclose(other.probabilities, base.probabilities, atol=2e-6)
+
+
+def test_file_bytes_and_paths_give_the_same_answer(predictor, predict_images) -> None:
+    paths = [predict_images.images_dir / f for f in predict_images.filenames[:5]]
+    by_path = predictor.predict([str(p) for p in paths])
+    by_bytes = predictor.predict([p.read_bytes() for p in paths])
+    np.testing.assert_array_equal(by_bytes.probabilities, by_path.probabilities)
+
+
+def test_unreadable_files_are_reported_and_the_rest_predicted(predictor, predict_images, tmp_path: Path) -> None:
+    good = [str(predict_images.images_dir / f) for f in predict_images.filenames[:3]]
+    text = tmp_path / "notes.jpg"
+    text.write_text("not an image")
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes((predict_images.images_dir / predict_images.filenames[0]).read_bytes()[:40])
+    sources = [good[0], str(text), good[1], str(tmp_path / "missing.png"), str(truncated), good[2]]
+    result = predictor.predict(sources, batch_size=4)
+    assert result.index == [0, 2, 5]
+    assert sorted(result.errors) == [1, 3, 4]
+    assert "not an image file" in result.errors[1]
+    assert result.errors[3] == "no such file"
+    np.testing.assert_allclose(result.probabilities, predictor.predict(good).probabilities, atol=1e-6)
+
+
+def test_a_class_is_predicted_when_its_probability_reaches_its_threshold(model_dir) -> None:
+    meta = ModelMeta.read(model_dir.models / "model_meta.json")
+    base = Predictor.from_files(model_dir.models / "model.keras", model_dir.models / "model_meta.json",
+                                model_dir.thresholds)
+    probs = np.array([[0.2, 0.5, 0.7, 0.9], [0.6, 0.4, 0.0, 1.0]])
+    at = Predictor(base.model, meta, np.array([0.2, 0.5, 0.71, 1.0]))
+    c = meta.classes
+    assert at.labels(probs) == [[c[0], c[1]], [c[0], c[3]]]  # equal to the threshold counts; 0.7 < 0.71 does not
+
+
+def test_thresholds_file_must_match_the_classes(model_dir, tmp_path: Path) -> None:
+    bad = tmp_path / "t.json"
+    bad.write_text(json.dumps({"cloud": 0.5}))
+    with pytest.raises(ValueError, match="missing"):
+        read_thresholds(bad, model_dir.classes)
+    with pytest.raises(FileNotFoundError, match="dvc repro calibrate"):
+        read_thresholds(tmp_path / "none.json", model_dir.classes)
+
+
+def test_metadata_from_another_model_is_refused(predictor, model_dir) -> None:
+    meta = ModelMeta.read(model_dir.models / "model_meta.json")
+    other = ModelMeta(**{**meta.to_dict(), "classes": ["a", "b"]})
+    with pytest.raises(ValueError, match="different runs"):
+        Predictor(predictor.model, other, 0.5)

@@ -1,0 +1,138 @@
+"""The packaged MLflow model: base64 image files in, labels + probabilities out, loadable anywhere."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mlic import serving
+from mlic.inference import Predictor
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+@pytest.fixture(scope="module")
+def package(model_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("package") / "model"
+    return serving.save_packaged_model(out, model_dir.models / "model.keras", model_dir.models / "model_meta.json",
+                                       model_dir.thresholds)
+
+
+@pytest.fixture(scope="module")
+def loaded(package: Path):
+    import mlflow.pyfunc
+
+    return mlflow.pyfunc.load_model(str(package))
+
+
+def test_package_holds_model_thresholds_metadata_summary_and_code(package: Path) -> None:
+    files = {p.relative_to(package).as_posix() for p in package.rglob("*") if p.is_file()}
+    for name in ("MLmodel", "input_example.json", "serving_input_example.json", "requirements.txt",
+                 "artifacts/model.keras", "artifacts/model_meta.json", "artifacts/thresholds.json",
+                 "artifacts/model_summary.txt", "code/mlic/images.py", "code/mlic/inference.py"):
+        assert name in files, (name, sorted(files))
+    assert not any("__pycache__" in f for f in files)
+    requirements = (package / "requirements.txt").read_text()
+    for name in ("tensorflow==", "keras==", "pillow==", "pandas==", "scikit-learn==", "mlflow=="):
+        assert name in requirements, requirements
+    assert "Total params" in (package / "artifacts/model_summary.txt").read_text()
+
+
+def test_signature_is_image_in_labels_and_probabilities_out(loaded, model_dir) -> None:
+    sig = loaded.metadata.signature
+    assert sig.inputs.input_names() == ["image"]
+    assert sig.outputs.input_names() == ["labels", *(f"prob_{c}" for c in model_dir.classes)]
+
+
+def test_predicts_like_the_predictor_on_the_same_files(loaded, model_dir, predict_images) -> None:
+    paths = [predict_images.images_dir / f for f in predict_images.filenames]
+    frame = loaded.predict(pd.DataFrame({"image": [b64(p.read_bytes()) for p in paths]}))
+    direct = Predictor.from_files(model_dir.models / "model.keras", model_dir.models / "model_meta.json",
+                                  model_dir.thresholds).predict([str(p) for p in paths])
+    assert list(frame.columns) == ["labels", *(f"prob_{c}" for c in model_dir.classes)]
+    np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), direct.probabilities, atol=1e-6)
+    assert [list(x) for x in frame["labels"]] == direct.labels
+
+
+def test_rows_that_are_not_images_are_named_in_the_error(loaded, predict_images) -> None:
+    from mlflow.exceptions import MlflowException
+
+    good = b64((predict_images.images_dir / predict_images.filenames[0]).read_bytes())
+    frame = pd.DataFrame({"image": [good, b64(b"plain text, not an image"), "%%% not base64 %%%"]})
+    with pytest.raises(MlflowException) as info:
+        loaded.predict(frame)
+    message = info.value.message
+    assert "row 1: not an image file" in message and "row 2: not valid base64" in message
+    assert "row 0" not in message
+    assert info.value.get_http_status_code() == 400
+
+
+def test_input_example_is_an_image_file_in_base64(package: Path) -> None:
+    example = json.loads((package / "input_example.json").read_text())
+    data = base64.b64decode(example["data"][0][0])
+    assert Image.open(io.BytesIO(data)).format == "PNG"
+
+
+# The interpreter below never imports mlic: the installed package is blocked outright, so only the
+# copy shipped inside the model (code/mlic) can serve. vgg16 needs mlic's ImageNet layer to load.
+_NO_MLIC = textwrap.dedent("""
+    import base64, io, json, sys
+    model_dir = sys.argv[1]
+
+    class BlockInstalledMlic:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] != "mlic":
+                return None
+            if any(entry.startswith(model_dir) for entry in sys.path):
+                return None  # MLflow has put the model's own code first on sys.path
+            raise ImportError("the installed mlic is blocked in this test")
+
+    sys.meta_path.insert(0, BlockInstalledMlic())
+    import mlflow.pyfunc, numpy as np, pandas as pd
+    from PIL import Image
+
+    model = mlflow.pyfunc.load_model(model_dir)
+    rng = np.random.default_rng(0)
+    files = []
+    for size, mode, fmt in [((50, 70), "RGB", "JPEG"), ((90, 20), "L", "PNG")]:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, size[::-1] + ((3,) if mode == "RGB" else ()), dtype=np.uint8),
+                        mode).save(buf, format=fmt)
+        files.append(base64.b64encode(buf.getvalue()).decode())
+    out = model.predict(pd.DataFrame({"image": files}))
+    print(json.dumps({"columns": list(out.columns), "rows": len(out),
+                      "mlic_from": sys.modules["mlic"].__file__,
+                      "imported_installed": any(m.__file__ and "/src/mlic/" in m.__file__
+                                                for n, m in list(sys.modules.items()) if n.startswith("mlic"))}))
+""")
+
+
+def test_vgg16_package_loads_and_predicts_without_the_installed_mlic(tmp_path: Path) -> None:
+    from conftest import make_model_dir
+
+    md = make_model_dir(tmp_path / "vgg", backbone="vgg16", image_size=32, classes=("a", "b", "c"))
+    package = serving.save_packaged_model(tmp_path / "pkg", md.models / "model.keras",
+                                          md.models / "model_meta.json", md.thresholds)
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": ""}
+    proc = subprocess.run([sys.executable, "-c", _NO_MLIC, str(package)], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["columns"] == ["labels", "prob_a", "prob_b", "prob_c"] and report["rows"] == 2
+    assert report["mlic_from"].startswith(str(package))
+    assert not report["imported_installed"]
