@@ -263,3 +263,33 @@ def test_prepare_is_load_resize_encode(tmp_path: Path, mode: str) -> None:
     path = tmp_path / "a.png"
     _wide().convert("P").save(path)
     assert prepare(path, 24, mode, "png") == encode(resize(load_rgb(path), 24, mode), "png")
+
+
+def test_file_bytes_and_paths_decode_to_the_same_model_input(predict_images) -> None:
+    image_set = predict_images
+    for name in image_set.filenames[:7]:  # every kind of image in the set
+        path = image_set.images_dir / name
+        by_path = images.to_array(path, 32, "pad")
+        assert by_path.shape == (32, 32, 3) and by_path.dtype == np.uint8
+        np.testing.assert_array_equal(images.to_array(path.read_bytes(), 32, "pad"), by_path)
+        with open(path, "rb") as fh:
+            np.testing.assert_array_equal(images.to_array(fh, 32, "pad"), by_path)
+
+
+@pytest.mark.parametrize("mode", images.RESIZE_MODES)
+def test_preprocess_encodes_exactly_the_prediction_input(predict_images, mode: str) -> None:
+    """One definition of "file -> model input": a lossless shard holds what prediction computes."""
+    image_set = predict_images
+    for name in image_set.filenames[:7]:
+        path = image_set.images_dir / name
+        stored = np.asarray(Image.open(io.BytesIO(images.prepare(path, 40, mode, "png"))).convert("RGB"))
+        np.testing.assert_array_equal(stored, images.to_array(path, 40, mode))
+
+
+def test_describe_failure_is_one_readable_line(tmp_path) -> None:
+    bad = tmp_path / "x.jpg"
+    bad.write_text("hello")
+    with pytest.raises(Exception) as info:
+        images.load_rgb(bad)
+    assert images.describe_failure(info.value).startswith("not an image file")
+    assert images.describe_failure(FileNotFoundError("x")) == "no such file"

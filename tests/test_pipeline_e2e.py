@@ -24,7 +24,8 @@ COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages", "sr
 
 TINY = {
     "sample": {"n_images": 120, "min_size": 32, "max_size": 48},
-    "preprocess": {"image_size": 32, "shard_size": 40},
+    # png: lossless shards, so `mlic predict` on the image files sees the very pixels evaluate saw.
+    "preprocess": {"image_size": 32, "shard_size": 40, "encoding": "png"},
     "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
     "evaluate": {"batch_size": 32},
 }
@@ -99,6 +100,12 @@ def _check_complete_run(run, env: dict[str, str], repo: Path) -> None:
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
     assert len(models) == 1, models
+    assert "champion.json" in artifacts
+    assert run.data.tags["champion.promoted"] in ("true", "false")
+    name, version = run.data.tags["registered_model_version"].split("/")
+    mv = client.get_model_version(name, version)
+    assert mv.run_id == run.info.run_id
+    assert "val_macro_ap" in mv.tags and "test_calibrated_macro_f1" in mv.tags
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"] == head
     assert run.data.tags["git_dirty"] in ("true", "false")
@@ -157,6 +164,135 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     text = json.dumps(table)
     assert "two-epochs" in text and "beta2" in text
     assert "test_calibrated" in text
+
+
+def _predict(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
+    exe = str(Path(sys.executable).parent / "mlic")
+    return _run([exe, "predict", *args], repo, env)
+
+
+def test_mlic_predict_agrees_with_evaluate_and_calibrate(project: tuple[Path, dict[str, str]]) -> None:
+    """`mlic predict` on the raw image files = calibrate's thresholds on evaluate's test predictions."""
+    repo, env = project
+    if not (repo / "reports/calibrate/thresholds.json").exists():
+        pytest.skip("pipeline test did not run")
+    import pandas as pd
+
+    from mlic.metrics import predict as at_thresholds
+    from mlic.predictions import read_predictions
+    from mlic.thresholds import thresholds_from_dict
+
+    _predict(repo, env, "data/sample/images", "--out", "p.csv")  # default --model models
+    ours = pd.read_csv(repo / "p.csv", keep_default_na=False)
+    ours["filename"] = ours["filename"].str.removeprefix("data/sample/images/")
+    ours = ours.set_index("filename")
+    test = read_predictions(repo / "reports/evaluate/predictions/test.csv")
+    t = thresholds_from_dict(json.loads((repo / "reports/calibrate/thresholds.json").read_text()), test.classes)
+    expected = at_thresholds(test.y_prob, t)
+    rows = ours.loc[test.filenames]
+    probs = rows[[f"prob_{c}" for c in test.classes]].to_numpy()
+    np.testing.assert_allclose(probs, test.y_prob, atol=1e-5)
+    got = [set(x.split()) for x in rows["labels"]]
+    want = [{c for c, on in zip(test.classes, row) if on} for row in expected]
+    assert got == want
+    assert len(ours) == len(list((repo / "data/sample/images").rglob("*.*")))  # every image predicted
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, body: bytes) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_served_champion_answers_like_mlic_predict(project: tuple[Path, dict[str, str]], tmp_path: Path) -> None:
+    """A real `mlflow models serve` of models:/mlic@champion: JPEG, PNG and grayscale in, same answer as
+    `mlic predict`; garbage gets a 4xx naming the row, and the server keeps serving."""
+    repo, env = project
+    if not (repo / "reports/mlflow_run.json").exists():
+        pytest.skip("pipeline test did not run")
+    import base64
+    import signal
+    import time
+    import urllib.request
+
+    import pandas as pd
+    from PIL import Image
+
+    source = sorted((repo / "data/sample/images").rglob("*.jpg"))[0]
+    files = {"a.jpg": source.read_bytes()}
+    im = Image.open(source).convert("RGB")
+    for name, image, fmt in [("b.png", im.rotate(90, expand=True), "PNG"), ("c.png", im.convert("L"), "PNG")]:
+        path = tmp_path / name
+        image.save(path, format=fmt)
+        files[name] = path.read_bytes()
+    (tmp_path / "a.jpg").write_bytes(files["a.jpg"])
+    out = tmp_path / "cli.json"
+    _predict(repo, env, *(str(tmp_path / n) for n in files), "--model", "models:/mlic@champion", "--out", str(out))
+    expected = json.loads(out.read_text())
+
+    port = _free_port()
+    log = open(tmp_path / "serve.log", "w")
+    server = subprocess.Popen(
+        ["mlflow", "models", "serve", "-m", "models:/mlic@champion", "--env-manager", "local",
+         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
+        cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                with urllib.request.urlopen(url + "/ping", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "server did not start: " + (tmp_path / "serve.log").read_text()[-3000:]
+            time.sleep(1)
+
+        def body(values: list[str]) -> bytes:
+            return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}).encode()
+
+        status, answer = _post(url + "/invocations", body([base64.b64encode(b).decode() for b in files.values()]))
+        assert status == 200, answer
+        rows = answer["predictions"]
+        assert [r["labels"] for r in rows] == [e["labels"] for e in expected]
+        for r, e in zip(rows, expected):
+            for key, value in e.items():
+                if key.startswith("prob_"):
+                    assert abs(r[key] - value) <= 1e-6, (key, r[key], value)
+
+        status, error = _post(url + "/invocations", body([base64.b64encode(files["a.jpg"]).decode(),
+                                                          base64.b64encode(b"GIF89a nonsense").decode()]))
+        assert 400 <= status < 500, (status, error)
+        assert "row 1" in error["message"] and "row 0:" not in error["message"]
+        status, _ = _post(url + "/invocations", b"{not json")
+        assert 400 <= status < 500
+        status, again = _post(url + "/invocations", body([base64.b64encode(files["c.png"]).decode()]))
+        assert status == 200 and again["predictions"][0]["labels"] == expected[2]["labels"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker, by the server's PID
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=30)
+        log.close()
+    assert server.returncode is not None
 
 
 def test_saved_model_predicts_on_a_raw_image_file(project: tuple[Path, dict[str, str]]) -> None:

@@ -217,7 +217,7 @@ def test_fingerprint_changes_when_params_change(image_set, tmp_path: Path, chang
     base = _write(image_set, tmp_path / "base", rows=rows)
     assert _write(image_set, tmp_path / "same", rows=rows).fingerprint == base.fingerprint
     changed = _write(image_set, tmp_path / "changed", dataclasses.replace(JPEG, **change), rows=rows)
-    assert changed["fingerprint"] != base.fingerprint
+    assert changed.fingerprint != base.fingerprint
 
 
 def truncate(path: Path) -> None:
@@ -287,17 +287,17 @@ def _filenames(ds: tf.data.Dataset) -> list[str]:
 def test_unshuffled_order_follows_the_manifest(jpeg_out) -> None:
     out, _ = jpeg_out
     expected = [r["filename"].decode() for r in _records(out)]
-    ds = dataset.make_dataset(out, "train", batch_size=7, with_filenames=True)
+    ds = dataset.make_dataset(tfrecords.Manifest.read(out, "train"), batch_size=7, with_filenames=True)
     assert _filenames(ds) == expected
     assert _filenames(ds) == expected  # every pass, not only the first
 
 
 def test_shuffle_is_seeded(jpeg_out) -> None:
     out, _ = jpeg_out
-    manifest_order = _filenames(dataset.make_dataset(out, "train", 8, with_filenames=True))
+    manifest_order = _filenames(dataset.make_dataset(tfrecords.Manifest.read(out, "train"), 8, with_filenames=True))
 
     def shuffled(seed: int) -> list[str]:
-        return _filenames(dataset.make_dataset(out, "train", 8, shuffle=True, seed=seed, shuffle_buffer=64,
+        return _filenames(dataset.make_dataset(tfrecords.Manifest.read(out, "train"), 8, shuffle=True, seed=seed, shuffle_buffer=64,
                                                with_filenames=True))
 
     a = shuffled(1)
@@ -312,7 +312,7 @@ def test_batches_are_float32_images_and_multi_hot_labels(image_set, jpeg_out, ba
                                                          drop_remainder: bool, sizes: list[int]) -> None:
     out, _ = jpeg_out
     k = len(image_set.classes)
-    ds = dataset.make_dataset(out, "train", batch_size, drop_remainder=drop_remainder)
+    ds = dataset.make_dataset(tfrecords.Manifest.read(out, "train"), batch_size, drop_remainder=drop_remainder)
     assert ds.element_spec[0].shape.as_list()[1:] == [SIZE, SIZE, 3]
     assert ds.element_spec[1].shape.as_list()[1:] == [k]
     got = []
@@ -329,7 +329,7 @@ def test_batches_are_float32_images_and_multi_hot_labels(image_set, jpeg_out, ba
 def test_with_filenames_lines_up_images_labels_and_names(image_set, jpeg_out) -> None:
     out, _ = jpeg_out
     row = {name: i for i, name in enumerate(image_set.filenames)}
-    ds = dataset.make_dataset(out, "train", 16, shuffle=True, seed=3, with_filenames=True)
+    ds = dataset.make_dataset(tfrecords.Manifest.read(out, "train"), 16, shuffle=True, seed=3, with_filenames=True)
     assert len(ds.element_spec) == 3 and ds.element_spec[2].dtype == tf.string
     x, y, names = next(iter(ds))
     for img, labels, name in zip(x.numpy(), y.numpy(), names.numpy()):
@@ -341,17 +341,20 @@ def test_with_filenames_lines_up_images_labels_and_names(image_set, jpeg_out) ->
 
 def test_repeat_gives_more_than_one_epoch(jpeg_out) -> None:
     out, _ = jpeg_out
-    ds = dataset.make_dataset(out, "train", 16, shuffle=True, seed=0, repeat=True)
+    ds = dataset.make_dataset(tfrecords.Manifest.read(out, "train"), 16, shuffle=True, seed=0, repeat=True)
     assert sum(int(x.shape[0]) for x, _ in ds.take(4)) == 64  # > 40 records
 
 
 def test_reader_errors_say_to_run_preprocess(jpeg_out, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no manifest; run `dvc repro preprocess`"):
-        dataset.make_dataset(tmp_path, "train", 4)
+        dataset.make_dataset(tfrecords.Manifest.read(tmp_path, "train"), 4)
     out, manifest = jpeg_out
-    (tmp_path / "train.manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "train.manifest.json").write_text(json.dumps(manifest.to_dict()))
     with pytest.raises(FileNotFoundError, match="shards listed in the train manifest are missing"):
-        dataset.shard_paths(tmp_path, "train")
+        dataset.make_dataset(tfrecords.Manifest.read(tmp_path, "train"), 4)
+    (tmp_path / "train.manifest.json").write_text(json.dumps({"count": 3}))
+    with pytest.raises(ValueError, match="not a manifest of schema"):
+        tfrecords.Manifest.read(tmp_path, "train")
 
 
 # --- the preprocess stage -------------------------------------------------------------------

@@ -40,6 +40,7 @@ train:
 tracking:
   experiment: mlic-test
   log_model: true
+  registered_model: mlic-test-model
 """
 HISTORY = pd.DataFrame({
     "epoch": [0, 1, 2],
@@ -50,7 +51,7 @@ HISTORY = pd.DataFrame({
     "phase": ["head", "head", "finetune"],
 })
 TRAIN_METRICS = {"best_epoch": 2, "epochs_run": 3, "seconds": 1.5, "stopped_early": True}
-EVALUATE_METRICS = {"val": {"macro_f1": 0.8, "micro_f1": 0.85},
+EVALUATE_METRICS = {"val": {"macro_f1": 0.8, "micro_f1": 0.85, "macro_ap": 0.7},
                     "test": {"macro_f1": 0.75, "auc_pr": None, "per_class": {"cat": {"f1": 0.7}}},
                     "test_baseline": {"macro_f1": 0.5}}
 CALIBRATE_METRICS = {"test_calibrated": {"macro_f1": 0.78}, "val_calibrated": {"macro_f1": 0.82}}
@@ -70,7 +71,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _build_project(root: Path) -> None:
-    import keras
+    from conftest import make_model_dir
 
     _write(root / "params.yaml", PARAMS_YAML)
     _write(root / "dvc.lock", "schema: '2.0'\nstages: {}\n")
@@ -80,14 +81,10 @@ def _build_project(root: Path) -> None:
     _write(root / "reports/calibrate/metrics.json", json.dumps(CALIBRATE_METRICS))
     for stage in ("evaluate", "calibrate"):
         _write(root / f"reports/{stage}/per_class_test.csv", "class,f1\ncat,0.7\ndog,0.8\nbird,0.6\n")
-    _write(root / "reports/calibrate/thresholds.json", json.dumps({"cat": 0.4, "dog": 0.5, "bird": 0.3}))
     for split, fp in FINGERPRINTS.items():
         _write(root / f"data/tfrecords/{split}.manifest.json", json.dumps({"count": 10, "fingerprint": fp}))
-    _write(root / "models/model_meta.json", json.dumps({"classes": ["cat", "dog", "bird"]}))
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((8, 8, 3))
-    outputs = keras.layers.Dense(3, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(inputs))
-    keras.Model(inputs, outputs).save(root / "models/model.keras")
+    # A real mlic model (models/model.keras, model_meta.json) and calibrate's thresholds.json.
+    make_model_dir(root, image_size=32, classes=("cat", "dog", "bird"), thresholds=(0.4, 0.5, 0.3))
 
 
 def _track_argv(root: Path) -> list[str]:
@@ -98,7 +95,8 @@ def _track_argv(root: Path) -> list[str]:
         "--artifacts", "dvc.lock", "reports/evaluate/per_class_test.csv",
         "reports/calibrate/per_class_test.csv", "reports/calibrate/thresholds.json",
         "models/model_meta.json",
-        "--model", "models/model.keras", "--manifests-dir", "data/tfrecords",
+        "--model", "models/model.keras", "--meta", "models/model_meta.json",
+        "--thresholds", "reports/calibrate/thresholds.json", "--manifests-dir", "data/tfrecords",
         "--out", "reports/mlflow_run.json",
     ]
 
@@ -151,6 +149,7 @@ def test_every_param_is_logged_flattened(tracked):
         "train.weights": "null",
         "tracking.experiment": "mlic-test",
         "tracking.log_model": "true",
+        "tracking.registered_model": "mlic-test-model",
     }
 
 
@@ -188,15 +187,42 @@ def test_artifacts_are_top_level_and_unique(tracked):
     assert not any(client.list_artifacts(run.info.run_id, "reports"))
 
 
-def test_logged_model_predicts_like_the_keras_file(tracked):
-    import keras
-    import mlflow.keras
+def test_logged_model_is_the_package_and_predicts_like_the_files(tracked):
+    import base64
+    import io
 
-    project, _, _, run = tracked
-    x = np.random.default_rng(0).random((4, 8, 8, 3)).astype("float32")
-    expected = keras.models.load_model(project / "models/model.keras").predict(x, verbose=0)
-    logged = mlflow.keras.load_model(f"runs:/{run.info.run_id}/model")
-    np.testing.assert_allclose(logged.predict(x, verbose=0), expected, rtol=1e-6)
+    import mlflow.pyfunc
+    from PIL import Image
+
+    from mlic.inference import Predictor
+
+    project, uri, _, run = tracked
+    mlflow.set_tracking_uri(uri)
+    rng = np.random.default_rng(0)
+    files = []
+    for shape in [(40, 60, 3), (32, 32, 3), (90, 20, 3)]:
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(buf, format="PNG")
+        files.append(buf.getvalue())
+    logged = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    frame = logged.predict(pd.DataFrame({"image": [base64.b64encode(f).decode() for f in files]}))
+    direct = Predictor.from_files(project / "models/model.keras", project / "models/model_meta.json",
+                                  project / "reports/calibrate/thresholds.json").predict(files)
+    np.testing.assert_allclose(frame[["prob_cat", "prob_dog", "prob_bird"]].to_numpy(), direct.probabilities,
+                               atol=1e-6)
+    assert [list(x) for x in frame["labels"]] == direct.labels
+
+
+def test_model_is_registered_as_champion_with_its_headline_metrics(tracked):
+    _, _, client, run = tracked
+    version = client.get_model_version_by_alias("mlic-test-model", "champion")
+    assert version.run_id == run.info.run_id
+    assert version.tags["val_macro_ap"] == "0.7" and version.tags["test_calibrated_macro_f1"] == "0.78"
+    assert version.tags["champion_decision"].startswith("promoted: no champion yet")
+    assert run.data.tags["champion.promoted"] == "true"
+    assert run.data.tags["registered_model_version"] == f"mlic-test-model/{version.version}"
+    decision = json.loads(Path(client.download_artifacts(run.info.run_id, "champion.json")).read_text())
+    assert decision["metric"] == "val_macro_ap" and decision["promoted"] is True
 
 
 def test_tags_record_git_dvc_and_data(tracked):
@@ -225,11 +251,14 @@ def test_exactly_one_finished_run_and_its_record(tracked):
     assert [r.info.run_id for r in runs] == [run.info.run_id]
     assert run.info.status == "FINISHED"
     record = json.loads((project / "reports/mlflow_run.json").read_text())
+    champion = record.pop("champion")
     assert record == {
         "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
         "experiment": EXPERIMENT, "run_name": "brisk-otter", "tracking_uri": uri,
-        "git_commit": run.data.tags["git_commit"],
+        "git_commit": run.data.tags["git_commit"], "model_uri": f"models:/{record['model_uri'].split('/')[-1]}",
+        "registered_model": "mlic-test-model", "model_version": champion["version"],
     }
+    assert champion["promoted"] is True
 
 
 def test_failure_half_way_marks_the_run_failed(tracked, monkeypatch):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import mlic.model  # noqa: F401 - registers the custom objects load_model needs
-from mlic import dataset, training
+from mlic import dataset, tfrecords, training
 from mlic import model as mm
 from mlic.params import Train
 from mlic.tfrecords import EncodeSettings, write_split
@@ -51,9 +51,9 @@ def run_fit(tfr, cfg: Train, checkpoint: Path, model: keras.Model | None = None,
     mm.set_seed(SEED)
     if model is None:
         model = mm.build_model("simple_cnn", k, SIZE, dropout=cfg.dropout, seed=SEED, width=8)
-    train_ds = dataset.make_dataset(folder, "train", cfg.batch_size, shuffle=True, seed=SEED,
+    train_ds = dataset.make_dataset(tfrecords.Manifest.read(folder, "train"), cfg.batch_size, shuffle=True, seed=SEED,
                                     shuffle_buffer=cfg.shuffle_buffer)
-    val_ds = dataset.make_dataset(folder, "val", cfg.batch_size)
+    val_ds = dataset.make_dataset(tfrecords.Manifest.read(folder, "val"), cfg.batch_size)
     result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=k, n_train=len(SPLITS["train"]),
                           checkpoint=checkpoint, pretrained=pretrained)
     return model, result, val_ds
