@@ -79,6 +79,20 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json(path: str | Path, what: str, remedy: str) -> Any:
+    """Read a JSON file written by a stage; a missing or broken one says `what` it is and the `remedy`.
+
+    FileNotFoundError (`<path>: no <what>; <remedy>`) or ValueError for invalid JSON.
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no {what}; {remedy}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: {what} is not valid JSON ({exc}); {remedy}") from None
+
+
 def write_json(path: str | Path, obj: Any, sort_keys: bool = True) -> None:
     """Write `obj` as pretty JSON, atomically; keys sorted unless their order means something.
 

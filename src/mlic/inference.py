@@ -12,7 +12,6 @@ the others are still predicted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from mlic import images
+from mlic.atomic import read_json
 from mlic.metrics import predict as apply_thresholds
 from mlic.model_meta import ModelMeta
 from mlic.predictions import round_probabilities
@@ -44,13 +44,7 @@ class Result:
 
 def read_thresholds(path: str | Path, classes: Sequence[str]) -> np.ndarray:
     """Calibrate's `thresholds.json` ({class: threshold}) as an array in `classes` order."""
-    path = Path(path)
-    try:
-        mapping = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no thresholds; run `dvc repro calibrate` first") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc}); run `dvc repro calibrate`") from None
+    mapping = read_json(path, "thresholds", "run `dvc repro calibrate`")
     try:
         return thresholds_from_dict(mapping, classes)
     except ValueError as exc:

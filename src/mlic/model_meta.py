@@ -10,11 +10,10 @@ where the calibrated decision thresholds come from. No TensorFlow here: reading 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
-from mlic.atomic import write_json
+from mlic.atomic import read_json, write_json
 from mlic.images import RESIZE_MODES
 
 FORMAT_VERSION = 1
@@ -52,12 +51,7 @@ class ModelMeta:
     def read(cls, path: str | Path) -> "ModelMeta":
         """Read and check a `model_meta.json`; a clear error names the file and what to do."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no model metadata; run `dvc repro train` first") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); run `dvc repro train`") from None
+        raw = read_json(path, "model metadata", "run `dvc repro train`")
         fields = {f.name for f in dataclasses.fields(cls)}
         required = {f.name for f in dataclasses.fields(cls)
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}

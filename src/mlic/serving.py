@@ -19,7 +19,6 @@ import importlib.metadata
 import logging
 import shutil
 import tempfile
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -74,52 +73,52 @@ def output_frame(classes: Sequence[str], labels: list[list[str]], probabilities:
     return pd.concat([frame, probs], axis=1)
 
 
-# MLflow 3 warns, when the class is defined, that `predict` has no type hints: we log an explicit
-# signature instead (a hint would replace it; see `predict`), so that advice does not apply.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+class MlicModel(mlflow.pyfunc.PythonModel):
+    """pyfunc wrapper around `inference.Predictor` (built in `load_context` from the artifacts)."""
 
-    class MlicModel(mlflow.pyfunc.PythonModel):
-        """pyfunc wrapper around `inference.Predictor` (built in `load_context` from the artifacts)."""
+    # The model is logged with an explicit signature (base64 text in, labels + probabilities out).
+    # MLflow 3 would otherwise wrap `predict` for type-hint validation, find none, and warn at
+    # import that hints should be added; a hint would replace the explicit signature.
+    _skip_type_hint_validation = True
 
-        def load_context(self, context: Any) -> None:
-            from mlic.inference import Predictor
+    def load_context(self, context: Any) -> None:
+        from mlic.inference import Predictor
 
-            self.predictor = Predictor.from_files(context.artifacts[ARTIFACT_KERAS], context.artifacts[ARTIFACT_META],
-                                                  context.artifacts[ARTIFACT_THRESHOLDS])
+        self.predictor = Predictor.from_files(context.artifacts[ARTIFACT_KERAS], context.artifacts[ARTIFACT_META],
+                                              context.artifacts[ARTIFACT_THRESHOLDS])
 
-        # model_input is left unannotated on purpose: MLflow 3 reads a type hint there as a schema and
-        # would override the explicit signature logged with the model.
-        def predict(self, context, model_input, params=None) -> pd.DataFrame:
-            """DataFrame with column `image` (base64 file bytes) -> `labels` + `prob_<class>` per row.
+    # model_input is left unannotated on purpose: MLflow 3 reads a type hint there as a schema and
+    # would override the explicit signature logged with the model.
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        """DataFrame with column `image` (base64 file bytes) -> `labels` + `prob_<class>` per row.
 
-            Raises an MlflowException (HTTP 400 when served) naming every row that is not an image.
-            """
-            from mlflow.exceptions import MlflowException
-            from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+        Raises an MlflowException (HTTP 400 when served) naming every row that is not an image.
+        """
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
-            try:
-                return self.predict_frame(model_input)
-            except InvalidImages as exc:
-                raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
+        try:
+            return self.predict_frame(model_input)
+        except InvalidImages as exc:
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
 
-        def predict_frame(self, model_input: Any) -> pd.DataFrame:
-            """`predict` without MLflow's error type: raises InvalidImages."""
-            if isinstance(model_input, dict):
-                model_input = pd.DataFrame(model_input)
-            if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
-                got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
-                raise InvalidImages(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded image "
-                                    f"files; got {got}")
-            files, errors = decode_base64_column(model_input[IMAGE_COLUMN].tolist())
-            readable = [i for i, f in enumerate(files) if f is not None]
-            result = self.predictor.predict([files[i] for i in readable])
-            errors.update({readable[j]: reason for j, reason in result.errors.items()})
-            if errors:
-                rows = "; ".join(f"row {i}: {reason}" for i, reason in sorted(errors.items()))
-                raise InvalidImages(f"{len(errors)} of {len(files)} row(s) are not readable images ({rows}); "
-                                    f"send each image file's bytes, base64-encoded, in column {IMAGE_COLUMN!r}")
-            return output_frame(self.predictor.classes, result.labels, result.probabilities)
+    def predict_frame(self, model_input: Any) -> pd.DataFrame:
+        """`predict` without MLflow's error type: raises InvalidImages."""
+        if isinstance(model_input, dict):
+            model_input = pd.DataFrame(model_input)
+        if not isinstance(model_input, pd.DataFrame) or IMAGE_COLUMN not in model_input.columns:
+            got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+            raise InvalidImages(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded image "
+                                f"files; got {got}")
+        files, errors = decode_base64_column(model_input[IMAGE_COLUMN].tolist())
+        readable = [i for i, f in enumerate(files) if f is not None]
+        result = self.predictor.predict([files[i] for i in readable])
+        errors.update({readable[j]: reason for j, reason in result.errors.items()})
+        if errors:
+            rows = "; ".join(f"row {i}: {reason}" for i, reason in sorted(errors.items()))
+            raise InvalidImages(f"{len(errors)} of {len(files)} row(s) are not readable images ({rows}); "
+                                f"send each image file's bytes, base64-encoded, in column {IMAGE_COLUMN!r}")
+        return output_frame(self.predictor.classes, result.labels, result.probabilities)
 
 
 def signature(classes: Sequence[str]) -> Any:

@@ -1,4 +1,4 @@
-"""MLflow mirror of one pipeline run. The only module in mlic that imports mlflow.
+"""MLflow mirror of one pipeline run (with `serving.py`, the only code that imports mlflow).
 
 Metrics files are the source of truth; MLflow mirrors them. The `track` stage depends on every
 output of the earlier stages, so DVC re-runs it (and this logs one fresh, complete run) whenever
