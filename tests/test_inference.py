@@ -90,3 +90,25 @@ def test_metadata_from_another_model_is_refused(predictor, model_dir) -> None:
     other = ModelMeta(**{**meta.to_dict(), "classes": ["a", "b"]})
     with pytest.raises(ValueError, match="different runs"):
         Predictor(predictor.model, other, 0.5)
+
+
+@pytest.mark.parametrize("encoding", ["jpeg", "png"])
+def test_prediction_sees_the_pixels_evaluate_saw_in_the_shards(predictor, predict_images, tmp_path: Path,
+                                                                encoding: str) -> None:
+    """Files through `Predictor.predict` = the same files written by preprocess and read back by
+    the TFRecord reader, JPEG round trip included: no train/serve skew for either encoding."""
+    from mlic import dataset
+    from mlic.tfrecords import EncodeSettings, Manifest, write_split
+
+    meta = ModelMeta(**{**predictor.meta.to_dict(), "encoding": encoding, "jpeg_quality": 90})
+    settings = EncodeSettings(meta.image_size, meta.resize_mode, encoding, 90)
+    names = predict_images.filenames
+    write_split("test", names, predict_images.y, predict_images.classes, predict_images.images_dir, tmp_path,
+                settings, shard_size=5, seed=0)
+    shards = {}
+    for x, _, files in dataset.make_dataset(Manifest.read(tmp_path, "test"), 4, with_filenames=True):
+        for name, p in zip(files.numpy(), predictor.predict_arrays(x.numpy())):
+            shards[name.decode()] = p
+    ours = Predictor(predictor.model, meta, predictor.thresholds).predict(
+        [str(predict_images.images_dir / n) for n in names], batch_size=4)
+    np.testing.assert_allclose(ours.probabilities, np.stack([shards[n] for n in names]), atol=1e-6)

@@ -1,8 +1,9 @@
 """Predict labels for image files: the one prediction path behind `mlic predict` and the MLflow model.
 
 A `Predictor` is a trained Keras model plus its `ModelMeta` and calibrated thresholds. Images
-(paths or file bytes) go through `images.to_model_input`, the function preprocess used, inside a
-tf.data pipeline that decodes in parallel threads and feeds the model whole batches. Probabilities
+(paths or file bytes) go through `images.prepare`, the function preprocess used, and
+`tfrecords.decode_pixels`, the TFRecord reader's decoder, inside a tf.data pipeline that works in
+parallel threads and feeds the model whole batches. Probabilities
 are rounded as evaluate rounds them (`predictions.round_probabilities`) and a class is predicted
 when its probability is >= its threshold (`metrics.predict`), so labels here equal calibrate's
 labels on evaluate's predictions. An image that cannot be read is reported with its reason;
@@ -18,12 +19,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
 from mlic import images
 from mlic.atomic import read_json
 from mlic.metrics import predict as apply_thresholds
 from mlic.model_meta import ModelMeta
 from mlic.predictions import round_probabilities
+from mlic.tfrecords import decode_pixels
 from mlic.thresholds import thresholds_from_dict
 
 log = logging.getLogger(__name__)
@@ -100,25 +103,33 @@ class Predictor:
         """
         import tensorflow as tf
 
-        size, mode, n = self.meta.image_size, self.meta.resize_mode, len(sources)
+        meta = self.meta
+        size, n = meta.image_size, len(sources)
+        quality = meta.jpeg_quality or 92
         errors: dict[int, str] = {}
+        # A placeholder for unreadable inputs, so a batch keeps its shape; their rows are dropped.
+        blank = images.encode(Image.new("RGB", (size, size)), meta.encoding, quality)
 
-        def load(i: np.int64) -> tuple[np.ndarray, np.bool_]:
+        def prepare(i: np.int64) -> tuple[bytes, np.bool_]:
             i = int(i)
             try:
-                return images.to_array(sources[i], size, mode), np.True_
+                return images.prepare(sources[i], size, meta.resize_mode, meta.encoding, quality), np.True_
             except Exception as exc:  # noqa: BLE001 - any unreadable input is reported, not fatal
                 errors[i] = images.describe_failure(exc)
-                return np.zeros((size, size, 3), np.uint8), np.False_
+                return blank, np.False_
 
-        def load_tf(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-            pixels, ok = tf.numpy_function(load, [i], (tf.uint8, tf.bool), stateful=False)
-            return tf.ensure_shape(pixels, (size, size, 3)), tf.ensure_shape(ok, ()), i
+        def load(i: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+            encoded, ok = tf.numpy_function(prepare, [i], (tf.string, tf.bool), stateful=False)
+            pixels = tf.ensure_shape(decode_pixels(encoded), (size, size, 3))
+            return pixels, tf.ensure_shape(ok, ()), i
 
-        # Decoding runs in parallel threads (PIL releases the GIL while it decodes and resizes);
-        # deterministic=True keeps input order, and batch before prefetch keeps whole batches ready.
+        # Each image becomes exactly what preprocess stored (`images.prepare`: decode, orient, RGB,
+        # resize, encode as the shards were encoded) and is decoded as the TFRecord reader decodes
+        # it (`tfrecords.decode_pixels`), so the model sees the pixels it was trained and evaluated
+        # on, JPEG round trip included. Threads run in parallel (PIL releases the GIL); order is
+        # kept (deterministic=True); batch before prefetch keeps whole batches ready.
         ds = (tf.data.Dataset.range(n)
-              .map(load_tf, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+              .map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
               .batch(batch_size)
               .prefetch(tf.data.AUTOTUNE))
         index, probs = [], []

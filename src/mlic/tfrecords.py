@@ -73,6 +73,18 @@ def serialize_example(encoded: bytes, image_format: str, filename: str, height: 
     return example.SerializeToString(deterministic=True)
 
 
+def decode_pixels(encoded: Any) -> Any:
+    """Encoded JPEG/PNG bytes -> uint8 HxWx3: how every consumer of `images.prepare`'s bytes decodes.
+
+    The TFRecord reader and the prediction path (`inference.Predictor`) both decode here, with
+    TensorFlow's decoder: PIL's JPEG decoder differs from it by up to ~11 levels on the same bytes.
+    """
+    import tensorflow as tf
+
+    # decode_image handles both JPEG and PNG; expand_animations=False keeps a static 3-D shape.
+    return tf.io.decode_image(encoded, channels=3, expand_animations=False)
+
+
 def parse_example(serialized: Any, n_classes: int) -> dict[str, Any]:
     """Parse one serialized example into image (uint8 HxWx3), multi-hot labels (float32) and filename.
 
@@ -88,8 +100,7 @@ def parse_example(serialized: Any, n_classes: int) -> dict[str, Any]:
         KEY_WIDTH: tf.io.FixedLenFeature([], tf.int64),
         KEY_LABEL: tf.io.VarLenFeature(tf.int64),
     })
-    # decode_image handles both JPEG and PNG; expand_animations=False keeps a static 3-D shape.
-    image = tf.io.decode_image(features[KEY_ENCODED], channels=3, expand_animations=False)
+    image = decode_pixels(features[KEY_ENCODED])
     ids = tf.sparse.to_dense(features[KEY_LABEL])
     # Sum of one-hots (not max) so an image with no label gives zeros, not -inf.
     labels = tf.minimum(tf.reduce_sum(tf.one_hot(ids, n_classes, dtype=tf.float32), axis=0), 1.0)
