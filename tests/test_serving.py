@@ -136,3 +136,10 @@ def test_vgg16_package_loads_and_predicts_without_the_installed_mlic(tmp_path: P
     assert report["columns"] == ["labels", "prob_a", "prob_b", "prob_c"] and report["rows"] == 2
     assert report["mlic_from"].startswith(str(package))
     assert not report["imported_installed"]
+
+
+def test_base64_with_line_breaks_and_raw_bytes_are_accepted() -> None:
+    wrapped = base64.encodebytes(b"\x89PNG" + bytes(100)).decode()  # 76-character lines, as `base64` prints
+    files, errors = serving.decode_base64_column([wrapped, b"raw", None, ""])
+    assert files[0] == b"\x89PNG" + bytes(100) and files[1] == b"raw"
+    assert sorted(errors) == [2, 3] and "got NoneType" in errors[2]

@@ -219,6 +219,7 @@ def test_model_is_registered_as_champion_with_its_headline_metrics(tracked):
     assert version.run_id == run.info.run_id
     assert version.tags["val_macro_ap"] == "0.7" and version.tags["test_calibrated_macro_f1"] == "0.78"
     assert version.tags["champion_decision"].startswith("promoted: no champion yet")
+    assert "val_macro_ap 0.7" in version.description and "promoted" in version.description
     assert run.data.tags["champion.promoted"] == "true"
     assert run.data.tags["registered_model_version"] == f"mlic-test-model/{version.version}"
     decision = json.loads(Path(client.download_artifacts(run.info.run_id, "champion.json")).read_text())

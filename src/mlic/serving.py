@@ -58,7 +58,8 @@ def decode_base64_column(values: Sequence[Any]) -> tuple[list[bytes | None], dic
             errors[i] = f"expected base64 text of an image file, got {type(value).__name__}"
             continue
         try:
-            out.append(base64.b64decode(value.strip(), validate=True))
+            # Line breaks are dropped first: `base64` wraps its output at 76 characters by default.
+            out.append(base64.b64decode("".join(value.split()), validate=True))
         except (binascii.Error, ValueError) as exc:
             out.append(None)
             errors[i] = f"not valid base64 ({exc})"

@@ -467,16 +467,14 @@ def log_pipeline_run(
 def _log_package(client: Any, run_id: str, package: PackageSpec,
                  summary: Mapping[str, float]) -> tuple[Any, Any]:
     """Log the packaged pyfunc model into the active run, register it, and hold the champion vote."""
-    import mlflow
-
+    # MLflow 3 links the run's metrics, already logged, to the logged model it creates here.
     info = serving.log_packaged_model(package.keras_model, package.meta, package.thresholds, name=MODEL_NAME,
                                       registered_model_name=package.registered_model)
-    headline = registry.headline(summary, package.champion_metric)
-    if headline:  # shown on the logged model's page and on the registered version's
-        mlflow.log_metrics(headline, model_id=info.model_id)
     if not package.registered_model:
         return info, None
     version = str(info.registered_model_version)
+    # The few numbers a user decides on, as version tags: the registry's list shows them.
+    headline = registry.headline(summary, package.champion_metric)
     registry.tag_version(client, package.registered_model, version, headline, {"run_id": run_id})
     decision = registry.elect_champion(client, package.registered_model, version, package.champion_metric,
                                        summary.get(package.champion_metric))
@@ -484,6 +482,9 @@ def _log_package(client: Any, run_id: str, package: PackageSpec,
         path = Path(tmp) / "champion.json"
         path.write_text(json.dumps(decision.as_dict(), indent=2) + "\n", encoding="utf-8")
         client.log_artifact(run_id, str(path))
+    client.update_model_version(package.registered_model, version, description=(
+        f"From run {run_id}. " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items())
+        + f". Champion: {'promoted' if decision.promoted else 'not promoted'} ({decision.reason})."))
     client.set_tag(run_id, "champion.promoted", str(decision.promoted).lower())
     client.set_tag(run_id, "champion.reason", _one_line(decision.reason, MAX_TAG_VALUE))
     client.set_tag(run_id, "registered_model_version", f"{package.registered_model}/{version}")
