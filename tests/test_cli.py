@@ -121,3 +121,38 @@ def test_console_script_is_installed() -> None:
     exe = Path(sys.executable).parent / "mlic"
     proc = subprocess.run([str(exe), "predict", "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "--model" in proc.stdout and "runs:/" in proc.stdout
+
+
+def test_progress_bar_only_on_a_terminal(model_dir, folder: Path, tmp_path: Path) -> None:
+    """On a terminal (a pty here) stderr shows a progress bar; piped, it stays clean for logs."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    exe = str(Path(sys.executable).parent / "mlic")
+    argv = [exe, "predict", str(folder), "--out", str(tmp_path / "p.csv"), "--batch-size", "4"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a terminal has a size
+    try:
+        proc = subprocess.run(argv, cwd=model_dir.root, env=env, stdout=subprocess.DEVNULL, stderr=follower,
+                              timeout=120)
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:  # the pty is drained and closed
+                break
+            if not data:
+                break
+            chunks.append(data)
+    finally:
+        os.close(leader)
+    on_tty = b"".join(chunks).decode(errors="replace")
+    assert proc.returncode == 0
+    assert "predict: 100%" in on_tty and "12/12" in on_tty
+    piped = subprocess.run(argv, cwd=model_dir.root, env=env, capture_output=True, text=True, timeout=120)
+    assert piped.returncode == 0 and "100%" not in piped.stderr and "predicted 12 image(s)" in piped.stderr
