@@ -6,7 +6,7 @@ thresholds from calibrate as model_meta.json says), a packaged MLflow model fold
 URI (`runs:/<run id>/model`, `models:/<name>@champion`, `models:/<name>/<version>`).
 Writes one row per readable image: filename, labels, prob_<class>... as CSV, or JSON if --out
 ends in .json. Unreadable images are logged with their reason (and listed in
-`<out>.errors.csv`); the rest are still predicted. Exit code: 0 all predicted, 1 some inputs
+`<out stem>.errors.csv`); the rest are still predicted. Exit code: 0 all predicted, 1 some inputs
 failed, 2 a usage error (no model, nothing to predict).
 """
 
@@ -203,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="models folder, packaged MLflow model folder, or runs:/ or models:/ URI (default: models)")
     p.add_argument("--out", default="predictions.csv", help=".csv or .json (default: predictions.csv)")
     p.add_argument("--thresholds", help="thresholds.json to use with a models folder (default: model_meta.json's)")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
     p.add_argument("--params", default="params.yaml", help="for tracking.uri with an MLflow URI (default: params.yaml)")
     p.set_defaults(func=predict_command)
     return ap
