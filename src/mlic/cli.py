@@ -141,20 +141,15 @@ def _labels_separator(classes: Sequence[str]) -> str:
 def write_results(out: Path, filenames: list[str], classes: list[str], labels: list[list[str]],
                   probabilities: Any) -> None:
     """CSV (labels joined by a space, or `;` if a class name has one) or JSON records (labels a list)."""
-    import pandas as pd
-
     from mlic.atomic import write_csv, write_json
-    from mlic.serving import PROB_PREFIX
+    from mlic.inference import LABELS_COLUMN, output_frame
 
-    probs = pd.DataFrame(probabilities, columns=[f"{PROB_PREFIX}{c}" for c in classes])
+    frame = output_frame(classes, labels, probabilities)
+    frame.insert(0, "filename", filenames)
     if out.suffix.lower() == ".json":
-        frame = pd.concat([pd.DataFrame({"filename": filenames, "labels": pd.Series(labels, dtype=object)}),
-                           probs], axis=1)
         write_json(out, frame.to_dict(orient="records"), sort_keys=False)
     else:
-        sep = _labels_separator(classes)
-        frame = pd.concat([pd.DataFrame({"filename": filenames, "labels": [sep.join(x) for x in labels]}),
-                           probs], axis=1)
+        frame[LABELS_COLUMN] = frame[LABELS_COLUMN].map(_labels_separator(classes).join)
         write_csv(out, frame)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from PIL import Image
 
 from mlic import images
@@ -33,6 +34,9 @@ log = logging.getLogger(__name__)
 
 KERAS_FILE = "model.keras"
 META_FILE = "model_meta.json"
+# The answer's columns, for `mlic predict` and the packaged model alike.
+LABELS_COLUMN = "labels"
+PROB_PREFIX = "prob_"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,11 +58,12 @@ def read_thresholds(path: str | Path, classes: Sequence[str]) -> np.ndarray:
         raise ValueError(f"{path}: {exc}; re-run `dvc repro calibrate`") from None
 
 
-def load_keras_model(path: str | Path) -> Any:
-    """Load a `.keras` model saved by `train` (TensorFlow is imported here, not on import)."""
-    from mlic.model import load_model
-
-    return load_model(path)
+def output_frame(classes: Sequence[str], labels: list[list[str]], probabilities: np.ndarray) -> pd.DataFrame:
+    """`labels` (list of class names) then `prob_<class>` per class, one row per image."""
+    frame = pd.DataFrame({LABELS_COLUMN: pd.Series(labels, dtype=object)})
+    probs = pd.DataFrame(np.asarray(probabilities, dtype=np.float64).reshape(len(labels), len(classes)),
+                         columns=[f"{PROB_PREFIX}{c}" for c in classes])
+    return pd.concat([frame, probs], axis=1)
 
 
 class Predictor:
@@ -80,8 +85,10 @@ class Predictor:
     @classmethod
     def from_files(cls, keras_path: str | Path, meta_path: str | Path,
                    thresholds_path: str | Path) -> "Predictor":
+        from mlic.model import load_model  # TensorFlow only once a model is loaded
+
         meta = ModelMeta.read(meta_path)
-        return cls(load_keras_model(keras_path), meta, read_thresholds(thresholds_path, meta.classes))
+        return cls(load_model(keras_path), meta, read_thresholds(thresholds_path, meta.classes))
 
     def labels(self, probabilities: np.ndarray) -> list[list[str]]:
         """Class names whose (rounded) probability is >= their threshold, per row."""

@@ -1,10 +1,10 @@
 """`model_meta.json`: everything a caller needs to turn image files into the model's answer.
 
 Written by `train` beside `model.keras`, read by `mlic predict` and packed into the MLflow model.
-It says which classes the output columns are, how an image file becomes the input (image size and
-resize mode, applied by `images.to_model_input`: the same function preprocess used), which
-encoding the training shards had (a JPEG round trip the prediction path does not repeat), and
-where the calibrated decision thresholds come from. No TensorFlow here: reading it is instant.
+It says which classes the output columns are, how an image file becomes the input (image size,
+resize mode, and the encoding and JPEG quality of the training shards, all of which the
+prediction path repeats through `images.prepare`), and where the calibrated decision
+thresholds come from. No TensorFlow here: reading it is instant.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from mlic.atomic import read_json, write_json
 from mlic.images import RESIZE_MODES
 
 FORMAT_VERSION = 1
-INPUT = "float32 RGB 0..255, shape (image_size, image_size, 3): images.to_model_input(file, image_size, resize_mode)"
+INPUT = ("float32 RGB 0..255, shape (image_size, image_size, 3): tfrecords.decode_pixels("
+         "images.prepare(file, image_size, resize_mode, encoding, jpeg_quality))")
 OUTPUT = "sigmoid probability per class, in `classes` order"
 
 

@@ -5,8 +5,8 @@ PNG, any size or mode). Output: one row per image, `labels` (class names at the 
 thresholds) and one `prob_<class>` column per class. The model's artifacts are the `.keras`
 file, `thresholds.json` and `model_meta.json`; mlic's own package is shipped with it as code
 (`code/mlic`), so it loads in any interpreter that has its pip requirements, whatever the
-backbone (the ImageNet preprocessing layers are mlic's), and decodes images with the very
-function preprocess used (`images.to_model_input`).
+backbone (the ImageNet preprocessing layers are mlic's), and turns image files into pixels
+exactly as preprocess and the TFRecord reader did (`inference.Predictor`).
 
 Besides `tracking.py`, the only module that imports mlflow: this class *is* an MLflow model.
 """
@@ -28,11 +28,11 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from mlic.inference import LABELS_COLUMN, PROB_PREFIX, output_frame
+
 log = logging.getLogger(__name__)
 
 IMAGE_COLUMN = "image"
-LABELS_COLUMN = "labels"
-PROB_PREFIX = "prob_"
 ARTIFACT_KERAS = "keras_model"
 ARTIFACT_META = "model_meta"
 ARTIFACT_THRESHOLDS = "thresholds"
@@ -64,14 +64,6 @@ def decode_base64_column(values: Sequence[Any]) -> tuple[list[bytes | None], dic
             out.append(None)
             errors[i] = f"not valid base64 ({exc})"
     return out, errors
-
-
-def output_frame(classes: Sequence[str], labels: list[list[str]], probabilities: np.ndarray) -> pd.DataFrame:
-    """`labels` (list of class names) then `prob_<class>` per class, one row per image."""
-    frame = pd.DataFrame({LABELS_COLUMN: pd.Series(labels, dtype=object)})
-    probs = pd.DataFrame(np.asarray(probabilities, dtype=np.float64).reshape(len(labels), len(classes)),
-                         columns=[f"{PROB_PREFIX}{c}" for c in classes])
-    return pd.concat([frame, probs], axis=1)
 
 
 class MlicModel(mlflow.pyfunc.PythonModel):
@@ -161,14 +153,14 @@ def pip_requirements() -> list[str]:
 def _package_files(keras_path: Path, meta_path: Path, thresholds_path: Path) -> Iterator[tuple[dict[str, str], str]]:
     """(artifacts, code dir) staged in a temp folder: mlic's source without caches, and the summary."""
     import mlic
-    from mlic.inference import load_keras_model
+    from mlic.model import load_model
 
     with tempfile.TemporaryDirectory(prefix="mlic-package-") as tmp:
         code = Path(tmp) / "mlic"
         shutil.copytree(Path(mlic.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         summary = Path(tmp) / "model_summary.txt"
         lines: list[str] = []
-        load_keras_model(keras_path).summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True)
+        load_model(keras_path).summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True)
         summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
         artifacts = {ARTIFACT_KERAS: str(keras_path), ARTIFACT_META: str(meta_path),
                      ARTIFACT_THRESHOLDS: str(thresholds_path), ARTIFACT_SUMMARY: str(summary)}
