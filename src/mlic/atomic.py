@@ -13,9 +13,10 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, IO
+from typing import IO, TYPE_CHECKING, Any
 
-import pandas as pd
+if TYPE_CHECKING:  # pandas only where a CSV is written: preprocess workers import this module
+    import pandas as pd
 
 
 def _umask() -> int:

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from mlic import images
+from mlic.atomic import read_json
 
 log = logging.getLogger(__name__)
 
@@ -279,12 +280,7 @@ class Manifest:
     def read(cls, tfrecord_dir: str | Path, split: str) -> "Manifest":
         """The manifest of one split, with a clear error if preprocess has not produced it."""
         path = Path(tfrecord_dir) / f"{split}{MANIFEST_SUFFIX}"
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise FileNotFoundError(f"{path}: no manifest; run `dvc repro preprocess` first") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc}); run `dvc repro preprocess`") from None
+        raw = read_json(path, "manifest", "run `dvc repro preprocess` first")
         names = {f.name for f in dataclasses.fields(cls)} - {"directory"}
         if not isinstance(raw, dict) or set(raw) != names:
             raise ValueError(f"{path}: not a manifest of schema {SCHEMA_VERSION}; run `dvc repro preprocess`")
