@@ -32,10 +32,7 @@ import base64
 import json
 import logging
 import os
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -74,41 +71,21 @@ def post(url: str, body: bytes, expect: int) -> float:
     return seconds
 
 
-def body(values: list[str]) -> bytes:
-    """The JSON of a request: one row per base64 image, in column `image` (split orientation)."""
-    return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}).encode()
-
-
 def serve(paths: list[str], args: argparse.Namespace) -> dict[str, float]:
     """Start the champion's server, measure latency and throughput, stop it (whatever happens)."""
-    with socket.socket() as s:  # a port free right now
-        s.bind(("127.0.0.1", 0))
-        port, venv_bin = s.getsockname()[1], Path(sys.executable).parent
+    from mlic.serving import model_server, request_body as body
+
+    venv_bin = Path(sys.executable).parent
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{ROOT / 'mlflow.db'}",
            "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}"}
-    cmd = [str(venv_bin / "mlflow"), "models", "serve", "-m", "models:/mlic@champion", "--env-manager", "local",
-           "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    url = f"http://127.0.0.1:{port}"
     b64 = [base64.b64encode(Path(p).read_bytes()).decode("ascii") for p in paths]
     singles = [body([b64[i % len(b64)]]) for i in range(args.requests + 5)]
     batches = [body(b64[(32 * i) % len(b64):][:32]) for i in range(args.batch_requests + 2)]
-    with tempfile.NamedTemporaryFile("w+", prefix="bench_serve_", suffix=".log") as log:
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        try:
-            while True:
-                if proc.poll() is not None or time.perf_counter() - t0 > 240:
-                    log.seek(0)
-                    raise RuntimeError(f"server did not start (exit {proc.poll()}):\n{log.read()[-3000:]}")
-                try:
-                    with urllib.request.urlopen(url + "/ping", timeout=5) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                time.sleep(0.5)
+        with model_server("models:/mlic@champion", cwd=ROOT, env=env, log_path=Path(tmp) / "serve.log") as server:
             startup = time.perf_counter() - t0
+            url = server.url
             print(f"server up in {startup:.1f} s (start to /ping 200)", flush=True)
             for b in singles[:5]:  # warm-up
                 post(url + "/invocations", b, 1)
@@ -117,13 +94,6 @@ def serve(paths: list[str], args: argparse.Namespace) -> dict[str, float]:
                 post(url + "/invocations", b, 32)
             rates = [32 * args.batch_requests / sum(post(url + "/invocations", b, 32) for b in batches[2:])
                      for _ in range(args.repeats)]
-        finally:
-            os.killpg(proc.pid, signal.SIGTERM)  # the server and its uvicorn worker
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(timeout=30)
     return {"startup": startup, "p50": float(np.percentile(latency, 50)), "p95": float(np.percentile(latency, 95)),
             "single": 1000 * len(latency) / float(latency.sum()), "batch": max(rates),
             "batch_med": statistics.median(rates)}

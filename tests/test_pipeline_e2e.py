@@ -198,14 +198,6 @@ def test_mlic_predict_agrees_with_evaluate_and_calibrate(project: tuple[Path, di
     assert len(ours) == len(list((repo / "data/sample/images").rglob("*.*")))  # every image predicted
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, body: bytes) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
@@ -225,12 +217,10 @@ def test_served_champion_answers_like_mlic_predict(project: tuple[Path, dict[str
     if not (repo / "reports/mlflow_run.json").exists():
         pytest.skip("pipeline test did not run")
     import base64
-    import signal
-    import time
-    import urllib.request
 
-    import pandas as pd
     from PIL import Image
+
+    from mlic import serving
 
     source = sorted((repo / "data/sample/images").rglob("*.jpg"))[0]
     files = {"a.jpg": source.read_bytes()}
@@ -244,29 +234,8 @@ def test_served_champion_answers_like_mlic_predict(project: tuple[Path, dict[str
     _predict(repo, env, *(str(tmp_path / n) for n in files), "--model", "models:/mlic@champion", "--out", str(out))
     expected = json.loads(out.read_text())
 
-    port = _free_port()
-    log = open(tmp_path / "serve.log", "w")
-    server = subprocess.Popen(
-        ["mlflow", "models", "serve", "-m", "models:/mlic@champion", "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port), "-w", "1"],
-        cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            try:
-                with urllib.request.urlopen(url + "/ping", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "server did not start: " + (tmp_path / "serve.log").read_text()[-3000:]
-            time.sleep(1)
-
-        def body(values: list[str]) -> bytes:
-            return json.dumps({"dataframe_split": {"columns": ["image"], "data": [[v] for v in values]}}).encode()
-
+    with serving.model_server("models:/mlic@champion", cwd=repo, env=env, log_path=tmp_path / "serve.log") as server:
+        url, body = server.url, serving.request_body
         status, answer = _post(url + "/invocations", body([base64.b64encode(b).decode() for b in files.values()]))
         assert status == 200, answer
         rows = answer["predictions"]
@@ -284,15 +253,7 @@ def test_served_champion_answers_like_mlic_predict(project: tuple[Path, dict[str
         assert 400 <= status < 500
         status, again = _post(url + "/invocations", body([base64.b64encode(files["c.png"]).decode()]))
         assert status == 200 and again["predictions"][0]["labels"] == expected[2]["labels"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its uvicorn worker, by the server's PID
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
-        log.close()
-    assert server.returncode is not None
+    assert server.process.returncode is not None  # stopped by its PID's process group
 
 
 def test_saved_model_predicts_on_a_raw_image_file(project: tuple[Path, dict[str, str]]) -> None:

@@ -15,10 +15,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import importlib.metadata
+import json
 import logging
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
+import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -193,6 +202,64 @@ def log_packaged_model(keras_path: str | Path, meta_path: str | Path, thresholds
         return mlflow.pyfunc.log_model(name=name, artifacts=artifacts, code_paths=[code],
                                        registered_model_name=registered_model_name, params=params,
                                        tags=tags, **_model_kwargs(meta_path))
+
+
+def request_body(images_base64: Sequence[str]) -> bytes:
+    """The JSON a client POSTs to `/invocations`: one row per base64 image file, column `image`."""
+    return json.dumps({"dataframe_split": {"columns": [IMAGE_COLUMN],
+                                           "data": [[v] for v in images_base64]}}).encode("utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class Server:
+    url: str                        # http://127.0.0.1:<port>
+    process: subprocess.Popen       # `mlflow models serve`, leader of its own process group
+
+
+@contextmanager
+def model_server(model_uri: str, *, cwd: str | Path, env: dict[str, str], log_path: str | Path,
+                 timeout_s: float = 240.0) -> Iterator[Server]:
+    """Run `mlflow models serve -m <model_uri> --env-manager local -w 1` on a free loopback port.
+
+    Yields once GET /ping answers 200 (RuntimeError with the log's tail if the server exits or
+    does not answer within `timeout_s`). On exit the server and its uvicorn worker are stopped
+    through its process group (SIGTERM, then SIGKILL after 30 s). For tests and benchmarks.
+    """
+    with socket.socket() as sock:  # a port that is free right now
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = shutil.which("mlflow", path=env.get("PATH"))
+    cmd = [exe] if exe else [sys.executable, "-m", "mlflow"]
+    cmd += ["models", "serve", "-m", model_uri, "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port),
+            "-w", "1"]
+    log_path = Path(log_path)
+    with open(log_path, "w", encoding="utf-8") as log_file:
+        process = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=log_file, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        server = Server(f"http://127.0.0.1:{port}", process)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not _pings(server.url):
+                if process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"`{' '.join(cmd)}` did not start (exit {process.poll()}):\n"
+                                       + log_path.read_text(encoding="utf-8", errors="replace")[-3000:])
+                time.sleep(0.5)
+            yield server
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
+
+
+def _pings(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/ping", timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
 
 
 def load_predictor(model_uri: str, tracking_uri: str | None = None) -> Any:
