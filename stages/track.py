@@ -1,30 +1,36 @@
 """Stage `track`: mirror the pipeline's outputs into ONE complete MLflow run.
 
-Reads  params `tracking` (experiment, uri, log_model, registered_model, champion_metric) and the
-       whole --params file; the Keras history CSV, metrics JSONs (`[prefix=]path`), artifacts,
-       the model with its metadata and thresholds (packaged as one pyfunc model, registered),
-       the split manifests.
-Writes --out (run id, experiment, run name, tracking URI, git commit), atomically.
+Reads  params `tracking`, `calibrate`, `evaluate` and the whole --params file; the Keras history
+       CSV, metrics JSONs (`[prefix=]path`), artifacts, the report tables the figures are drawn
+       from, the model with its metadata and thresholds (packaged as one pyfunc model,
+       registered), the split manifests, and the journal of the stages that ran (`.mlic/`).
+Writes no DVC output: its product is the MLflow run. Where it is (run id, experiment, model
+       version) goes to --note, a local file outside git and DVC (a run id means nothing to
+       another clone), and to the log.
 DVC re-runs it whenever anything upstream changed, so each changed pipeline run gets one run.
 Run alone: python stages/track.py --params params.yaml --history reports/train/history.csv \
            --metrics train=reports/train/metrics.json reports/evaluate/metrics.json \
            --artifacts dvc.lock models/model_meta.json --model models/model.keras \
-           --meta models/model_meta.json --thresholds reports/calibrate/thresholds.json \
-           --manifests-dir data/tfrecords --out reports/mlflow_run.json
+           --meta models/model_meta.json --summary models/model_summary.txt \
+           --thresholds reports/calibrate/thresholds.json \
+           --manifests-dir data/tfrecords --note .mlic/mlflow_run.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import re
 import sys
+import tempfile
 from pathlib import Path
 
-from mlic import tracking
+from mlic import figures, record, tracking
 from mlic.atomic import write_json
+from mlic.params import load_section, read_params_file
 from mlic.stage import run_stage, setup_logging
-from mlic.params import load_section
 
 log = logging.getLogger("mlic.stages.track")
 
@@ -40,17 +46,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml", type=Path)
     ap.add_argument("--history", type=Path, help="per-epoch history CSV (column `epoch`)")
     ap.add_argument("--metrics", nargs="+", action="extend", default=[], type=metrics_arg,
-                    metavar="[PREFIX=]JSON", help="metrics files; PREFIX_ goes before their names")
+                    metavar="[PREFIX=]JSON", help="metrics files; PREFIX/ goes before their names")
     ap.add_argument("--artifacts", nargs="+", action="extend", default=[], type=Path)
+    ap.add_argument("--pr-curves", type=Path, help="evaluate's per-class PR curves (figure)")
+    ap.add_argument("--per-class-default", type=Path, help="evaluate's per-class test table (figures)")
+    ap.add_argument("--per-class-calibrated", type=Path, help="calibrate's per-class test table (figure)")
+    ap.add_argument("--fbeta-curves", type=Path, help="calibrate's F-beta vs threshold table (figure)")
     ap.add_argument("--model", type=Path, help=".keras model (packaged and logged if tracking.log_model)")
     ap.add_argument("--meta", type=Path, help="model_meta.json, packed with the model")
+    ap.add_argument("--summary", type=Path, help="train's model_summary.txt, packed with the model")
     ap.add_argument("--thresholds", type=Path, help="calibrate's thresholds.json, packed with the model")
     ap.add_argument("--manifests-dir", type=Path, help="folder of <split>.manifest.json")
-    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--note", type=Path, default=Path(".mlic/mlflow_run.json"),
+                    help="where to note the run's id and model version (local, not versioned)")
     args = ap.parse_args(argv)
     setup_logging()
+    # MLflow draws a progress bar for every artifact it reads back while logging the model.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
-    cfg = load_section("tracking", args.params)
+    raw = read_params_file(args.params)
+    cfg, cal, ev = (load_section(s, args.params, raw) for s in ("tracking", "calibrate", "evaluate"))
     uri = tracking.resolve_tracking_uri(cfg.uri)
     if args.model and not cfg.log_model:
         log.info("tracking.log_model is false: not logging %s", args.model)
@@ -59,18 +74,30 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.meta and args.thresholds):
             ap.error("--model needs --meta and --thresholds: the packaged model carries all three")
         package = tracking.PackageSpec(args.model, args.meta, args.thresholds, cfg.registered_model,
-                                       cfg.champion_metric)
+                                       cfg.champion_metric, args.summary)
     try:
         tracking.check_store(uri)
-        info = tracking.log_pipeline_run(
-            tracking_uri=uri, experiment=cfg.experiment, params_file=args.params,
-            history_csv=args.history, metrics_files=args.metrics, artifacts=args.artifacts,
-            package=package, manifests_dir=args.manifests_dir,
+        run = record.build_record(
+            params_file=args.params, history_csv=args.history, metrics_files=args.metrics,
+            artifacts=args.artifacts, manifests_dir=args.manifests_dir, model_meta=args.meta,
             project_root=Path.cwd())
+        for path in (args.pr_curves, args.per_class_default, args.per_class_calibrated, args.fbeta_curves):
+            if path is not None and not path.exists():
+                raise FileNotFoundError(f"{path}: report table not found (it was passed, so it is required)")
+        thresholds = json.loads(args.thresholds.read_text(encoding="utf-8")) if args.thresholds else {}
+        with tempfile.TemporaryDirectory(prefix="mlic-figures-") as tmp:
+            drawn = figures.draw_all(
+                Path(tmp), history=args.history, pr_curves_csv=args.pr_curves,
+                per_class_default=args.per_class_default, per_class_calibrated=args.per_class_calibrated,
+                fbeta_csv=args.fbeta_curves, thresholds=thresholds, default_threshold=ev.threshold,
+                beta=cal.beta)
+            info = tracking.log_record(run, tracking_uri=uri, experiment=cfg.experiment, package=package,
+                                       extra_artifacts=drawn)
     except (tracking.TrackingUnavailable, FileNotFoundError, ValueError) as exc:
         log.error("%s", exc)
         return 2
-    write_json(args.out, info.as_dict())
+    args.note.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.note, info.as_dict())
     log.info("MLflow run %s (%s) in experiment %r. See it: %s",
              info.run_name, info.run_id, info.experiment, tracking.ui_hint(info))
     if info.registered_model:

@@ -3,9 +3,11 @@
 Reads  params `common`, `train` (and `tracking` for the store check); --tfrecords manifests/shards.
 Writes --model (.keras: raw 0..255 RGB in, probabilities out), --meta (model_meta.json: classes
        in column order, image size and resize mode, shard encoding, where calibrate's thresholds
-       are, seed, resolved params), --history (per-epoch CSV, DVC plots), --metrics.
+       are, seed, resolved params), --summary (Keras's layer table, packed with the model), --history (per-epoch CSV, DVC plots), --metrics (best epoch,
+       epochs run, best monitored value: DVC metrics). Timing and throughput differ on every
+       run, so they go to the journal (`journal.py`) for the MLflow run, not into a DVC output.
 Run alone: python stages/train.py --tfrecords data/tfrecords --model models/model.keras \
-           --meta models/model_meta.json --history reports/train/history.csv --metrics reports/train/metrics.json
+           --meta models/model_meta.json --summary models/model_summary.txt --history reports/train/history.csv --metrics reports/train/metrics.json
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from mlic import dataset, model as mlic_model, store, training
+from mlic import dataset, journal, model as mlic_model, store, training
 from mlic.atomic import atomic_path, write_csv, write_json
 from mlic.model_meta import ModelMeta
 from mlic.params import load_section, read_params_file
@@ -28,7 +30,7 @@ log = logging.getLogger("mlic.stages.train")
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    for flag in ("--tfrecords", "--model", "--meta", "--history", "--metrics"):
+    for flag in ("--tfrecords", "--model", "--meta", "--summary", "--history", "--metrics"):
         ap.add_argument(flag, required=True)
     ap.add_argument("--thresholds-source", default="reports/calibrate/thresholds.json",
                     help="where calibrate writes the thresholds (recorded in --meta for `mlic predict`)")
@@ -73,16 +75,19 @@ def main(argv: list[str] | None = None) -> int:
                 ckpt.unlink(missing_ok=True)
 
     write_csv(args.history, result.history)
+    with atomic_path(args.summary) as tmp:
+        tmp.write_text(mlic_model.summary_text(model), encoding="utf-8")
     ModelMeta(classes=classes, image_size=size, resize_mode=train_m.resize_mode, encoding=train_m.encoding,
               jpeg_quality=train_m.jpeg_quality, thresholds=args.thresholds_source, backbone=cfg.backbone,
               seed=common.seed, train=dataclasses.asdict(cfg),
-              data_fingerprints={"train": train_m.fingerprint, "val": val_m.fingerprint}).write(args.meta)
+              data_fingerprints={"train": train_m.fingerprint, "val": val_m.fingerprint},
+              parameters=int(model.count_params())).write(args.meta)
     write_json(args.metrics, {
         "best_epoch": result.best_epoch, f"best_{cfg.monitor}": round(result.best_value, 6),
-        "epochs_run": len(result.history), "seconds": round(result.seconds, 1),
-        "images_per_second": round(result.images_seen / max(result.seconds, 1e-9), 1),
-        "params": int(model.count_params()), "gpus": devices.gpus,
+        "epochs_run": len(result.history),
     })
+    journal.note(fit_seconds=round(result.seconds, 1), gpus=devices.gpus,
+                 images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1))
     log.info("best %s %.4f at epoch %d; %d epochs in %.0f s", cfg.monitor, result.best_value,
              result.best_epoch, len(result.history), result.seconds)
     return 0

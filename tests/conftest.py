@@ -253,7 +253,7 @@ def make_model_dir(root: Path, backbone: str = "simple_cnn", image_size: int = 3
     rel = "reports/calibrate/thresholds.json"
     ModelMeta(classes=list(classes), image_size=image_size, resize_mode="pad", encoding="png", jpeg_quality=None,
               thresholds=rel, backbone=backbone, seed=0, train={"backbone": backbone},
-              data_fingerprints={}).write(models / "model_meta.json")
+              data_fingerprints={}, parameters=int(model.count_params())).write(models / "model_meta.json")
     values = thresholds or tuple(0.3 + 0.1 * i for i in range(len(classes)))
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -271,3 +271,22 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> ModelDir:
 def predict_images(tmp_path_factory: pytest.TempPathFactory) -> ImageSet:
     """A dozen images of mixed modes, formats and sizes to predict on."""
     return make_image_set(tmp_path_factory.mktemp("predict_images"), n=12, seed=11, min_size=20, max_size=90)
+
+
+def write_manifests(folder: Path, fingerprints: dict[str, str], classes: tuple[str, ...] = ("cat", "dog", "bird"),
+                    count: int = 10) -> list:
+    """Manifests as preprocess writes them (no shards behind them): one per split, given fingerprints."""
+    from mlic.tfrecords import SCHEMA_VERSION, Manifest, Shard
+
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, fp in fingerprints.items():
+        manifest = Manifest(schema_version=SCHEMA_VERSION, split=split, count=count, skipped=[],
+                            classes=list(classes), image_size=32, channels=3, resize_mode="pad",
+                            encoding="png", jpeg_quality=None,
+                            positives={c: i + 1 for i, c in enumerate(classes)},
+                            shards=[Shard(f"{split}-00000-of-00001.tfrecord", count, "0" * 64)],
+                            fingerprint=fp, directory=folder)
+        manifest.write()
+        written.append(manifest)
+    return written

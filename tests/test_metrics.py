@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from sklearn import metrics as skm
 
+from mlic import metrics
 from mlic.metrics import compute_metrics, nan_to_none, per_class_table, prevalence_baseline
 
 TOL = 1e-6
@@ -273,3 +274,22 @@ def test_prevalence_baseline_f1_on_imbalanced_labels() -> None:
 def test_prevalence_baseline_rejects_bad_inputs(prev: list, n: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         prevalence_baseline(np.array(prev), n)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_pr_curve_table_is_the_interpolated_sklearn_curve(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n, k = 60, 3
+    y = (rng.random((n, k)) < 0.3).astype(int)
+    y[0] = 1
+    y[:, 2] = 0 if seed == 0 else y[:, 2]          # seed 0: a class without positives has no curve
+    p = np.round(rng.random((n, k)), 2)            # ties, as real rounded scores have
+    table = metrics.pr_curve_table(y, p, ["a", "b", "c"], points=21)
+    kept = ["a", "b"] if seed == 0 else ["a", "b", "c"]
+    assert table["class"].unique().tolist() == kept
+    for j, name in enumerate(kept):
+        precision, recall, _ = skm.precision_recall_curve(y[:, j], p[:, j])
+        part = table[table["class"] == name]
+        for r, got in zip(part["recall"], part["precision"]):
+            expected = precision[recall >= r - 1e-12].max()
+            assert got == pytest.approx(expected, abs=1e-9)

@@ -11,15 +11,15 @@ from mlic import registry
 
 
 @pytest.mark.parametrize("metric, value, champion, has, promoted, words", [
-    ("val_macro_ap", 0.8, 0.7, True, True, "0.8 > 0.7"),
-    ("val_macro_ap", 0.7, 0.7, True, False, "0.7 <= 0.7"),        # a tie keeps the champion
-    ("val_macro_ap", 0.6, 0.7, True, False, "not better"),
-    ("val_hamming_loss", 0.05, 0.07, True, True, "lower is better"),
-    ("val_hamming_loss", 0.08, 0.07, True, False, "0.08 >= 0.07"),
-    ("val_macro_ap", 0.1, None, False, True, "no champion yet"),
-    ("val_macro_ap", 0.1, None, True, True, "champion has no finite"),
-    ("val_macro_ap", None, 0.5, True, False, "new version has no finite"),
-    ("val_macro_ap", math.nan, 0.5, True, False, "new version has no finite"),
+    ("val/macro_ap", 0.8, 0.7, True, True, "0.8 > 0.7"),
+    ("val/macro_ap", 0.7, 0.7, True, False, "0.7 <= 0.7"),        # a tie keeps the champion
+    ("val/macro_ap", 0.6, 0.7, True, False, "not better"),
+    ("val/hamming_loss", 0.05, 0.07, True, True, "lower is better"),
+    ("val/hamming_loss", 0.08, 0.07, True, False, "0.08 >= 0.07"),
+    ("val/macro_ap", 0.1, None, False, True, "no champion yet"),
+    ("val/macro_ap", 0.1, None, True, True, "champion has no finite"),
+    ("val/macro_ap", None, 0.5, True, False, "new version has no finite"),
+    ("val/macro_ap", math.nan, 0.5, True, False, "new version has no finite"),
 ])
 def test_decide(metric, value, champion, has, promoted, words) -> None:
     got, reason = registry.decide(metric, value, champion, has_champion=has)
@@ -27,17 +27,17 @@ def test_decide(metric, value, champion, has, promoted, words) -> None:
     assert words in reason
 
 
-@pytest.mark.parametrize("name", ["test_macro_ap", "test_calibrated_macro_f1", "macro_ap", "train_best_epoch"])
+@pytest.mark.parametrize("name", ["test/macro_ap", "test_calibrated/macro_f1", "macro_ap", "train/best_epoch"])
 def test_selection_on_anything_but_validation_is_refused(name: str) -> None:
     with pytest.raises(ValueError, match="leaks the test set"):
         registry.check_selection_metric(name)
 
 
 def test_headline_keeps_the_known_finite_metrics_and_the_selection_metric() -> None:
-    summary = {"test_macro_ap": 0.5, "val_macro_ap": 0.6, "val_macro_f1": 0.4, "test_calibrated_macro_f1": math.nan,
+    summary = {"test/macro_ap": 0.5, "val/macro_ap": 0.6, "val/macro_f1": 0.4, "test_calibrated/macro_f1": math.nan,
                "other": 1.0}
-    assert registry.headline(summary, "val_macro_f1") == {"test_macro_ap": 0.5, "val_macro_ap": 0.6,
-                                                          "val_macro_f1": 0.4}
+    assert registry.headline(summary, "val/macro_f1") == {"test/macro_ap": 0.5, "val/macro_ap": 0.6,
+                                                          "val/macro_f1": 0.4}
 
 
 @pytest.fixture()
@@ -47,12 +47,13 @@ def client(tmp_path: Path):
     return MlflowClient(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
 
 
-def _version(client, tmp_path: Path, name: str, value: float | None) -> str:
-    """A run with `val_macro_ap` = value, and a registered version of an (empty) model from it."""
+def _version(client, tmp_path: Path, name: str, value: float | None,
+             metric: str = "val/macro_ap") -> str:
+    """A run with `metric` = value, and a registered version of an (empty) model from it."""
     experiment = client.get_experiment_by_name("e") or client.get_experiment(client.create_experiment("e"))
     run = client.create_run(experiment.experiment_id)
     if value is not None:
-        client.log_metric(run.info.run_id, "val_macro_ap", value)
+        client.log_metric(run.info.run_id, metric, value)
     client.set_terminated(run.info.run_id)
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name)
@@ -65,7 +66,7 @@ def test_champion_moves_only_to_a_strictly_better_version(client, tmp_path: Path
     history = []
     for value in (0.5, 0.4, 0.7, 0.7, None, 0.9):
         version = _version(client, tmp_path, "m", value)
-        decision = registry.elect_champion(client, "m", version, "val_macro_ap", value)
+        decision = registry.elect_champion(client, "m", version, "val/macro_ap", value)
         champion = client.get_model_version_by_alias("m", registry.ALIAS).version
         history.append((version, decision.promoted, str(champion)))
         tag = client.get_model_version("m", version).tags["champion_decision"]
@@ -76,9 +77,17 @@ def test_champion_moves_only_to_a_strictly_better_version(client, tmp_path: Path
 
 def test_decision_records_both_sides(client, tmp_path: Path) -> None:
     first = _version(client, tmp_path, "m2", 0.5)
-    registry.elect_champion(client, "m2", first, "val_macro_ap", 0.5)
+    registry.elect_champion(client, "m2", first, "val/macro_ap", 0.5)
     second = _version(client, tmp_path, "m2", 0.6)
-    d = registry.elect_champion(client, "m2", second, "val_macro_ap", 0.6).as_dict()
+    d = registry.elect_champion(client, "m2", second, "val/macro_ap", 0.6).as_dict()
     assert d["previous_champion"] == first and d["previous_value"] == pytest.approx(0.5)
     assert d["version"] == second and d["value"] == 0.6 and d["promoted"] is True
     assert d["greater_is_better"] is True and "test metrics are never used" in d["rule"]
+
+
+def test_a_champion_logged_under_the_old_flat_name_is_still_compared(client, tmp_path: Path) -> None:
+    old = _version(client, tmp_path, "m3", 0.8, metric="val_macro_ap")
+    client.set_registered_model_alias("m3", registry.ALIAS, old)
+    new = _version(client, tmp_path, "m3", 0.7)
+    d = registry.elect_champion(client, "m3", new, "val/macro_ap", 0.7)
+    assert d.previous_value == pytest.approx(0.8) and d.promoted is False

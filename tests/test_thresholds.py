@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, fbeta_score
 
+from mlic import thresholds
 from mlic.thresholds import fit_thresholds, thresholds_from_dict, thresholds_to_dict
 
 # Hand-built class: sorted scores with labels 1 1 0 1 0 0.
@@ -165,3 +166,19 @@ def test_from_dict_names_missing_and_extra_classes() -> None:
 def test_dict_helpers_reject_bad_input(call, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         call()
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.0, 2.0])
+def test_fbeta_curve_table_matches_sklearn_at_every_threshold(beta: float) -> None:
+    from sklearn.metrics import fbeta_score
+
+    rng = np.random.default_rng(int(beta * 10))
+    y = (rng.random((50, 3)) < 0.3).astype(int)
+    y[:, 2] = 0                                    # no positive: F-beta 0 everywhere
+    p = rng.random((50, 3))
+    table = thresholds.fbeta_curve_table(y, p, ["a", "b", "c"], beta=beta, points=9)
+    assert len(table) == 27
+    for row in table.itertuples():
+        j = "abc".index(row[1])
+        pred = (p[:, j] >= row.threshold).astype(int)
+        assert row.f_beta == pytest.approx(fbeta_score(y[:, j], pred, beta=beta, zero_division=0), abs=1e-12)

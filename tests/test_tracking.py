@@ -1,9 +1,10 @@
 """The `track` stage and mlic.tracking: one complete MLflow run from synthetic pipeline files.
 
 The module fixture builds a tiny project in a temporary git repo (params, history, metrics
-JSONs with a null, per-class tables, thresholds, dvc.lock, manifests, a real 3-class .keras
-model), runs `stages/track.py`'s main once against a sqlite store in tmp, and the tests read the
-run back with MlflowClient.
+JSONs with a null, per-class tables and curves, thresholds, dvc.lock, manifests, a journal of
+stage runs, a real 3-class .keras model), runs `stages/track.py`'s main once against a sqlite
+store in tmp, and the tests read the run back with MlflowClient. The naming rules themselves
+are tested in test_record.py.
 """
 
 from __future__ import annotations
@@ -14,14 +15,14 @@ import os
 import shutil
 import subprocess
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from mlic import tracking
+from mlic import journal, tracking
+from mlic.record import data_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
@@ -50,13 +51,20 @@ HISTORY = pd.DataFrame({
     "learning_rate": [0.001, 0.001, 0.0005],
     "phase": ["head", "head", "finetune"],
 })
-TRAIN_METRICS = {"best_epoch": 2, "epochs_run": 3, "seconds": 1.5, "stopped_early": True}
-EVALUATE_METRICS = {"val": {"macro_f1": 0.8, "micro_f1": 0.85, "macro_ap": 0.7},
-                    "test": {"macro_f1": 0.75, "auc_pr": None, "per_class": {"cat": {"f1": 0.7}}},
-                    "test_baseline": {"macro_f1": 0.5}}
-CALIBRATE_METRICS = {"test_calibrated": {"macro_f1": 0.78}, "val_calibrated": {"macro_f1": 0.82}}
+TRAIN_METRICS = {"best_epoch": 2, "epochs_run": 3, "stopped_early": True}
+EVALUATE_METRICS = {"val": {"macro_f1": 0.8, "micro_f1": 0.85, "macro_ap": 0.7, "hamming_loss": 0.1,
+                            "n_samples": 10},
+                    "test": {"macro_f1": 0.75, "macro_ap": 0.72, "auc_pr": None, "n_samples": 10,
+                             "per_class": {"cat": {"f1": 0.7}}},
+                    "baseline": {"test": {"macro_f1": 0.5, "lrap": 0.4}, "val": {"macro_f1": 0.45}}}
+CALIBRATE_METRICS = {"test_calibrated": {"macro_f1": 0.78, "macro_ap": 0.72},
+                     "val_calibrated": {"macro_f1": 0.82}}
 FINGERPRINTS = {"train": "a" * 64, "val": "b" * 64, "test": "c" * 64}
 EXPERIMENT = "mlic-test"
+# The journal: train ran 5 minutes before track, preprocess before the previous track.
+NOW = time.time()
+JOURNAL = {"preprocess": (NOW - 4000, NOW - 3900, {}), "track": (NOW - 3800, NOW - 3700, {}),
+           "train": (NOW - 300, NOW - 60, {"images_per_second": 250.0, "fit_seconds": 230.0})}
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -71,7 +79,7 @@ def _write(path: Path, text: str) -> Path:
 
 
 def _build_project(root: Path) -> None:
-    from conftest import make_model_dir
+    from conftest import make_model_dir, write_manifests
 
     _write(root / "params.yaml", PARAMS_YAML)
     _write(root / "dvc.lock", "schema: '2.0'\nstages: {}\n")
@@ -79,10 +87,19 @@ def _build_project(root: Path) -> None:
     _write(root / "reports/train/metrics.json", json.dumps(TRAIN_METRICS))
     _write(root / "reports/evaluate/metrics.json", json.dumps(EVALUATE_METRICS))
     _write(root / "reports/calibrate/metrics.json", json.dumps(CALIBRATE_METRICS))
+    per_class = "class,support,prevalence,f1,ap\ncat,3,0.3,0.7,0.8\ndog,4,0.4,0.8,0.9\nbird,2,0.2,0.6,0.5\n"
     for stage in ("evaluate", "calibrate"):
-        _write(root / f"reports/{stage}/per_class_test.csv", "class,f1\ncat,0.7\ndog,0.8\nbird,0.6\n")
-    for split, fp in FINGERPRINTS.items():
-        _write(root / f"data/tfrecords/{split}.manifest.json", json.dumps({"count": 10, "fingerprint": fp}))
+        _write(root / f"reports/{stage}/per_class_test.csv", per_class)
+    grid = np.linspace(0, 1, 11)
+    _write(root / "reports/evaluate/pr_curves.csv", pd.DataFrame(
+        {"class": np.repeat(["cat", "dog", "bird"], 11), "recall": np.tile(grid, 3),
+         "precision": np.tile(1 - grid / 2, 3)}).to_csv(index=False))
+    _write(root / "reports/calibrate/fbeta_vs_threshold.csv", pd.DataFrame(
+        {"class": np.repeat(["cat", "dog", "bird"], 11), "threshold": np.tile(grid, 3),
+         "f_beta": np.tile(grid * (1 - grid) * 4, 3)}).to_csv(index=False))
+    write_manifests(root / "data/tfrecords", FINGERPRINTS)
+    for stage, (started, ended, facts) in JOURNAL.items():
+        journal.write(root, journal.StageRun(stage, started, ended, facts))
     # A real mlic model (models/model.keras, model_meta.json) and calibrate's thresholds.json.
     make_model_dir(root, image_size=32, classes=("cat", "dog", "bird"), thresholds=(0.4, 0.5, 0.3))
 
@@ -95,9 +112,13 @@ def _track_argv(root: Path) -> list[str]:
         "--artifacts", "dvc.lock", "reports/evaluate/per_class_test.csv",
         "reports/calibrate/per_class_test.csv", "reports/calibrate/thresholds.json",
         "models/model_meta.json",
+        "--pr-curves", "reports/evaluate/pr_curves.csv",
+        "--per-class-default", "reports/evaluate/per_class_test.csv",
+        "--per-class-calibrated", "reports/calibrate/per_class_test.csv",
+        "--fbeta-curves", "reports/calibrate/fbeta_vs_threshold.csv",
         "--model", "models/model.keras", "--meta", "models/model_meta.json",
         "--thresholds", "reports/calibrate/thresholds.json", "--manifests-dir", "data/tfrecords",
-        "--out", "reports/mlflow_run.json",
+        "--note", ".mlic/mlflow_run.json",
     ]
 
 
@@ -133,7 +154,7 @@ def tracked(tmp_path_factory):
         assert _load_stage().main(_track_argv(project)) == 0
         print(f"track stage with model: {time.perf_counter() - started:.1f} s")
         client = MlflowClient(uri)
-        run_id = json.loads((project / "reports/mlflow_run.json").read_text())["run_id"]
+        run_id = json.loads((project / ".mlic/mlflow_run.json").read_text())["run_id"]
         yield project, uri, client, client.get_run(run_id)
 
 
@@ -161,25 +182,56 @@ def test_history_columns_are_curves_by_epoch(tracked, column):
     assert [m.value for m in history] == pytest.approx(HISTORY[column].tolist())
 
 
-def test_summary_metrics_are_flattened_and_prefixed(tracked):
+def test_summary_metrics_are_hierarchical_and_kept_to_the_rules(tracked):
     _, _, _, run = tracked
-    metrics = run.data.metrics
-    expected = {
-        "val_macro_f1": 0.8, "test_macro_f1": 0.75, "test_baseline_macro_f1": 0.5,
-        "test_per_class_cat_f1": 0.7, "test_calibrated_macro_f1": 0.78,
-        "val_calibrated_macro_f1": 0.82, "train_best_epoch": 2, "train_epochs_run": 3,
-        "train_stopped_early": 1.0,
-    }
-    assert {k: metrics[k] for k in expected} == pytest.approx(expected)
-    assert "test_auc_pr" not in metrics  # null in the JSON: skipped, not logged as 0/NaN
-    assert "epoch/phase" not in metrics and "epoch/epoch" not in metrics
+    summary = {k: v for k, v in run.data.metrics.items() if not k.startswith("epoch/")}
+    assert summary == pytest.approx({
+        "val/macro_f1": 0.8, "val/micro_f1": 0.85, "val/macro_ap": 0.7,     # not val/hamming_loss
+        "test/macro_f1": 0.75, "test/macro_ap": 0.72, "test/per_class/cat/f1": 0.7,
+        "test_calibrated/macro_f1": 0.78,                 # not its macro_ap: equal to test/macro_ap
+        "baseline/test/macro_f1": 0.5,                    # a contrast: not lrap, not baseline/val
+        "train/best_epoch": 2, "train/epochs_run": 3, "train/stopped_early": 1.0,
+        # from the journal: train ran after the previous track; preprocess before it
+        "train/images_per_second": 250.0, "train/fit_seconds": 230.0,
+    })  # no n_samples (a data fact), no test/auc_pr (null), no val_calibrated (in-sample)
+
+
+def test_run_spans_the_stages_that_ran_since_the_last_track(tracked):
+    _, _, _, run = tracked
+    train_started, _, _ = JOURNAL["train"]
+    assert run.info.start_time == int(train_started * 1000)
+    assert run.info.end_time - run.info.start_time >= 300 * 1000 - 1
+    assert run.data.tags["pipeline_stages"] == "train"
+
+
+def test_splits_are_dataset_inputs_with_their_fingerprints(tracked):
+    _, _, _, run = tracked
+    inputs = {d.dataset.name: d for d in run.inputs.dataset_inputs}
+    assert sorted(inputs) == ["test", "train", "val"]
+    for split, fp in FINGERPRINTS.items():
+        d = inputs[split]
+        assert d.dataset.digest == fp[:tracking.DIGEST_CHARS]
+        assert json.loads(d.dataset.profile)["fingerprint"] == fp
+        assert json.loads(d.dataset.profile)["records"] == 10
+        assert json.loads(d.dataset.source) == {"uri": f"data/tfrecords/{split}.manifest.json"}
+        assert [t.value for t in d.tags if t.key == "mlflow.data.context"] == [split]
+
+
+def test_figures_are_logged_as_png(tracked):
+    _, _, client, run = tracked
+    listed = {a.path for a in client.list_artifacts(run.info.run_id)}
+    figures = {"learning_curves.png", "pr_curves.png", "f1_per_class.png", "fbeta_vs_threshold.png"}
+    assert figures <= listed
+    for name in figures:
+        data = Path(client.download_artifacts(run.info.run_id, name)).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
 
 
 def test_artifacts_are_top_level_and_unique(tracked):
     _, _, client, run = tracked
     listed = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {
-        "params.yaml", "history.csv", "dvc.lock", "thresholds.json", "model_meta.json",
+        "params.yaml", "history.csv", "dvc.lock.yaml", "thresholds.json", "model_meta.json",
         "evaluate_per_class_test.csv", "calibrate_per_class_test.csv",
         "train_metrics.json", "evaluate_metrics.json", "calibrate_metrics.json",
         "train.manifest.json", "val.manifest.json", "test.manifest.json",
@@ -217,13 +269,13 @@ def test_model_is_registered_as_champion_with_its_headline_metrics(tracked):
     _, _, client, run = tracked
     version = client.get_model_version_by_alias("mlic-test-model", "champion")
     assert version.run_id == run.info.run_id
-    assert version.tags["val_macro_ap"] == "0.7" and version.tags["test_calibrated_macro_f1"] == "0.78"
+    assert version.tags["val/macro_ap"] == "0.7" and version.tags["test_calibrated/macro_f1"] == "0.78"
     assert version.tags["champion_decision"].startswith("promoted: no champion yet")
-    assert "val_macro_ap 0.7" in version.description and "promoted" in version.description
+    assert "val/macro_ap 0.7" in version.description and "promoted" in version.description
     assert run.data.tags["champion.promoted"] == "true"
     assert run.data.tags["registered_model_version"] == f"mlic-test-model/{version.version}"
     decision = json.loads(Path(client.download_artifacts(run.info.run_id, "champion.json")).read_text())
-    assert decision["metric"] == "val_macro_ap" and decision["promoted"] is True
+    assert decision["metric"] == "val/macro_ap" and decision["promoted"] is True
 
 
 def test_tags_record_git_dvc_and_data(tracked):
@@ -235,8 +287,8 @@ def test_tags_record_git_dvc_and_data(tracked):
     assert tags["dvc_exp_baseline_rev"] == "0" * 40
     assert tags["mlflow.runName"] == "brisk-otter"
     assert tags["mlflow.source.name"] == "dvc exp run"
-    assert tags["data_fingerprint"] == tracking.data_fingerprint(FINGERPRINTS)
-    assert {tags[f"data_fingerprint_{s}"] for s in FINGERPRINTS} == set(FINGERPRINTS.values())
+    assert tags["data_fingerprint"] == data_fingerprint(FINGERPRINTS)
+    assert tags["model_parameters"].isdigit()
 
 
 def test_experiment_is_a_model_training_experiment(tracked):
@@ -251,7 +303,7 @@ def test_exactly_one_finished_run_and_its_record(tracked):
     runs = client.search_runs([run.info.experiment_id])
     assert [r.info.run_id for r in runs] == [run.info.run_id]
     assert run.info.status == "FINISHED"
-    record = json.loads((project / "reports/mlflow_run.json").read_text())
+    record = json.loads((project / ".mlic/mlflow_run.json").read_text())
     champion = record.pop("champion")
     assert record == {
         "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
@@ -265,6 +317,8 @@ def test_exactly_one_finished_run_and_its_record(tracked):
 def test_failure_half_way_marks_the_run_failed(tracked, monkeypatch):
     from mlflow import MlflowClient
 
+    from mlic.record import build_record
+
     project, uri, client, _ = tracked
     monkeypatch.chdir(project)
 
@@ -272,22 +326,21 @@ def test_failure_half_way_marks_the_run_failed(tracked, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(MlflowClient, "log_artifacts", broken)
+    run = build_record(params_file=Path("params.yaml"), history_csv=Path("reports/train/history.csv"),
+                       metrics_files=[("", Path("reports/evaluate/metrics.json"))], project_root=project)
     with pytest.raises(OSError, match="disk full"):
-        tracking.log_pipeline_run(
-            tracking_uri=uri, experiment="mlic-failing", params_file=Path("params.yaml"),
-            history_csv=Path("reports/train/history.csv"),
-            metrics_files=[("", Path("reports/evaluate/metrics.json"))], project_root=project)
+        tracking.log_record(run, tracking_uri=uri, experiment="mlic-failing")
     experiment = client.get_experiment_by_name("mlic-failing")
     runs = client.search_runs([experiment.experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert runs[0].data.metrics["test_macro_f1"] == 0.75  # it got half-way: logged, then failed
+    assert runs[0].data.metrics["test/macro_f1"] == 0.75  # it got half-way: logged, then failed
 
 
 def test_a_missing_passed_file_fails_before_any_run(tracked, monkeypatch, tmp_path):
     project, uri, client, _ = tracked
     monkeypatch.chdir(project)
     params = _write(tmp_path / "params.yaml", "tracking:\n  experiment: mlic-missing\n")
-    argv = ["--params", str(params), "--metrics", "reports/nope.json", "--out", str(tmp_path / "o.json")]
+    argv = ["--params", str(params), "--metrics", "reports/nope.json", "--note", str(tmp_path / "o.json")]
     assert _load_stage().main(argv) == 2
     assert client.get_experiment_by_name("mlic-missing") is None
     assert not (tmp_path / "o.json").exists()
@@ -357,83 +410,3 @@ def test_check_cli_exits_2_with_the_message(monkeypatch, tmp_path, caplog):
 def test_password_is_redacted():
     assert tracking.redact_uri("https://me:secret@host:8443/x") == "https://me:***@host:8443/x"
     assert tracking.redact_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
-
-
-# --------------------------------------------------------------------------- naming rules
-@pytest.mark.parametrize(
-    "value, text",
-    [
-        (0.001, "0.001"), (42, "42"), (True, "true"), (None, "null"), ("pad", "pad"),
-        (["a", "b"], '["a","b"]'), ({"k": 1}, '{"k":1}'),
-    ],
-)
-def test_param_values_read_like_yaml(value, text):
-    assert tracking.param_value(value) == text
-
-
-def test_long_param_values_are_cut_visibly():
-    text = tracking.param_value(["x" * 50] * 200)
-    assert len(text) == tracking.MAX_PARAM_VALUE and "cut" in text[-60:]
-
-
-def test_metrics_flatten_with_underscores_and_skip_what_is_not_a_number():
-    values, skipped = tracking.flatten_metrics(
-        {"test": {"f1": 0.5, "auc": None, "nan": float("nan"), "ok": True, "name": "x",
-                  "list": [1, 2], "per class": {"t-shirt/top": 0.1}}}, prefix="p")
-    assert values == {"p_test_f1": 0.5, "p_test_ok": 1.0, "p_test_per class_t-shirt_top": 0.1}
-    assert sorted(skipped) == ["p_test_auc", "p_test_list", "p_test_name", "p_test_nan"]
-
-
-@pytest.mark.parametrize(
-    "paths, names",
-    [
-        (["a/x.csv", "b/y.csv"], ["x.csv", "y.csv"]),
-        (["r/evaluate/t.csv", "r/calibrate/t.csv"], ["evaluate_t.csv", "calibrate_t.csv"]),
-        (["a/m/t.csv", "b/m/t.csv", "c.csv"], ["a_m_t.csv", "b_m_t.csv", "c.csv"]),
-    ],
-)
-def test_artifact_names_are_unique_and_short(paths, names):
-    assert list(tracking.artifact_names([Path(p) for p in paths]).values()) == names
-
-
-def test_data_fingerprint_ignores_listing_order():
-    forward = tracking.data_fingerprint(FINGERPRINTS)
-    assert forward == tracking.data_fingerprint(dict(reversed(list(FINGERPRINTS.items()))))
-    assert forward != tracking.data_fingerprint({**FINGERPRINTS, "test": "d" * 64})
-
-
-def test_git_info_outside_a_repo_is_unknown(monkeypatch, tmp_path):
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
-    assert tracking.git_info(tmp_path) == tracking.GitInfo("unknown", "unknown")
-
-
-def test_untracked_file_makes_the_tree_dirty(monkeypatch, tmp_path):
-    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
-    _write(tmp_path / "a.txt", "a")
-    _git(tmp_path, "init", "-q")
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "commit", "-q", "-m", "a")
-    assert tracking.git_info(tmp_path).dirty == "false"
-    _write(tmp_path / "new.txt", "b")
-    assert tracking.git_info(tmp_path) == tracking.GitInfo(_git(tmp_path, "rev-parse", "HEAD"), "true", ("new.txt",))
-
-
-NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-
-
-@pytest.mark.parametrize(
-    "env, name, source",
-    [
-        ({"DVC_EXP_NAME": "brisk-otter"}, "brisk-otter", "dvc exp run"),
-        ({"DVC_STAGE": "track"}, "repro-abcdef1-20250102-030405", "dvc repro"),
-        ({}, "repro-abcdef1-20250102-030405", "python stages/track.py"),
-    ],
-)
-def test_run_names_and_sources(env, name, source):
-    run_name, tags = tracking.run_context(env, "abcdef1234" + "0" * 30, NOW)
-    assert (run_name, tags["mlflow.source.name"]) == (name, source)
-    assert tags["dvc_exp_name"] == env.get("DVC_EXP_NAME", "workspace")
-
-
-def test_run_name_without_git():
-    assert tracking.run_context({}, "unknown", NOW)[0] == "repro-nogit-20250102-030405"

@@ -37,6 +37,36 @@ Thresholds = float | Sequence[float] | np.ndarray
 # Metrics where lower is better; every other metric of `compute_metrics` is higher-is-better.
 LOWER_IS_BETTER = ("hamming_loss", "coverage_error", "ranking_loss", "loss")
 
+# Keys of `compute_metrics` that describe the data, not the model: the same for every model
+# scored on the same split, so they are reported with the data, never compared as metrics.
+DATA_FACTS = ("n_samples", "n_classes", "n_classes_undefined_ap", "n_classes_undefined_roc_auc",
+              "n_samples_without_labels", "mean_labels_true")
+# Keys of `compute_metrics` that rank probabilities and ignore the thresholds: equal at any
+# threshold, so a calibrated report repeats them unchanged.
+THRESHOLD_FREE = ("macro_ap", "micro_ap", "macro_roc_auc", "coverage_error", "ranking_loss", "lrap")
+
+# The numbers a user decides on, by report section: what `dvc exp show` shows (each stage writes
+# its part as a small DVC metrics file) and what a registered model version is tagged with.
+# `test_calibrated` is what the shipped model does; `test` at the default threshold and
+# `val/macro_ap` (the selection metric) give the contrast. The full sets stay in the stages'
+# metrics.json files.
+HEADLINE: dict[str, tuple[str, ...]] = {
+    "test_calibrated": ("macro_f1", "micro_f1", "subset_accuracy", "hamming_loss"),
+    "test": ("macro_ap", "macro_f1"),
+    "val": ("macro_ap",),
+}
+
+
+def headline(report: Mapping[str, Mapping[str, float | None]]) -> dict[str, dict[str, float | None]]:
+    """The `HEADLINE` part of a stage's report ({section: {metric: value}}), in HEADLINE order."""
+    return {section: {name: report[section][name] for name in names if name in report[section]}
+            for section, names in HEADLINE.items() if section in report}
+
+
+def headline_names(sep: str = "/") -> list[str]:
+    """HEADLINE as flat names: `test_calibrated/macro_f1`, ..."""
+    return [f"{section}{sep}{name}" for section, names in HEADLINE.items() for name in names]
+
 
 def greater_is_better(name: str) -> bool:
     """Direction of a metric by its (possibly prefixed) name: `val_hamming_loss` -> False."""
@@ -224,3 +254,37 @@ def prevalence_baseline(train_prevalence: np.ndarray, n: int) -> np.ndarray:
 def nan_to_none(values: Mapping[str, float]) -> dict[str, float | None]:
     """Replace NaN by None so `json.dump` writes `null` (strict JSON has no NaN)."""
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in values.items()}
+
+
+def pr_curve_table(
+    y_true: np.ndarray, y_prob: np.ndarray, class_names: Sequence[str], points: int = 101
+) -> pd.DataFrame:
+    """Per-class precision-recall curves, long format (class, recall, precision), for plots.
+
+    Precision is interpolated the usual way, as the best precision at any recall >= r, on a
+    fixed recall grid of `points` values from 0 to 1: the table stays small for any number of
+    images, and curves of different runs share their x values. Classes without a positive
+    (no curve exists) are left out. The raw curve comes from scikit-learn.
+    """
+    y_true, y_prob = check_arrays(y_true, y_prob, min_classes=1)
+    if len(class_names) != y_true.shape[1]:
+        raise ValueError(f"{len(class_names)} class names for {y_true.shape[1]} columns")
+    grid = np.linspace(0.0, 1.0, points)
+    frames = []
+    for j, name in enumerate(class_names):
+        if not y_true[:, j].any():
+            continue
+        precision, recall, _ = skm.precision_recall_curve(y_true[:, j], y_prob[:, j])
+        # recall descends along sklearn's arrays; the running max from the high-recall end
+        # is the best precision at recall >= r.
+        order = np.argsort(recall, kind="stable")
+        r, p = recall[order], precision[order]
+        best = np.maximum.accumulate(p[::-1])[::-1]
+        # a recall of 6/20 must count as reaching the grid's 0.30000000000000004
+        idx = np.searchsorted(r, grid - 1e-9, side="left")
+        interp = np.where(idx < r.size, best[np.minimum(idx, r.size - 1)], 0.0)
+        frames.append(pd.DataFrame({"class": name, "recall": grid, "precision": interp}))
+    if not frames:
+        return pd.DataFrame({"class": pd.Series(dtype=str), "recall": pd.Series(dtype=float),
+                             "precision": pd.Series(dtype=float)})
+    return pd.concat(frames, ignore_index=True)

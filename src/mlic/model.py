@@ -309,6 +309,13 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"mlic_{backbone}")
 
 
+def summary_text(model: keras.Model) -> str:
+    """Keras's layer-by-layer summary of `model` (nested models expanded), as text."""
+    lines: list[str] = []
+    model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True)
+    return "\n".join(lines) + "\n"
+
+
 def load_model(path: str | Path) -> keras.Model:
     """Load a `.keras` model built here, for inference (compile=False: no loss or optimizer).
 

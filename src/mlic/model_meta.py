@@ -36,6 +36,7 @@ class ModelMeta:
     seed: int
     train: dict[str, Any]         # the resolved `train` params
     data_fingerprints: dict[str, str]  # split -> fingerprint of the shards the model saw
+    parameters: int | None = None  # weights in the model (trainable or not)
     input: str = INPUT
     output: str = OUTPUT
     format_version: int = FORMAT_VERSION

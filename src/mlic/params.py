@@ -103,7 +103,7 @@ class Tracking:
     uri: str | None = None
     log_model: bool = True
     registered_model: str | None = "mlic"
-    champion_metric: str = "val_macro_ap"
+    champion_metric: str = "val/macro_ap"
 
 
 SECTIONS: dict[str, type] = {

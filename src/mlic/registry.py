@@ -14,29 +14,27 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
-from mlic.metrics import greater_is_better
+from mlic.metrics import greater_is_better, headline_names
 
 ALIAS = "champion"
-# The numbers a user decides on, shown on every registered version (when the run has them).
-HEADLINE = (
-    "test_calibrated_macro_f1",
-    "test_calibrated_micro_f1",
-    "test_macro_ap",
-    "test_calibrated_subset_accuracy",
-    "test_calibrated_hamming_loss",
-    "val_macro_ap",
-)
+# The numbers a user decides on (metrics.HEADLINE), shown on every registered version.
+HEADLINE = tuple(headline_names())
 
 
-def check_selection_metric(name: str) -> None:
-    """A champion is chosen on validation only (`val_...`); anything else is refused with why."""
-    if not name.startswith("val_"):
+def check_selection_metric(name: str, logged: Collection[str] | None = None) -> None:
+    """A champion is chosen on a logged validation metric (`val/...`); anything else is refused with why."""
+    if not name.startswith("val/"):
+        hint = f"val/{name[4:]}" if name.startswith("val_") else "val/macro_ap"
         raise ValueError(
-            f"tracking.champion_metric {name!r}: choose a validation metric (val_...), e.g. val_macro_ap; "
+            f"tracking.champion_metric {name!r}: choose a validation metric (val/...), e.g. {hint}; "
             "selecting a model on test leaks the test set into the choice")
+    if logged is not None and name not in logged:
+        choices = ", ".join(sorted(n for n in logged if n.startswith("val/")))
+        raise ValueError(f"tracking.champion_metric {name!r} is not among the run's metrics; "
+                         f"choose one of: {choices or '(none: is evaluate in the pipeline?)'}")
 
 
 def headline(summary: Mapping[str, float], selection_metric: str) -> dict[str, float]:
@@ -84,7 +82,9 @@ def decide(metric: str, value: float | None, champion_value: float | None, *,
 def _run_metric(client: Any, run_id: str | None, metric: str) -> float | None:
     if not run_id:
         return None
-    value = client.get_run(run_id).data.metrics.get(metric)
+    found = client.get_run(run_id).data.metrics
+    # runs logged before metric names were hierarchical call `val/macro_ap` `val_macro_ap`
+    value = found.get(metric, found.get(metric.replace("/", "_")))
     return None if value is None else float(value)
 
 

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import types
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -159,18 +160,25 @@ def pip_requirements() -> list[str]:
 
 
 @contextmanager
-def _package_files(keras_path: Path, meta_path: Path, thresholds_path: Path) -> Iterator[tuple[dict[str, str], str]]:
-    """(artifacts, code dir) staged in a temp folder: mlic's source without caches, and the summary."""
+def _package_files(keras_path: Path, meta_path: Path, thresholds_path: Path,
+                   summary_path: Path | None = None) -> Iterator[tuple[dict[str, str], str]]:
+    """(artifacts, code dir) staged in a temp folder: mlic's source without caches, and the summary.
+
+    `summary_path` is the summary `train` wrote; without it the model is loaded to make one
+    (TensorFlow's import: seconds).
+    """
     import mlic
-    from mlic.model import load_model
 
     with tempfile.TemporaryDirectory(prefix="mlic-package-") as tmp:
         code = Path(tmp) / "mlic"
         shutil.copytree(Path(mlic.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
         summary = Path(tmp) / "model_summary.txt"
-        lines: list[str] = []
-        load_model(keras_path).summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True)
-        summary.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        if summary_path is not None:
+            shutil.copyfile(summary_path, summary)
+        else:
+            from mlic.model import load_model, summary_text
+
+            summary.write_text(summary_text(load_model(keras_path)), encoding="utf-8")
         artifacts = {ARTIFACT_KERAS: str(keras_path), ARTIFACT_META: str(meta_path),
                      ARTIFACT_THRESHOLDS: str(thresholds_path), ARTIFACT_SUMMARY: str(summary)}
         yield artifacts, str(code)
@@ -193,15 +201,48 @@ def save_packaged_model(path: str | Path, keras_path: str | Path, meta_path: str
     return Path(path)
 
 
+class _KnownChoice(logging.Filter):
+    """Drops MLflow's advice against pickling `python_model`: MlicModel holds no state (its
+    artifacts are files), and models-from-code would ship the same code without the pickle."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "causes it to be serialized using CloudPickle" not in record.getMessage()
+
+
+def _save_pyfunc(validate_serving_input: bool = True, **kwargs: Any) -> Any:
+    pyfunc_log = logging.getLogger("mlflow.pyfunc")
+    known = _KnownChoice()
+    pyfunc_log.addFilter(known)
+    try:
+        return mlflow.pyfunc.save_model(**kwargs)
+    finally:
+        pyfunc_log.removeFilter(known)
+
+
+# mlflow.pyfunc as a `Model.log` flavor ("a module with save_model", per its docs).
+_PYFUNC_FLAVOR = types.SimpleNamespace(__name__="mlflow.pyfunc", save_model=_save_pyfunc)
+
+
 def log_packaged_model(keras_path: str | Path, meta_path: str | Path, thresholds_path: str | Path, *,
-                       name: str, registered_model_name: str | None = None,
+                       name: str, registered_model_name: str | None = None, summary_path: str | Path | None = None,
                        params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Any:
-    """Log the pyfunc model into the active run (and register it); returns MLflow's ModelInfo."""
+    """Log the pyfunc model into the active run (and register it); returns MLflow's ModelInfo.
+
+    MLflow's check that serves the input example through the freshly saved model is skipped:
+    it imports TensorFlow and loads the model (~5 s of every `track`), and the same path is
+    tested (tests/test_tracking.py loads the logged model back and compares its predictions,
+    the end-to-end test serves it). The input example is still saved with the model.
+    """
+    from mlflow.models import Model
+
     keras_path, meta_path, thresholds_path = Path(keras_path), Path(meta_path), Path(thresholds_path)
-    with _package_files(keras_path, meta_path, thresholds_path) as (artifacts, code):
-        return mlflow.pyfunc.log_model(name=name, artifacts=artifacts, code_paths=[code],
-                                       registered_model_name=registered_model_name, params=params,
-                                       tags=tags, **_model_kwargs(meta_path))
+    with _package_files(keras_path, meta_path, thresholds_path,
+                        Path(summary_path) if summary_path else None) as (artifacts, code):
+        # Model.log is what mlflow.pyfunc.log_model calls; only it takes validate_serving_input, and
+        # it hands its extra arguments on to the flavor's save_model, so the flavor drops it.
+        return Model.log(artifact_path=None, name=name, flavor=_PYFUNC_FLAVOR, artifacts=artifacts, code_paths=[code],
+                         registered_model_name=registered_model_name, params=params, tags=tags,
+                         validate_serving_input=False, **_model_kwargs(meta_path))
 
 
 def request_body(images_base64: Sequence[str]) -> bytes:

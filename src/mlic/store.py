@@ -27,7 +27,7 @@ class TrackingUnavailable(RuntimeError):
 
     def __init__(self, uri: str, reason: str):
         self.uri = uri
-        self.reason = _one_line(reason)
+        self.reason = one_line(reason)
         super().__init__(
             f"MLflow tracking store {redact_uri(uri)} is not reachable: {self.reason}; "
             "start the server or unset MLFLOW_TRACKING_URI to use the local mlflow.db"
@@ -166,7 +166,8 @@ def _environ(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = old
 
 
-def _one_line(text: str, limit: int = 300) -> str:
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` on one line (whitespace runs become one space), cut to `limit` characters."""
     text = " ".join(str(text).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
 

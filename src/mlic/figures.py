@@ -1,0 +1,154 @@
+"""The pictures of one pipeline run, drawn from its report files (PNG, for the MLflow run).
+
+Each function takes the tables the stages wrote and returns a matplotlib `Figure`; `draw_all`
+saves the ones whose inputs exist. Figures are built with `matplotlib.figure.Figure`, never
+pyplot, so no GUI backend or global state is involved. Per-class panels are small multiples
+(one panel per class, fixed column count): with 30 classes one tangle of coloured lines
+would be unreadable.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+from matplotlib.figure import Figure
+
+COLUMNS = 5
+DPI = 100
+# Keras history columns drawn, by panel: (title, [(column, label)]).
+CURVE_PANELS = (
+    ("Loss", [("loss", "train"), ("val_loss", "validation")]),
+    ("AUC-PR", [("auc_pr", "train"), ("val_auc_pr", "validation")]),
+    ("F1 at 0.5", [("f1", "train"), ("val_f1", "validation")]),
+    ("Learning rate", [("learning_rate", "learning rate")]),
+)
+
+
+def _grid(n: int, title: str, panel_w: float = 2.6, panel_h: float = 2.2) -> tuple[Figure, list]:
+    cols = min(COLUMNS, max(n, 1))
+    rows = max(1, math.ceil(n / cols))
+    fig = Figure(figsize=(panel_w * cols, panel_h * rows + 0.6), dpi=DPI, layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title)
+    return fig, axes[:n]
+
+
+def learning_curves(history: pd.DataFrame) -> Figure:
+    """Loss, AUC-PR, F1 and learning rate per epoch, train beside validation."""
+    panels = [(t, [(c, lab) for c, lab in cols if c in history.columns]) for t, cols in CURVE_PANELS]
+    panels = [(t, cols) for t, cols in panels if cols]
+    fig, axes = _grid(len(panels), "Training per epoch", panel_w=3.6, panel_h=2.8)
+    for ax, (title, cols) in zip(axes, panels):
+        for column, label in cols:
+            ax.plot(history["epoch"], history[column], label=label)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        if len(cols) > 1:
+            ax.legend(fontsize="small")
+    return fig
+
+
+def pr_curves(curves: pd.DataFrame, per_class: pd.DataFrame | None = None) -> Figure:
+    """Test precision-recall curve per class (interpolated), with AP and prevalence when known."""
+    classes = list(dict.fromkeys(curves["class"]))
+    info = per_class.set_index("class") if per_class is not None else None
+    fig, axes = _grid(len(classes), "Precision-recall per class (test)")
+    for ax, name in zip(axes, classes):
+        part = curves[curves["class"] == name]
+        ax.plot(part["recall"], part["precision"], drawstyle="steps-post")
+        title = str(name)
+        if info is not None and name in info.index:
+            row = info.loc[name]
+            ax.axhline(row["prevalence"], color="grey", linestyle=":", linewidth=1)  # a random ranker
+            title += f"  AP {row['ap']:.2f}"
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("recall")
+        ax.set_ylabel("precision")
+    return fig
+
+
+def f1_per_class(default: pd.DataFrame, calibrated: pd.DataFrame, default_threshold: float) -> Figure:
+    """Test F1 per class at the default threshold beside the calibrated thresholds."""
+    both = default[["class", "f1", "support"]].merge(
+        calibrated[["class", "f1"]], on="class", suffixes=("_default", "_calibrated"))
+    both = both.sort_values("f1_calibrated", kind="stable")
+    n = len(both)
+    fig = Figure(figsize=(7, 1.2 + 0.32 * n), dpi=DPI, layout="constrained")
+    ax = fig.subplots()
+    y = range(n)
+    ax.barh([i + 0.2 for i in y], both["f1_default"], height=0.4, label=f"at {default_threshold:g}")
+    ax.barh([i - 0.2 for i in y], both["f1_calibrated"], height=0.4, label="at calibrated thresholds")
+    ax.set_yticks(list(y), [f"{c} ({s})" for c, s in zip(both["class"], both["support"])])
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1 on test")
+    ax.set_ylabel("class (test positives)")
+    ax.set_title("Test F1 per class: default vs calibrated threshold")
+    ax.legend(loc="lower right", fontsize="small")
+    return fig
+
+
+def fbeta_vs_threshold(curves: pd.DataFrame, thresholds: Mapping[str, float], default_threshold: float,
+                       beta: float | None = None) -> Figure:
+    """Validation F-beta per class against the threshold, with the fitted threshold marked."""
+    classes = list(dict.fromkeys(curves["class"]))
+    what = "F1" if beta in (None, 1, 1.0) else f"F{beta:g}"
+    fig, axes = _grid(len(classes), f"Validation {what} vs threshold per class "
+                                    f"(red: fitted, grey: {default_threshold:g})")
+    for ax, name in zip(axes, classes):
+        part = curves[curves["class"] == name]
+        ax.plot(part["threshold"], part["f_beta"])
+        ax.axvline(default_threshold, color="grey", linestyle=":", linewidth=1)
+        if name in thresholds:
+            ax.axvline(thresholds[name], color="tab:red", linewidth=1)
+            ax.set_title(f"{name}  t={thresholds[name]:.2f}", fontsize="medium")
+        else:
+            ax.set_title(str(name), fontsize="medium")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlabel("threshold")
+        ax.set_ylabel(what)
+    return fig
+
+
+def _read(path: Path) -> pd.DataFrame:
+    # class names stay text: pandas would read a class called `NA` or `None` as missing
+    return pd.read_csv(path, dtype={"class": str}, keep_default_na=False)
+
+
+def save(fig: Figure, path: Path) -> Path:
+    """Write `fig` as PNG (no timestamp in the file)."""
+    fig.savefig(path, format="png", metadata={"Software": None})
+    return path
+
+
+def draw_all(out_dir: Path, *, history: Path | None = None, pr_curves_csv: Path | None = None,
+             per_class_default: Path | None = None, per_class_calibrated: Path | None = None,
+             fbeta_csv: Path | None = None, thresholds: Mapping[str, float] | None = None,
+             default_threshold: float = 0.5, beta: float | None = None) -> dict[str, Path]:
+    """Draw every figure whose inputs were given into `out_dir`; {file name: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    drawn: dict[str, Path] = {}
+
+    def add(name: str, fig: Figure) -> None:
+        drawn[name] = save(fig, out_dir / name)
+
+    if history is not None:
+        add("learning_curves.png", learning_curves(pd.read_csv(history)))
+    if pr_curves_csv is not None:
+        per_class = _read(per_class_default) if per_class_default is not None else None
+        add("pr_curves.png", pr_curves(_read(pr_curves_csv), per_class))
+    if per_class_default is not None and per_class_calibrated is not None:
+        add("f1_per_class.png", f1_per_class(_read(per_class_default), _read(per_class_calibrated),
+                                             default_threshold))
+    if fbeta_csv is not None:
+        add("fbeta_vs_threshold.png", fbeta_vs_threshold(_read(fbeta_csv), thresholds or {},
+                                                         default_threshold, beta))
+    return drawn

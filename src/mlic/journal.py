@@ -1,0 +1,96 @@
+"""When each stage last ran and how fast: kept beside the project, outside git and DVC.
+
+Timings differ on every run, so they are not DVC outputs (a reproduction would change dvc.lock
+and the metrics files in git), yet the MLflow run should say how long the pipeline took and how
+fast training went. Each stage run by `stage.run_stage` that succeeds records one small file,
+`.mlic/stages/<stage>.json` (overwritten by the stage's next success). `track` spans its MLflow
+run over the stages that ran since the previous `track` and logs their facts as metrics.
+
+`dvc exp run --temp/--queue` runs in a fresh copy of the repository, which has no `.mlic`: only
+that experiment's own stages are seen there, which is what its run should span.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from collections.abc import Mapping
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+JOURNAL_DIR = Path(".mlic") / "stages"
+
+_facts: dict[str, float] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class StageRun:
+    """One successful run of a stage: wall-clock start and end (Unix seconds) and its facts."""
+
+    stage: str
+    started: float
+    ended: float
+    facts: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.started
+
+
+def note(**facts: float) -> None:
+    """Record a fact of this stage run (e.g. images_per_second) for its journal entry."""
+    _facts.update({k: float(v) for k, v in facts.items()})
+
+
+def take_facts() -> dict[str, float]:
+    """The facts noted so far, which are then forgotten (one stage run per process)."""
+    facts = dict(_facts)
+    _facts.clear()
+    return facts
+
+
+def process_start() -> float:
+    """When this process started (Unix seconds): a stage's imports count towards its time."""
+    try:
+        import psutil  # a DVC dependency; the fallback below only loses the import time
+
+        return float(psutil.Process().create_time())
+    except Exception:  # noqa: BLE001 - any failure: fall back to now
+        return time.time()
+
+
+def write(root: Path, run: StageRun) -> None:
+    """Save `run` as `<root>/.mlic/stages/<stage>.json`. Never raises: timing is not worth a failed stage."""
+    from mlic.atomic import write_json
+
+    try:
+        (Path(root) / JOURNAL_DIR).mkdir(parents=True, exist_ok=True)
+        write_json(Path(root) / JOURNAL_DIR / f"{run.stage}.json", dataclasses.asdict(run))
+    except OSError as exc:
+        log.warning("could not record the stage's timing (%s); its MLflow run will lack it", exc)
+
+
+def read(root: Path) -> dict[str, StageRun]:
+    """Every recorded stage run under `root`, by stage; unreadable entries are skipped with a warning."""
+    runs: dict[str, StageRun] = {}
+    for path in sorted((Path(root) / JOURNAL_DIR).glob("*.json")):
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            run = StageRun(str(data["stage"]), float(data["started"]), float(data["ended"]),
+                           {str(k): float(v) for k, v in dict(data.get("facts") or {}).items()})
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: unreadable stage record, ignored (%s)", path, exc)
+            continue
+        runs[run.stage] = run
+    return runs
+
+
+def since(runs: Mapping[str, StageRun], after: str = "track") -> list[StageRun]:
+    """The runs that started after stage `after` last ended (all of them if it never ran), by start."""
+    previous = runs.get(after)
+    cut = previous.ended if previous is not None else -math.inf
+    return sorted((r for s, r in runs.items() if s != after and r.started >= cut), key=lambda r: r.started)

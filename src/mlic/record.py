@@ -1,0 +1,403 @@
+"""What one pipeline run's record holds, read from the pipeline's files; no tracking backend here.
+
+`build_record` reads every file the `track` stage is given and returns a `RunRecord`: the run's
+name and tags, its params, summary metrics, per-epoch curves, artifacts (figures included),
+dataset inputs and start time. `tracking.py` writes such a record to MLflow; another backend
+would write the same record. The files are the source of truth; the record mirrors them.
+
+Naming conventions (one place, so the UI columns stay stable from run to run):
+  params    every key of params.yaml, dotted: `train.learning_rate`, `data.classes`. Values are
+            text as YAML would write them: lists/mappings as compact JSON, None as `null`,
+            booleans as `true`/`false`; longer than MLflow's 6000 chars -> cut, with a marker.
+  curves    each numeric column of the Keras history CSV as `epoch/<keras name>`, step = epoch.
+  metrics   hierarchical, levels joined by `/` so the MLflow UI groups them: a metrics JSON
+            {"test": {"macro_f1": ..}} -> `test/macro_f1`; {"baseline": {"test": {..}}} ->
+            `baseline/test/..`; a file given a prefix (train) -> `train/best_epoch`. Facts a
+            stage noted in the journal -> `<stage>/<fact>` (`train/images_per_second`), for the
+            stages that ran since the previous `track`. `SUMMARY_RULES` keeps the run to the
+            numbers worth comparing (see `keep_summary_metric`); every value stays in the JSON
+            files, which are logged as artifacts.
+  artifacts top level (the compare view lists only those), named by file name, or by as many
+            parent folders as needed to be unique: `evaluate_per_class_test.csv`. A file type
+            the UI cannot preview gets a suffix it can (`dvc.lock` -> `dvc.lock.yaml`).
+  datasets  one input per split manifest: name = split, digest = its fingerprint, with the
+            record count, classes and prevalence as the profile.
+  tags      git_commit, git_dirty (true/false/unknown), git_dirty_paths, dvc_exp_name,
+            dvc_exp_baseline_rev, data_fingerprint, model_parameters,
+            mlflow.source.name ("dvc repro" | "dvc exp run" | "python stages/track.py").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import re
+import subprocess
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlic import journal
+from mlic.metrics import DATA_FACTS, THRESHOLD_FREE
+from mlic.store import one_line
+
+log = logging.getLogger(__name__)
+
+HISTORY_PREFIX = "epoch/"
+MANIFEST_SUFFIX = ".manifest.json"
+# MLflow's limits (mlflow/utils/validation.py), repeated so we cut values ourselves, visibly.
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+UNKNOWN = "unknown"
+# Artifact suffixes the MLflow UI shows as text (server/js FileUtils); others get one appended.
+PREVIEW_SUFFIX = {".lock": ".yaml"}
+
+# Which summary metrics a run holds (see keep_summary_metric). Validation is for choosing a
+# model, so it keeps what ranks models independently of any threshold, plus F1 at the default.
+VAL_KEPT = (*THRESHOLD_FREE, "macro_f1", "micro_f1")
+# The trivial predictor is a contrast, not a candidate: a few numbers on test say what ours are worth.
+BASELINE_KEPT = ("macro_f1", "macro_ap", "subset_accuracy", "hamming_loss")
+# A calibrated report repeats the ranking metrics unchanged; validation at its own fitted
+# thresholds is in-sample.
+SUMMARY_RULES = """\
+- facts about the data (n_samples, n_classes, ...) are not metrics of a model: dropped;
+- `test/` keeps every metric; `val/` the threshold-free ones plus macro/micro F1;
+- `test_calibrated/` only the threshold-dependent ones (the rest equal `test/`);
+  `val_calibrated/` none (in-sample: the thresholds were fitted on it);
+- `baseline/test/` a few for contrast, `baseline/val/` none."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GitInfo:
+    commit: str  # full sha, or "unknown" outside a git repo / without git
+    dirty: str  # "true" | "false" | "unknown"
+    dirty_paths: tuple[str, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInput:
+    """One split the run used, as the tracking backend's dataset input."""
+
+    name: str                 # the split: train | val | test
+    fingerprint: str          # content hash of the split's shards (sha256 hex)
+    source: str               # the manifest's path, relative to the project
+    records: int
+    columns: dict[str, str]   # what a record holds: name -> MLflow column type
+    profile: dict[str, Any]   # records, classes, prevalence, shards, image size
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRecord:
+    """Everything one pipeline run logs, backend-neutral."""
+
+    name: str
+    tags: dict[str, str]
+    params: dict[str, str]
+    metrics: dict[str, float]
+    curves: dict[str, list[tuple[int, float]]]
+    artifacts: dict[str, Path]      # top-level artifact name -> local file or folder
+    datasets: list[DatasetInput]
+    started: float | None = None    # Unix seconds: the first stage of this pipeline run
+    stages: tuple[str, ...] = ()    # the stages that ran since the previous `track`
+
+
+# --------------------------------------------------------------------------- names and values
+_BAD_NAME_CHARS = re.compile(r"[^\w.\- ]")  # MLflow allows \w . - space / (and :) in names
+
+
+def clean_name(name: str) -> str:
+    """One level of a metric/param name MLflow accepts: other characters (and `/`) become `_`."""
+    return _BAD_NAME_CHARS.sub("_", str(name)).strip() or "_"
+
+
+def param_value(value: Any) -> str:
+    """A param value as text, written the way params.yaml would show it."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, bool) or value is None or isinstance(value, (list, dict)):
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    else:
+        text = str(value)
+    if len(text) > MAX_PARAM_VALUE:
+        marker = f"...[cut, {len(text)} chars; see params.yaml artifact]"
+        text = text[: MAX_PARAM_VALUE - len(marker)] + marker
+    return text
+
+
+def flatten_params(raw: Mapping[str, Any]) -> dict[str, str]:
+    """params.yaml -> {"section.key": "value"}; nested mappings are dotted, empty ones skipped."""
+    from mlic.params import flatten
+
+    return {clean_name(k)[:250]: param_value(v) for k, v in flatten(dict(raw)).items()}
+
+
+def flatten_metrics(obj: Mapping[str, Any], prefix: str = "") -> tuple[dict[str, float], list[str]]:
+    """Nested metrics JSON -> ({"a/b/c": number}, [skipped names]).
+
+    Booleans become 0/1; null, NaN, inf, text and lists are skipped.
+    """
+    values: dict[str, float] = {}
+    skipped: list[str] = []
+    for key, value in obj.items():
+        name = f"{prefix}/{clean_name(key)}" if prefix else clean_name(key)
+        if isinstance(value, Mapping):
+            sub_values, sub_skipped = flatten_metrics(value, name)
+            values.update(sub_values)
+            skipped.extend(sub_skipped)
+        elif isinstance(value, (bool, int, float)) and math.isfinite(float(value)):
+            values[name] = float(value)
+        else:
+            skipped.append(name)
+    return values, skipped
+
+
+def keep_summary_metric(name: str) -> bool:
+    """Whether a flattened metric belongs in the run's summary (`SUMMARY_RULES`)."""
+    section, _, key = name.rpartition("/")
+    if key in DATA_FACTS:
+        return False
+    if section.endswith("_calibrated"):
+        return section == "test_calibrated" and key not in THRESHOLD_FREE
+    if section == "val":
+        return key in VAL_KEPT
+    if section.startswith("baseline/"):
+        return section == "baseline/test" and key in BASELINE_KEPT
+    return True
+
+
+def read_history(path: Path) -> tuple[dict[str, list[tuple[int, float]]], list[str]]:
+    """History CSV -> ({"epoch/<column>": [(epoch, value), ...]}, [non-numeric columns]).
+
+    Every numeric column but `epoch` is a curve; empty cells (NaN) are left out of their curve.
+    """
+    import pandas as pd
+
+    frame = pd.read_csv(path)
+    if "epoch" not in frame.columns:
+        raise ValueError(f"{path}: no `epoch` column; columns are {', '.join(map(str, frame.columns))}")
+    epochs = pd.to_numeric(frame["epoch"], errors="coerce")
+    if epochs.isna().any() or (epochs != epochs.round()).any():
+        raise ValueError(f"{path}: `epoch` must hold whole numbers in every row")
+    if epochs.duplicated().any():
+        log.warning("%s: repeated epoch numbers; MLflow will show several points per step", path)
+    curves: dict[str, list[tuple[int, float]]] = {}
+    skipped: list[str] = []
+    for column in frame.columns:
+        if column == "epoch":
+            continue
+        series = frame[column]
+        if not (pd.api.types.is_numeric_dtype(series) or pd.api.types.is_bool_dtype(series)):
+            skipped.append(str(column))
+            continue
+        points = [(int(e), float(v)) for e, v in zip(epochs, series.astype(float)) if math.isfinite(v)]
+        curves[HISTORY_PREFIX + clean_name(column)] = points
+    return curves, skipped
+
+
+def artifact_names(paths: Sequence[Path]) -> dict[Path, str]:
+    """A unique top-level artifact name per path: the file name, or as many parent folders as
+    it takes to tell clashing names apart (`reports/evaluate/x.csv` -> `evaluate_x.csv`)."""
+    parts = {p: [s for s in Path(p).parts if s not in (Path(p).anchor, ".", "..")] for p in paths}
+    depth = {p: 1 for p in paths}
+    while True:
+        names = {p: "_".join(parts[p][-depth[p]:]) for p in paths}
+        counts = Counter(names.values())
+        grow = [p for p in paths if counts[names[p]] > 1 and depth[p] < len(parts[p])]
+        if not grow:
+            break
+        for p in grow:
+            depth[p] += 1
+    clashes = sorted(n for n, c in Counter(names.values()).items() if c > 1)
+    if clashes:
+        raise ValueError(f"two artifacts would share the name {clashes[0]!r}; rename one")
+    return {p: name + PREVIEW_SUFFIX.get(Path(name).suffix, "") for p, name in names.items()}
+
+
+# --------------------------------------------------------------------------- data
+def read_datasets(manifests_dir: Path, project_root: Path) -> list[DatasetInput]:
+    """One `DatasetInput` per `<split>.manifest.json` (written by preprocess), in split order."""
+    from mlic.tfrecords import Manifest
+
+    paths = sorted(Path(manifests_dir).glob("*" + MANIFEST_SUFFIX))
+    if not paths:
+        raise FileNotFoundError(f"{manifests_dir}: no *{MANIFEST_SUFFIX} files; run `dvc repro preprocess`")
+    order = {"train": 0, "val": 1, "test": 2}
+    found = []
+    for path in sorted(paths, key=lambda p: (order.get(p.name[: -len(MANIFEST_SUFFIX)], 9), p.name)):
+        m = Manifest.read(manifests_dir, path.name[: -len(MANIFEST_SUFFIX)])
+        columns = {"image": "binary", "filename": "string", "labels": "long"}
+        profile = {"records": m.count, "skipped": len(m.skipped), "shards": len(m.shards),
+                   "image": f"{m.encoding} {m.image_size}x{m.image_size} ({m.resize_mode})",
+                   "labels": f"multi-hot, {len(m.classes)} classes in this order", "classes": m.classes,
+                   "prevalence": {c: round(float(p), 6) for c, p in zip(m.classes, m.prevalence)},
+                   "fingerprint": m.fingerprint}
+        found.append(DatasetInput(m.split, m.fingerprint, _relative(path, project_root), m.count,
+                                  columns, profile))
+    return found
+
+
+def data_fingerprint(fingerprints: Mapping[str, str]) -> str:
+    """One sha256 over all splits' fingerprints, independent of listing order."""
+    text = "".join(f"{split}={fp}\n" for split, fp in sorted(fingerprints.items()))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _relative(path: Path, root: Path) -> str:
+    """`path` relative to the project when inside it (no machine's absolute path in a record)."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).name
+
+
+# --------------------------------------------------------------------------- provenance
+def _git(args: Sequence[str], cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def git_info(cwd: Path) -> GitInfo:
+    """HEAD and whether the work tree differs from it (untracked files count); never raises.
+
+    Under `dvc repro` the tree is usually dirty because DVC rewrites dvc.lock before `track`
+    runs; `git_dirty_paths` shows which files differ.
+    """
+    head = _git(["rev-parse", "HEAD"], cwd)
+    if head is None:
+        return GitInfo(UNKNOWN, UNKNOWN)
+    status = _git(["status", "--porcelain"], cwd)
+    if status is None:
+        return GitInfo(head.strip(), UNKNOWN)
+    paths = tuple(line[3:] for line in status.splitlines() if line.strip())
+    return GitInfo(head.strip(), "true" if paths else "false", paths)
+
+
+def run_context(env: Mapping[str, str], commit: str, now: datetime) -> tuple[str, dict[str, str]]:
+    """(run name, DVC tags) for this process: the experiment name under `dvc exp run`,
+    else `repro-<short sha>-<UTC time>`."""
+    exp_name = env.get("DVC_EXP_NAME", "")
+    tags = {"dvc_exp_name": exp_name or "workspace"}
+    if env.get("DVC_EXP_BASELINE_REV"):
+        tags["dvc_exp_baseline_rev"] = env["DVC_EXP_BASELINE_REV"]
+    if exp_name:
+        tags["mlflow.source.name"] = "dvc exp run"
+    elif env.get("DVC_STAGE"):
+        tags["mlflow.source.name"] = "dvc repro"
+    else:
+        tags["mlflow.source.name"] = "python stages/track.py"
+    stamp = now.astimezone(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    short = commit[:7] if commit != UNKNOWN else "nogit"
+    return exp_name or f"repro-{short}-{stamp}", tags
+
+
+# --------------------------------------------------------------------------- the record
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON: {exc}") from None
+
+
+def build_record(
+    *,
+    params_file: Path | None,
+    history_csv: Path | None = None,
+    metrics_files: Sequence[tuple[str, Path]] = (),
+    artifacts: Sequence[Path] = (),
+    manifests_dir: Path | None = None,
+    model_meta: Path | None = None,
+    project_root: Path | None = None,
+    env: Mapping[str, str] | None = None,
+    now: datetime | None = None,
+) -> RunRecord:
+    """Read every input and return the run's record; any missing or broken file raises first.
+
+    `metrics_files` is a list of (prefix, path); prefix "" keeps the JSON's own top-level keys.
+    The params file, history, metrics files and manifests are artifacts too. The journal under
+    `project_root` gives the start time and the noted facts of the stages that ran since the
+    previous `track`.
+    """
+    import os
+
+    env = os.environ if env is None else env
+    project_root = Path(project_root or Path.cwd())
+    for path, what in [(params_file, "params file"), (history_csv, "history CSV"),
+                       (manifests_dir, "manifests folder"), (model_meta, "model metadata"),
+                       *[(p, "metrics file") for _, p in metrics_files],
+                       *[(p, "artifact") for p in artifacts]]:
+        if path is not None and not Path(path).exists():
+            raise FileNotFoundError(f"{path}: {what} not found (it was passed, so it is required)")
+
+    from mlic.params import read_params_file
+
+    params = flatten_params(read_params_file(params_file)) if params_file else {}
+    curves, skipped_columns = read_history(Path(history_csv)) if history_csv else ({}, [])
+    if skipped_columns:
+        log.info("history: non-numeric column(s) not logged: %s", ", ".join(skipped_columns))
+
+    flat: dict[str, float] = {}
+    source: dict[str, Path] = {}
+    skipped: list[str] = []
+    for prefix, path in metrics_files:
+        data = _read_json(path)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a JSON object at the top level")
+        values, missing = flatten_metrics(data, clean_name(prefix) if prefix else "")
+        for name in values:
+            if name in flat:
+                raise ValueError(f"metric {name!r} comes from both {source[name]} and {path}")
+            source[name] = Path(path)
+        flat.update(values)
+        skipped.extend(missing)
+    if skipped:
+        log.info("%d metric value(s) not numbers, not logged: %s%s", len(skipped),
+                 ", ".join(skipped[:10]), " ..." if len(skipped) > 10 else "")
+
+    ran = journal.since(journal.read(project_root))
+    for run in ran:
+        for fact, value in run.facts.items():
+            flat.setdefault(f"{clean_name(run.stage)}/{clean_name(fact)}", value)
+    metrics = {k: v for k, v in flat.items() if keep_summary_metric(k)}
+
+    datasets = read_datasets(Path(manifests_dir), project_root) if manifests_dir else []
+    files = [p for p in [params_file, history_csv, *[p for _, p in metrics_files], *artifacts] if p]
+    if manifests_dir:
+        files += sorted(Path(manifests_dir).glob("*" + MANIFEST_SUFFIX))
+    unique: dict[Path, Path] = {}
+    for p in files:
+        unique.setdefault(Path(p).resolve(), Path(p))
+    names = artifact_names(list(unique.values()))
+
+    git = git_info(project_root)
+    run_name, tags = run_context(env, git.commit, now or datetime.now(timezone.utc))
+    tags |= {"git_commit": git.commit, "git_dirty": git.dirty}
+    if git.dirty_paths:
+        tags["git_dirty_paths"] = one_line(" ".join(git.dirty_paths), MAX_TAG_VALUE)
+    if git.commit != UNKNOWN:
+        tags["mlflow.source.git.commit"] = git.commit
+    if datasets:
+        tags["data_fingerprint"] = data_fingerprint({d.name: d.fingerprint for d in datasets})
+    if model_meta is not None:
+        parameters = _read_json(model_meta).get("parameters")
+        if parameters is not None:
+            tags["model_parameters"] = str(parameters)
+    if ran:
+        tags["pipeline_stages"] = " ".join(r.stage for r in ran)
+    how = [f"`git checkout {git.commit}` then `dvc repro`"] if git.commit != UNKNOWN else []
+    if env.get("DVC_EXP_NAME"):
+        how.append(f"`dvc exp apply {env['DVC_EXP_NAME']}`")
+    tags["mlflow.note.content"] = (
+        "Logged by the mlic `track` stage from the pipeline's files, which are the source of "
+        "truth." + (f" Reproduce: {' or '.join(how)}." if how else ""))
+    return RunRecord(name=run_name, tags=tags, params=params, metrics=metrics, curves=curves,
+                     artifacts={name: path for path, name in names.items()}, datasets=datasets,
+                     started=min((r.started for r in ran), default=None),
+                     stages=tuple(r.stage for r in ran))

@@ -1,0 +1,228 @@
+"""mlic.record and mlic.journal: what a run holds, without any tracking backend."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+
+from conftest import write_manifests
+from mlic import journal, metrics, record
+from mlic.record import build_record
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                          cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+# --------------------------------------------------------------------------- naming rules
+@pytest.mark.parametrize(
+    "value, text",
+    [
+        (0.001, "0.001"), (42, "42"), (True, "true"), (None, "null"), ("pad", "pad"),
+        (["a", "b"], '["a","b"]'), ({"k": 1}, '{"k":1}'),
+    ],
+)
+def test_param_values_read_like_yaml(value, text):
+    assert record.param_value(value) == text
+
+
+def test_long_param_values_are_cut_visibly():
+    text = record.param_value(["x" * 50] * 200)
+    assert len(text) == record.MAX_PARAM_VALUE and "cut" in text[-60:]
+
+
+def test_metrics_flatten_hierarchically_and_skip_what_is_not_a_number():
+    values, skipped = record.flatten_metrics(
+        {"test": {"f1": 0.5, "auc": None, "nan": float("nan"), "ok": True, "name": "x",
+                  "list": [1, 2], "per class": {"t-shirt/top": 0.1}}}, prefix="p")
+    assert values == {"p/test/f1": 0.5, "p/test/ok": 1.0, "p/test/per class/t-shirt_top": 0.1}
+    assert sorted(skipped) == ["p/test/auc", "p/test/list", "p/test/name", "p/test/nan"]
+
+
+def _full_report() -> dict:
+    """The sections evaluate and calibrate write, each with every key compute_metrics returns."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    y = (rng.random((40, 4)) < 0.4).astype(int)
+    y[0] = 1  # every class has a positive
+    p = rng.random((40, 4))
+    one = metrics.nan_to_none(metrics.compute_metrics(y, p))
+    return {"test": one, "val": one, "baseline": {"test": one, "val": one},
+            "test_calibrated": one, "val_calibrated": one}
+
+
+def test_summary_keeps_the_numbers_worth_comparing_and_stays_small():
+    flat, _ = record.flatten_metrics(_full_report())
+    kept = sorted(k for k in flat if record.keep_summary_metric(k))
+    n_model = len(flat) // 6 - len(metrics.DATA_FACTS)   # model metrics per section
+    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE)
+    assert len(kept) == n_model + len(record.VAL_KEPT) + threshold_dependent + len(record.BASELINE_KEPT)
+    assert len(kept) <= 50                                        # room for train/ and facts under 60
+    assert not any(k.rpartition("/")[2] in metrics.DATA_FACTS for k in kept)
+    assert "test_calibrated/macro_f1" in kept and "test_calibrated/macro_ap" not in kept
+    assert not any(k.startswith(("val_calibrated/", "baseline/val/")) for k in kept)
+    assert set(metrics.headline_names()) <= set(kept)             # the headline is always logged
+    assert "train/best_epoch" not in flat and record.keep_summary_metric("train/best_epoch")
+
+
+@pytest.mark.parametrize(
+    "paths, names",
+    [
+        (["a/x.csv", "b/y.csv"], ["x.csv", "y.csv"]),
+        (["r/evaluate/t.csv", "r/calibrate/t.csv"], ["evaluate_t.csv", "calibrate_t.csv"]),
+        (["a/m/t.csv", "b/m/t.csv", "c.csv"], ["a_m_t.csv", "b_m_t.csv", "c.csv"]),
+        (["dvc.lock", "params.yaml"], ["dvc.lock.yaml", "params.yaml"]),   # the UI previews .yaml
+    ],
+)
+def test_artifact_names_are_unique_short_and_previewable(paths, names):
+    assert list(record.artifact_names([Path(p) for p in paths]).values()) == names
+
+
+def test_data_fingerprint_ignores_listing_order():
+    fps = {"train": "a" * 64, "val": "b" * 64}
+    forward = record.data_fingerprint(fps)
+    assert forward == record.data_fingerprint(dict(reversed(list(fps.items()))))
+    assert forward != record.data_fingerprint({**fps, "val": "d" * 64})
+
+
+def test_git_info_outside_a_repo_is_unknown(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    assert record.git_info(tmp_path) == record.GitInfo("unknown", "unknown")
+
+
+def test_untracked_file_makes_the_tree_dirty(monkeypatch, tmp_path):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    _write(tmp_path / "a.txt", "a")
+    _git(tmp_path, "init", "-q")
+    _git(tmp_path, "add", "-A")
+    _git(tmp_path, "commit", "-q", "-m", "a")
+    assert record.git_info(tmp_path).dirty == "false"
+    _write(tmp_path / "new.txt", "b")
+    assert record.git_info(tmp_path) == record.GitInfo(_git(tmp_path, "rev-parse", "HEAD"), "true", ("new.txt",))
+
+
+NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+
+
+@pytest.mark.parametrize(
+    "env, name, source",
+    [
+        ({"DVC_EXP_NAME": "brisk-otter"}, "brisk-otter", "dvc exp run"),
+        ({"DVC_STAGE": "track"}, "repro-abcdef1-20250102-030405", "dvc repro"),
+        ({}, "repro-abcdef1-20250102-030405", "python stages/track.py"),
+    ],
+)
+def test_run_names_and_sources(env, name, source):
+    run_name, tags = record.run_context(env, "abcdef1234" + "0" * 30, NOW)
+    assert (run_name, tags["mlflow.source.name"]) == (name, source)
+    assert tags["dvc_exp_name"] == env.get("DVC_EXP_NAME", "workspace")
+
+
+def test_run_name_without_git():
+    assert record.run_context({}, "unknown", NOW)[0] == "repro-nogit-20250102-030405"
+
+
+# --------------------------------------------------------------------------- datasets
+def test_datasets_come_from_the_manifests_with_relative_sources(tmp_path):
+    fps = {"test": "c" * 64, "train": "a" * 64, "val": "b" * 64}
+    write_manifests(tmp_path / "data/tfrecords", fps)
+    found = record.read_datasets(tmp_path / "data/tfrecords", tmp_path)
+    assert [d.name for d in found] == ["train", "val", "test"]
+    train = found[0]
+    assert (train.fingerprint, train.source, train.records) == ("a" * 64, "data/tfrecords/train.manifest.json", 10)
+    assert train.profile["prevalence"] == {"cat": 0.1, "dog": 0.2, "bird": 0.3}
+    assert str(tmp_path) not in json.dumps([d.profile for d in found])
+
+
+def test_no_manifest_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run `dvc repro preprocess`"):
+        record.read_datasets(tmp_path, tmp_path)
+
+
+# --------------------------------------------------------------------------- journal
+def test_journal_keeps_the_last_success_of_each_stage(tmp_path):
+    journal.write(tmp_path, journal.StageRun("train", 10.0, 20.0, {"images_per_second": 5.0}))
+    journal.write(tmp_path, journal.StageRun("train", 30.0, 45.0, {"images_per_second": 6.0}))
+    runs = journal.read(tmp_path)
+    assert runs == {"train": journal.StageRun("train", 30.0, 45.0, {"images_per_second": 6.0})}
+    assert runs["train"].seconds == 15.0
+
+
+def test_since_the_last_track_only(tmp_path):
+    for stage, started, ended in [("split", 1, 2), ("track", 3, 4), ("train", 5, 9), ("calibrate", 10, 11)]:
+        journal.write(tmp_path, journal.StageRun(stage, started, ended))
+    assert [r.stage for r in journal.since(journal.read(tmp_path))] == ["train", "calibrate"]
+    assert [r.stage for r in journal.since({})] == []
+
+
+def test_an_unreadable_entry_is_skipped_not_fatal(tmp_path, caplog):
+    _write(tmp_path / journal.JOURNAL_DIR / "train.json", "{not json")
+    journal.write(tmp_path, journal.StageRun("split", 1.0, 2.0))
+    assert list(journal.read(tmp_path)) == ["split"]
+    assert "unreadable stage record" in caplog.text
+
+
+def test_facts_are_taken_once():
+    journal.note(images_per_second=3)
+    assert journal.take_facts() == {"images_per_second": 3.0}
+    assert journal.take_facts() == {}
+
+
+def test_run_stage_records_success_only(tmp_path):
+    from mlic.stage import run_stage
+
+    def ok() -> int:
+        journal.note(items=2)
+        return 0
+
+    assert run_stage(ok, name="ok", root=tmp_path) == 0
+    assert run_stage(lambda: 2, name="bad", root=tmp_path) == 2
+    runs = journal.read(tmp_path)
+    assert list(runs) == ["ok"] and runs["ok"].facts == {"items": 2.0}
+    assert runs["ok"].started <= runs["ok"].ended
+
+
+# --------------------------------------------------------------------------- the record
+def test_record_from_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    _write(tmp_path / "params.yaml", "common:\n  seed: 1\n")
+    _write(tmp_path / "e.json", json.dumps({"test": {"macro_f1": 0.5, "n_samples": 9}}))
+    _write(tmp_path / "t.json", json.dumps({"best_epoch": 3}))
+    _write(tmp_path / "dvc.lock", "schema: '2.0'\n")
+    write_manifests(tmp_path / "m", {"train": "a" * 64})
+    journal.write(tmp_path, journal.StageRun("train", 100.0, 200.0, {"images_per_second": 7.0}))
+    run = build_record(params_file=tmp_path / "params.yaml",
+                       metrics_files=[("", tmp_path / "e.json"), ("train", tmp_path / "t.json")],
+                       artifacts=[tmp_path / "dvc.lock"], manifests_dir=tmp_path / "m",
+                       project_root=tmp_path, env={}, now=NOW)
+    assert run.params == {"common.seed": "1"}
+    assert run.metrics == {"test/macro_f1": 0.5, "train/best_epoch": 3.0, "train/images_per_second": 7.0}
+    assert run.started == 100.0 and run.stages == ("train",)
+    assert {"dvc.lock.yaml", "params.yaml", "e.json", "t.json", "train.manifest.json"} == set(run.artifacts)
+    assert [d.name for d in run.datasets] == ["train"]
+    assert run.tags["git_commit"] == "unknown" and run.name == "repro-nogit-20250102-030405"
+
+
+def test_the_same_metric_from_two_files_is_refused(tmp_path):
+    _write(tmp_path / "a.json", json.dumps({"test": {"f1": 1}}))
+    _write(tmp_path / "b.json", json.dumps({"test": {"f1": 2}}))
+    with pytest.raises(ValueError, match="comes from both"):
+        build_record(params_file=None, metrics_files=[("", tmp_path / "a.json"), ("", tmp_path / "b.json")],
+                     project_root=tmp_path, env={})
+
+
+def test_a_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.json: metrics file not found"):
+        build_record(params_file=None, metrics_files=[("", tmp_path / "nope.json")], project_root=tmp_path, env={})
