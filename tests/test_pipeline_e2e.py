@@ -1,7 +1,9 @@
 """End to end: the real pipeline through real `dvc repro` / `dvc exp run` on tiny params.
 
 The project is copied into a temporary git repo, with params shrunk (120 images of 32-48 px,
-32 px inputs, 1 epoch) and the MLflow store in the temp dir. Slow (about 2-4 minutes).
+32 px inputs, 1 epoch) and the MLflow store in the temp dir. Slow (about 3-5 minutes). The
+MLflow UI over the resulting store is checked in headless Chromium; its screenshots go to
+reports/ui/ (CI artifacts, ignored by git).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", "stages", "src"]
+COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", ".dvc/plots", "stages", "src"]
+SCREENSHOTS = ROOT / "reports" / "ui"
 
 TINY = {
     "sample": {"n_images": 120, "min_size": 32, "max_size": 48},
@@ -65,7 +68,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     _run(["git", "init", "-q", "-b", "main"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
     _run(["dvc", "config", "core.analytics", "false"], repo, env)
-    (repo / ".gitignore").write_text("mlflow.db\n")
+    with open(repo / ".gitignore", "a", encoding="utf-8") as fh:
+        fh.write("mlflow.db\n")
     _run(["git", "add", "-A"], repo, env)
     _run(["git", "commit", "-q", "-m", "init"], repo, env)
     return repo, env
@@ -88,15 +92,19 @@ def _check_complete_run(run, env: dict[str, str], repo: Path) -> None:
     for key in ("common.seed", "split.val_fraction", "preprocess.image_size", "train.backbone", "calibrate.beta"):
         assert key in params, key
     metrics = run.data.metrics
-    for key in ("test_macro_f1", "test_baseline_macro_f1", "test_calibrated_macro_f1", "val_macro_ap",
-                "test_hamming_loss", "test_subset_accuracy"):
+    summary = [k for k in metrics if not k.startswith("epoch/")]
+    assert 20 <= len(summary) <= 60, sorted(summary)                # a summary a person can scan
+    assert all("/" in k for k in metrics), sorted(metrics)          # hierarchical: the UI groups them
+    for key in ("test/macro_f1", "baseline/test/macro_f1", "test_calibrated/macro_f1", "val/macro_ap",
+                "test/hamming_loss", "test/subset_accuracy"):
         assert key in metrics, (key, sorted(metrics))
-    history = [k for k in metrics if "val_loss" in k and not k.startswith(("test", "train_"))]
-    assert history, sorted(metrics)
-    steps = client.get_metric_history(run.info.run_id, history[0])
+    assert not any(k.endswith(("/n_samples", "/n_classes")) for k in metrics)  # constants are not metrics
+    steps = client.get_metric_history(run.info.run_id, "epoch/val_loss")
     assert sorted(m.step for m in steps) == list(range(len(steps))) and steps
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"thresholds.json", "dvc.lock", "history.csv"} <= artifacts, artifacts
+    assert {"thresholds.json", "dvc.lock.yaml", "history.csv"} <= artifacts, artifacts
+    assert len({a for a in artifacts if a.endswith(".png")}) >= 4, artifacts
+    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["test", "train", "val"]
     models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
     assert len(models) == 1, models
@@ -105,12 +113,18 @@ def _check_complete_run(run, env: dict[str, str], repo: Path) -> None:
     name, version = run.data.tags["registered_model_version"].split("/")
     mv = client.get_model_version(name, version)
     assert mv.run_id == run.info.run_id
-    assert "val_macro_ap" in mv.tags and "test_calibrated_macro_f1" in mv.tags
+    assert "val/macro_ap" in mv.tags and "test_calibrated/macro_f1" in mv.tags
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"] == head
     assert run.data.tags["git_dirty"] in ("true", "false")
     assert len(run.data.tags["data_fingerprint"]) == 64
     assert run.info.status == "FINISHED"
+
+
+def _journal(repo: Path) -> dict:
+    from mlic import journal
+
+    return journal.read(repo)
 
 
 def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) -> None:
@@ -123,12 +137,18 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
                  "reports/train/history.csv", "reports/train/metrics.json", "reports/evaluate/metrics.json",
                  "reports/evaluate/per_class_test.csv", "reports/evaluate/predictions/test.csv",
                  "reports/calibrate/thresholds.json", "reports/calibrate/metrics.json",
-                 "reports/mlflow_run.json"]:
+                 "reports/evaluate/pr_curves.csv", "reports/calibrate/fbeta_vs_threshold.csv",
+                 ".mlic/mlflow_run.json"]:
         assert (repo / path).is_file(), path
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
-    assert shown, "dvc metrics show returned nothing"
+    declared = [m for rev in shown.values() for m in rev["data"]]
+    assert sorted(declared) == ["reports/calibrate/headline.json", "reports/evaluate/headline.json",
+                                "reports/train/metrics.json"]
     ev = json.loads((repo / "reports/evaluate/metrics.json").read_text())
-    assert 0.0 <= ev["test"]["macro_f1"] <= 1.0 and "test_baseline" in ev
+    assert 0.0 <= ev["test"]["macro_f1"] <= 1.0 and "test" in ev["baseline"]
+    # the full set is one command away
+    full = json.loads(_run(["dvc", "metrics", "show", "--json", "reports/evaluate/metrics.json"], repo, env).stdout)
+    assert "subset_accuracy" in json.dumps(full)
     thresholds = json.loads((repo / "reports/calibrate/thresholds.json").read_text())
     meta = json.loads((repo / "models/model_meta.json").read_text())
     assert list(thresholds) == meta["classes"]
@@ -136,7 +156,23 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     runs = _runs(env)
     assert len(runs) == 1
     _check_complete_run(runs[0], env, repo)
-    assert json.loads((repo / "reports/mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
+    assert json.loads((repo / ".mlic/mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
+    # The run spans the pipeline: it starts when the first stage started, so training is inside it.
+    stages = _journal(repo)
+    assert runs[0].info.start_time <= stages["train"].started * 1000 + 1
+    assert runs[0].info.end_time >= stages["train"].ended * 1000
+    assert runs[0].data.metrics["train/images_per_second"] > 0
+
+    # A reproduction is a no-op to git: nothing tracked changes (no timing, no path, no run id).
+    _run(["git", "add", "-A"], repo, env)
+    _run(["git", "commit", "-q", "-m", "baseline results"], repo, env)
+    committed = (repo / "dvc.lock").read_text()
+    assert str(repo) not in committed and str(repo.parent) not in _tracked_text(repo, env)
+    _run(["dvc", "repro", "--force", "--single-item", "train"], repo, env)
+    out = _run(["dvc", "repro"], repo, env).stdout
+    assert "Stage 'evaluate' didn't change" in out, out   # a bit-identical model: nothing downstream
+    assert _run(["git", "status", "--porcelain", "--untracked-files=no"], repo, env).stdout == ""
+    assert len(_runs(env)) == 1
 
     # A no-op repro runs nothing and logs nothing.
     out = _run(["dvc", "repro"], repo, env).stdout
@@ -144,8 +180,6 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert len(_runs(env)) == 1
 
     # An experiment re-runs train onwards and leaves a second complete run.
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-q", "-m", "baseline results"], repo, env)
     _run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2"], repo, env)
     runs = _runs(env)
     assert len(runs) == 2
@@ -164,6 +198,54 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     text = json.dumps(table)
     assert "two-epochs" in text and "beta2" in text
     assert "test_calibrated" in text
+    # The default table shows the headline; --only-changed over the experiments fits 200 columns.
+    header = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout.splitlines()[0].split(",")
+    metric_columns = header[header.index("parent") + 1:header.index("common.seed")]  # metrics come first
+    assert metric_columns == ["best_epoch", "best_val_auc_pr", "epochs_run", "test.macro_ap", "test.macro_f1",
+                              "val.macro_ap", "test_calibrated.hamming_loss", "test_calibrated.macro_f1",
+                              "test_calibrated.micro_f1", "test_calibrated.subset_accuracy"], header
+    narrow = _run(["dvc", "exp", "show", "--no-pager", "--only-changed"], repo, dict(env, COLUMNS="200")).stdout
+    assert max(len(line) for line in narrow.splitlines()) <= 200 and "…" not in narrow, narrow  # nothing cut
+    _check_ui(env, runs)
+
+
+def _tracked_text(repo: Path, env: dict[str, str]) -> str:
+    """Every small tracked text file's content, to look for machine paths."""
+    files = _run(["git", "ls-files"], repo, env).stdout.split()
+    texts = []
+    for name in files:
+        path = repo / name
+        if path.is_file() and path.stat().st_size < 2_000_000:
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    return "\n".join(texts)
+
+
+def _check_ui(env: dict[str, str], runs: list) -> None:
+    """The MLflow UI as a user sees it: the experiment opens on its runs table, and comparing the
+    last two runs (only calibrate.beta differs) shows that param and the metrics it moved."""
+    import mlflow_ui
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    two, beta = runs[1], runs[2]
+    with mlflow_ui.mlflow_server(env["MLFLOW_TRACKING_URI"], timeout=120) as url, mlflow_ui.browser() as browser:
+        # The link `track` prints (and the README gives) opens the runs table in a fresh browser.
+        page = mlflow_ui.ui_page(browser, workflow=None)
+        page.goto(f"{url}/#/experiments/{beta.info.experiment_id}/runs?workflowType=machine_learning")
+        page.get_by_text(beta.info.run_name, exact=True).first.wait_for(timeout=30_000)
+        mlflow_ui.screenshot(page, SCREENSHOTS, "experiment-link")
+        page.close()
+        # A user who chose "Model training" once: a click on the experiment lands on the runs table.
+        page = mlflow_ui.ui_page(browser)
+        landing = mlflow_ui.open_experiment(page, url, "mlic")
+        mlflow_ui.screenshot(page, SCREENSHOTS, "experiment-click")
+        assert landing.tab == "runs" and landing.runs_table, landing
+        assert {r.info.run_name for r in runs} <= set(landing.run_names), landing
+        view = mlflow_ui.open_compare(page, url, [two.info.run_id, beta.info.run_id], [beta.info.experiment_id])
+        mlflow_ui.screenshot(page, SCREENSHOTS, "compare")
+        assert view.params.get("calibrate.beta") == ("1.0", "2.0"), view.params
+        changed = {name for name, values in view.metrics.items() if len(set(values)) > 1}
+        assert "test_calibrated/macro_f1" in changed or "test_calibrated/micro_f1" in changed, view.metrics
+        assert not any(name.startswith("test/") for name in changed), changed  # the model did not change
 
 
 def _predict(repo: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
@@ -214,7 +296,7 @@ def test_served_champion_answers_like_mlic_predict(project: tuple[Path, dict[str
     """A real `mlflow models serve` of models:/mlic@champion: JPEG, PNG and grayscale in, same answer as
     `mlic predict`; garbage gets a 4xx naming the row, and the server keeps serving."""
     repo, env = project
-    if not (repo / "reports/mlflow_run.json").exists():
+    if not (repo / ".mlic/mlflow_run.json").exists():
         pytest.skip("pipeline test did not run")
     import base64
 
@@ -281,7 +363,8 @@ def test_unreachable_tracking_store_fails_before_training(project: tuple[Path, d
     bad = dict(env, MLFLOW_TRACKING_URI="http://127.0.0.1:9")
     proc = subprocess.run(
         [sys.executable, "stages/train.py", "--tfrecords", "data/tfrecords", "--model", "/tmp/never.keras",
-         "--meta", "/tmp/never.json", "--history", "/tmp/never.csv", "--metrics", "/tmp/never-m.json"],
+         "--meta", "/tmp/never.json", "--summary", "/tmp/never.txt", "--history", "/tmp/never.csv",
+         "--metrics", "/tmp/never-m.json"],
         cwd=repo, env=bad, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "not reachable" in proc.stderr

@@ -10,6 +10,7 @@ would be unreadable.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -123,8 +124,14 @@ def _read(path: Path) -> pd.DataFrame:
 
 
 def save(fig: Figure, path: Path) -> Path:
-    """Write `fig` as PNG (no timestamp in the file)."""
-    fig.savefig(path, format="png", metadata={"Software": None})
+    """Write `fig` as PNG (no timestamp in the file).
+
+    A class name in a script the default font lacks (CJK, say) is drawn as boxes, and matplotlib
+    warns once per glyph; the names are exact in the CSV tables, so the warnings are dropped.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
+        fig.savefig(path, format="png", metadata={"Software": None})
     return path
 
 

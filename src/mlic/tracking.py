@@ -51,9 +51,14 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "mlic"
 MODEL_NAME = "model"
-# Read by the MLflow 3 UI (server/js: `ExperimentKind.CUSTOM_MODEL_DEVELOPMENT`).
+# The experiment's kind as MLflow 3 records it. The 3.17 UI ignores it (measured in Chromium):
+# where a click on an experiment lands is the browser's own "GenAI | Model training" switch
+# (localStorage `mlflow.workflowType_v1`, default GenAI -> the traces overview), overridden by
+# a `workflowType=` URL parameter. So the links mlic prints carry WORKFLOW_QUERY, which opens
+# the runs table in any browser; the tag stays for MLflow versions and tools that read it.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
+WORKFLOW_QUERY = "workflowType=machine_learning"
 DIGEST_CHARS = 32
 
 
@@ -87,15 +92,23 @@ class RunInfo:
         return dataclasses.asdict(self) | {"tracking_uri": redact_uri(self.tracking_uri)}
 
 
+def ui_routes(info: RunInfo) -> tuple[str, str]:
+    """(the experiment's runs table, the run's page) as UI routes, opening in model-training mode."""
+    experiment = f"#/experiments/{info.experiment_id}"
+    return f"{experiment}/runs?{WORKFLOW_QUERY}", f"{experiment}/runs/{info.run_id}?{WORKFLOW_QUERY}"
+
+
 def ui_hint(info: RunInfo) -> str:
-    """Where to look: a URL for a server, or the `mlflow ui` command for a local store."""
-    route = f"#/experiments/{info.experiment_id}/runs/{info.run_id}"
+    """Where to look: URLs for a server, or the `mlflow ui` command and URLs for a local store."""
+    table, run = ui_routes(info)
     if info.tracking_uri.startswith(("http://", "https://")):
-        return f"{redact_uri(info.tracking_uri).rstrip('/')}/{route}"
-    return f"mlflow ui --backend-store-uri '{info.tracking_uri}'  then  http://127.0.0.1:5000/{route}"
+        base = redact_uri(info.tracking_uri).rstrip("/")
+        return f"runs {base}/{table}  this run {base}/{run}"
+    base = "http://127.0.0.1:5000"
+    return (f"mlflow ui --backend-store-uri '{info.tracking_uri}'  then  runs {base}/{table}  "
+            f"this run {base}/{run}")
 
 
-# --------------------------------------------------------------------------- logging a run
 @contextlib.contextmanager
 def _tracking_uri(uri: str) -> Iterator[None]:
     """Point the fluent API (needed by log_model) at `uri` for the block only."""

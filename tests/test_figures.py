@@ -1,0 +1,61 @@
+"""mlic.figures: the run's PNG figures from the stages' report tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from mlic import figures, metrics, thresholds
+
+CLASSES = ["NA", "dirt road", "野原"]   # names pandas would read as missing, spaces, non-ASCII
+
+
+@pytest.fixture
+def tables(tmp_path):
+    rng = np.random.default_rng(0)
+    y = (rng.random((80, 3)) < 0.3).astype(int)
+    y[0] = 1
+    p = np.clip(0.4 * y + 0.6 * rng.random((80, 3)), 0, 1)
+    paths = {
+        "history": tmp_path / "history.csv", "pr": tmp_path / "pr.csv", "default": tmp_path / "d.csv",
+        "calibrated": tmp_path / "c.csv", "fbeta": tmp_path / "f.csv",
+    }
+    pd.DataFrame({"epoch": range(5), "loss": np.linspace(1, 0.5, 5), "val_loss": np.linspace(1.1, 0.6, 5),
+                  "auc_pr": np.linspace(0.3, 0.7, 5), "val_auc_pr": np.linspace(0.3, 0.6, 5),
+                  "learning_rate": np.linspace(0.003, 0, 5), "phase": "full"}).to_csv(paths["history"], index=False)
+    metrics.pr_curve_table(y, p, CLASSES).to_csv(paths["pr"], index=False)
+    metrics.per_class_table(y, p, CLASSES, 0.5).to_csv(paths["default"], index=False)
+    fitted = thresholds.fit_thresholds(y, p)
+    metrics.per_class_table(y, p, CLASSES, fitted).to_csv(paths["calibrated"], index=False)
+    thresholds.fbeta_curve_table(y, p, CLASSES).to_csv(paths["fbeta"], index=False)
+    return paths, dict(zip(CLASSES, fitted))
+
+
+def test_draw_all_writes_four_real_pngs(tables, tmp_path):
+    paths, fitted = tables
+    drawn = figures.draw_all(tmp_path / "out", history=paths["history"], pr_curves_csv=paths["pr"],
+                             per_class_default=paths["default"], per_class_calibrated=paths["calibrated"],
+                             fbeta_csv=paths["fbeta"], thresholds=fitted)
+    assert sorted(drawn) == ["f1_per_class.png", "fbeta_vs_threshold.png", "learning_curves.png", "pr_curves.png"]
+    for path in drawn.values():
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.width >= 400 and im.height >= 200
+            # not a blank canvas: something was drawn
+            assert len(np.unique(np.asarray(im.convert("L")))) > 10
+
+
+def test_one_panel_per_class_even_for_names_pandas_would_misread(tables):
+    paths, fitted = tables
+    fig = figures.pr_curves(figures._read(paths["pr"]), figures._read(paths["default"]))
+    titles = [ax.get_title() for ax in fig.axes if ax.get_visible()]
+    assert [t.split("  ")[0] for t in titles] == CLASSES
+    assert all("AP " in t for t in titles)
+    fig = figures.fbeta_vs_threshold(figures._read(paths["fbeta"]), fitted, 0.5, beta=2.0)
+    assert fig.axes[0].get_ylabel() == "F2"
+
+
+def test_only_figures_with_inputs_are_drawn(tables, tmp_path):
+    paths, _ = tables
+    assert list(figures.draw_all(tmp_path / "o", history=paths["history"])) == ["learning_curves.png"]
