@@ -290,3 +290,18 @@ def write_manifests(folder: Path, fingerprints: dict[str, str], classes: tuple[s
         manifest.write()
         written.append(manifest)
     return written
+
+
+def git(repo: Path, *args: str) -> str:
+    """Run git in `repo` as a throwaway identity; its stdout, stripped."""
+    import subprocess
+
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
+                          cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write `text` to `path`, creating its folders."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path

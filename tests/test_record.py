@@ -3,26 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
 
-from conftest import write_manifests
+from conftest import git, write_manifests, write_text
 from mlic import journal, metrics, record
 from mlic.record import build_record
-
-
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-                          cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
 
 
 # --------------------------------------------------------------------------- naming rules
@@ -104,13 +92,13 @@ def test_git_info_outside_a_repo_is_unknown(monkeypatch, tmp_path):
 
 def test_untracked_file_makes_the_tree_dirty(monkeypatch, tmp_path):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
-    _write(tmp_path / "a.txt", "a")
-    _git(tmp_path, "init", "-q")
-    _git(tmp_path, "add", "-A")
-    _git(tmp_path, "commit", "-q", "-m", "a")
+    write_text(tmp_path / "a.txt", "a")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "a")
     assert record.git_info(tmp_path).dirty == "false"
-    _write(tmp_path / "new.txt", "b")
-    assert record.git_info(tmp_path) == record.GitInfo(_git(tmp_path, "rev-parse", "HEAD"), "true", ("new.txt",))
+    write_text(tmp_path / "new.txt", "b")
+    assert record.git_info(tmp_path) == record.GitInfo(git(tmp_path, "rev-parse", "HEAD"), "true", ("new.txt",))
 
 
 NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
@@ -130,7 +118,7 @@ def test_run_names_and_sources(env, name, source):
     assert tags["dvc_exp_name"] == env.get("DVC_EXP_NAME", "workspace")
 
 
-def test_run_name_without_git():
+def test_run_name_withoutgit():
     assert record.run_context({}, "unknown", NOW)[0] == "repro-nogit-20250102-030405"
 
 
@@ -168,7 +156,7 @@ def test_since_the_last_track_only(tmp_path):
 
 
 def test_an_unreadable_entry_is_skipped_not_fatal(tmp_path, caplog):
-    _write(tmp_path / journal.JOURNAL_DIR / "train.json", "{not json")
+    write_text(tmp_path / journal.JOURNAL_DIR / "train.json", "{not json")
     journal.write(tmp_path, journal.StageRun("split", 1.0, 2.0))
     assert list(journal.read(tmp_path)) == ["split"]
     assert "unreadable stage record" in caplog.text
@@ -197,10 +185,10 @@ def test_run_stage_records_success_only(tmp_path):
 # --------------------------------------------------------------------------- the record
 def test_record_from_files(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
-    _write(tmp_path / "params.yaml", "common:\n  seed: 1\n")
-    _write(tmp_path / "e.json", json.dumps({"test": {"macro_f1": 0.5, "n_samples": 9}}))
-    _write(tmp_path / "t.json", json.dumps({"best_epoch": 3}))
-    _write(tmp_path / "dvc.lock", "schema: '2.0'\n")
+    write_text(tmp_path / "params.yaml", "common:\n  seed: 1\n")
+    write_text(tmp_path / "e.json", json.dumps({"test": {"macro_f1": 0.5, "n_samples": 9}}))
+    write_text(tmp_path / "t.json", json.dumps({"best_epoch": 3}))
+    write_text(tmp_path / "dvc.lock", "schema: '2.0'\n")
     write_manifests(tmp_path / "m", {"train": "a" * 64})
     journal.write(tmp_path, journal.StageRun("train", 100.0, 200.0, {"images_per_second": 7.0}))
     run = build_record(params_file=tmp_path / "params.yaml",
@@ -216,8 +204,8 @@ def test_record_from_files(tmp_path, monkeypatch):
 
 
 def test_the_same_metric_from_two_files_is_refused(tmp_path):
-    _write(tmp_path / "a.json", json.dumps({"test": {"f1": 1}}))
-    _write(tmp_path / "b.json", json.dumps({"test": {"f1": 2}}))
+    write_text(tmp_path / "a.json", json.dumps({"test": {"f1": 1}}))
+    write_text(tmp_path / "b.json", json.dumps({"test": {"f1": 2}}))
     with pytest.raises(ValueError, match="comes from both"):
         build_record(params_file=None, metrics_files=[("", tmp_path / "a.json"), ("", tmp_path / "b.json")],
                      project_root=tmp_path, env={})

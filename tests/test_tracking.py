@@ -13,7 +13,6 @@ import importlib.util
 import json
 import os
 import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import git, write_text
 from mlic import journal, tracking
 from mlic.record import data_fingerprint
 
@@ -67,34 +67,23 @@ JOURNAL = {"preprocess": (NOW - 4000, NOW - 3900, {}), "track": (NOW - 3800, NOW
            "train": (NOW - 300, NOW - 60, {"images_per_second": 250.0, "fit_seconds": 230.0})}
 
 
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-                          cwd=repo, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def _write(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def _build_project(root: Path) -> None:
     from conftest import make_model_dir, write_manifests
 
-    _write(root / "params.yaml", PARAMS_YAML)
-    _write(root / "dvc.lock", "schema: '2.0'\nstages: {}\n")
-    _write(root / "reports/train/history.csv", HISTORY.to_csv(index=False))
-    _write(root / "reports/train/metrics.json", json.dumps(TRAIN_METRICS))
-    _write(root / "reports/evaluate/metrics.json", json.dumps(EVALUATE_METRICS))
-    _write(root / "reports/calibrate/metrics.json", json.dumps(CALIBRATE_METRICS))
+    write_text(root / "params.yaml", PARAMS_YAML)
+    write_text(root / "dvc.lock", "schema: '2.0'\nstages: {}\n")
+    write_text(root / "reports/train/history.csv", HISTORY.to_csv(index=False))
+    write_text(root / "reports/train/metrics.json", json.dumps(TRAIN_METRICS))
+    write_text(root / "reports/evaluate/metrics.json", json.dumps(EVALUATE_METRICS))
+    write_text(root / "reports/calibrate/metrics.json", json.dumps(CALIBRATE_METRICS))
     per_class = "class,support,prevalence,f1,ap\ncat,3,0.3,0.7,0.8\ndog,4,0.4,0.8,0.9\nbird,2,0.2,0.6,0.5\n"
     for stage in ("evaluate", "calibrate"):
-        _write(root / f"reports/{stage}/per_class_test.csv", per_class)
+        write_text(root / f"reports/{stage}/per_class_test.csv", per_class)
     grid = np.linspace(0, 1, 11)
-    _write(root / "reports/evaluate/pr_curves.csv", pd.DataFrame(
+    write_text(root / "reports/evaluate/pr_curves.csv", pd.DataFrame(
         {"class": np.repeat(["cat", "dog", "bird"], 11), "recall": np.tile(grid, 3),
          "precision": np.tile(1 - grid / 2, 3)}).to_csv(index=False))
-    _write(root / "reports/calibrate/fbeta_vs_threshold.csv", pd.DataFrame(
+    write_text(root / "reports/calibrate/fbeta_vs_threshold.csv", pd.DataFrame(
         {"class": np.repeat(["cat", "dog", "bird"], 11), "threshold": np.tile(grid, 3),
          "f_beta": np.tile(grid * (1 - grid) * 4, 3)}).to_csv(index=False))
     write_manifests(root / "data/tfrecords", FINGERPRINTS)
@@ -147,9 +136,9 @@ def tracked(tmp_path_factory):
         mp.setenv("DVC_EXP_BASELINE_REV", "0" * 40)
         mp.chdir(project)
         _build_project(project)
-        _git(project, "init", "-q")
-        _git(project, "add", "-A")
-        _git(project, "commit", "-q", "-m", "synthetic project")
+        git(project, "init", "-q")
+        git(project, "add", "-A")
+        git(project, "commit", "-q", "-m", "synthetic project")
         started = time.perf_counter()
         assert _load_stage().main(_track_argv(project)) == 0
         print(f"track stage with model: {time.perf_counter() - started:.1f} s")
@@ -281,7 +270,7 @@ def test_model_is_registered_as_champion_with_its_headline_metrics(tracked):
 def test_tags_record_git_dvc_and_data(tracked):
     project, _, _, run = tracked
     tags = run.data.tags
-    assert tags["git_commit"] == _git(project, "rev-parse", "HEAD")
+    assert tags["git_commit"] == git(project, "rev-parse", "HEAD")
     assert tags["git_dirty"] == "false"
     assert tags["dvc_exp_name"] == "brisk-otter"
     assert tags["dvc_exp_baseline_rev"] == "0" * 40
@@ -339,7 +328,7 @@ def test_failure_half_way_marks_the_run_failed(tracked, monkeypatch):
 def test_a_missing_passed_file_fails_before_any_run(tracked, monkeypatch, tmp_path):
     project, uri, client, _ = tracked
     monkeypatch.chdir(project)
-    params = _write(tmp_path / "params.yaml", "tracking:\n  experiment: mlic-missing\n")
+    params = write_text(tmp_path / "params.yaml", "tracking:\n  experiment: mlic-missing\n")
     argv = ["--params", str(params), "--metrics", "reports/nope.json", "--note", str(tmp_path / "o.json")]
     assert _load_stage().main(argv) == 2
     assert client.get_experiment_by_name("mlic-missing") is None
