@@ -7,8 +7,6 @@ BIN := $(abspath $(VENV))/bin
 export PATH := $(BIN):$(PATH)
 export MLFLOW_DISABLE_TELEMETRY := true
 export DO_NOT_TRACK := 1
-# TensorFlow's C++ start-up chatter (oneDNN, CUDA probing) hides the pipeline's own log lines.
-export TF_CPP_MIN_LOG_LEVEL ?= 1
 
 .PHONY: setup run test clean
 

@@ -17,6 +17,11 @@ import argparse
 import logging
 import sys
 
+from mlic.console import quiet_tensorflow
+
+if __name__ == "__main__":  # before the imports below load TensorFlow; tests calling main() keep pytest's stderr
+    quiet_tensorflow()
+
 from mlic import metrics
 from mlic.atomic import atomic_dir, write_csv, write_json
 from mlic.model import load_model

@@ -17,6 +17,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from mlic.console import quiet_tensorflow
+
+if __name__ == "__main__":  # before the imports below load TensorFlow; tests calling main() keep pytest's stderr
+    quiet_tensorflow()
+
 from mlic import tfrecords
 from mlic.atomic import atomic_dir, write_json
 from mlic.stage import run_stage, setup_logging

@@ -18,7 +18,12 @@ import logging
 import sys
 from pathlib import Path
 
-from mlic import dataset, journal, model as mlic_model, store, training
+from mlic.console import quiet_tensorflow
+
+if __name__ == "__main__":  # before the imports below load TensorFlow; tests calling main() keep pytest's stderr
+    quiet_tensorflow()
+
+from mlic import dataset, journal, model as mlic_model, model_file, store, training
 from mlic.atomic import atomic_path, write_csv, write_json
 from mlic.model_meta import ModelMeta
 from mlic.params import load_section, read_params_file
@@ -70,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=len(classes),
                                       n_train=train_m.count, checkpoint=ckpt, pos_weight=pos_weight,
                                       jit_compile=devices.jit_compile, pretrained=pretrained)
+                model_file.make_deterministic(ckpt)  # same weights, same bytes: DVC skips what follows
                 ckpt.replace(tmp)
             finally:  # atomic_path removes its own temp file, not this one
                 ckpt.unlink(missing_ok=True)

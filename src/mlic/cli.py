@@ -207,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from mlic.stage import setup_logging
 
+    if argv is None:  # the `mlic` command (tests pass argv and keep pytest's stderr)
+        from mlic.console import quiet_tensorflow
+
+        quiet_tensorflow()
     args = build_parser().parse_args(argv)
     setup_logging()
     if getattr(args, "batch_size", 1) < 1:
