@@ -5,8 +5,9 @@ Reads  params `tracking`, `calibrate`, `evaluate` and the whole --params file; t
        from, the model with its metadata and thresholds (packaged as one pyfunc model,
        registered), the split manifests, and the journal of the stages that ran (`.mlic/`).
 Writes no DVC output: its product is the MLflow run. Where it is (run id, experiment, model
-       version) goes to --note, a local file outside git and DVC (a run id means nothing to
-       another clone), and to the log.
+       version) goes to the log and to --note, a local file outside git and DVC (a run id means
+       nothing to another clone); under `dvc exp run --temp/--queue` that file stays in the
+       temporary copy, and the log and MLflow (the run is named after the experiment) say it.
 DVC re-runs it whenever anything upstream changed, so each changed pipeline run gets one run.
 Run alone: python stages/track.py --params params.yaml --history reports/train/history.csv \
            --metrics train=reports/train/metrics.json reports/evaluate/metrics.json \
@@ -19,7 +20,6 @@ Run alone: python stages/track.py --params params.yaml --history reports/train/h
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -80,16 +80,12 @@ def main(argv: list[str] | None = None) -> int:
         run = record.build_record(
             params_file=args.params, history_csv=args.history, metrics_files=args.metrics,
             artifacts=args.artifacts, manifests_dir=args.manifests_dir, model_meta=args.meta,
-            project_root=Path.cwd())
-        for path in (args.pr_curves, args.per_class_default, args.per_class_calibrated, args.fbeta_curves):
-            if path is not None and not path.exists():
-                raise FileNotFoundError(f"{path}: report table not found (it was passed, so it is required)")
-        thresholds = json.loads(args.thresholds.read_text(encoding="utf-8")) if args.thresholds else {}
+            project_root=Path.cwd(), keep=[cfg.champion_metric] if package else [])
         with tempfile.TemporaryDirectory(prefix="mlic-figures-") as tmp:
             drawn = figures.draw_all(
                 Path(tmp), history=args.history, pr_curves_csv=args.pr_curves,
                 per_class_default=args.per_class_default, per_class_calibrated=args.per_class_calibrated,
-                fbeta_csv=args.fbeta_curves, thresholds=thresholds, default_threshold=ev.threshold,
+                fbeta_csv=args.fbeta_curves, thresholds_json=args.thresholds, default_threshold=ev.threshold,
                 beta=cal.beta)
             info = tracking.log_record(run, tracking_uri=uri, experiment=cfg.experiment, package=package,
                                        extra_artifacts=drawn)

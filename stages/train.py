@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         "best_epoch": result.best_epoch, f"best_{cfg.monitor}": round(result.best_value, 6),
         "epochs_run": len(result.history),
     })
-    journal.note(fit_seconds=round(result.seconds, 1), gpus=devices.gpus,
+    journal.note(fit_seconds=round(result.seconds, 1),
                  images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1))
     log.info("best %s %.4f at epoch %d; %d epochs in %.0f s", cfg.monitor, result.best_value,
              result.best_epoch, len(result.history), result.seconds)

@@ -120,11 +120,19 @@ def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str, timeout: float, 
 
 @contextlib.contextmanager
 def browser() -> Iterator[Browser]:
-    """A headless Chromium (Debian's /usr/bin/chromium) under Playwright; skips if either is missing."""
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="browser tests need `pip install playwright`")
-    if not CHROMIUM.exists():
-        pytest.skip(f"browser tests need {CHROMIUM} (`apt-get install -y chromium`)")
+    """A headless Chromium (Debian's /usr/bin/chromium) under Playwright; skips if either is missing,
+    or fails where MLIC_REQUIRE_BROWSER is set (.ci/run sets it: CI must not go green without it)."""
+    missing = None
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing = "browser tests need `pip install playwright` (in the `test` extra)"
+    if missing is None and not CHROMIUM.exists():
+        missing = f"browser tests need {CHROMIUM} (`apt-get install -y chromium`)"
+    if missing is not None:
+        if os.environ.get("MLIC_REQUIRE_BROWSER"):
+            pytest.fail(f"{missing}; MLIC_REQUIRE_BROWSER is set", pytrace=False)
+        pytest.skip(missing)
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
         try:

@@ -88,11 +88,3 @@ def test_the_closure_follows_imports_through_modules() -> None:
     assert "src/mlic/tracking.py" not in stage_closure("train")
     assert "src/mlic/store.py" in stage_closure("train")
 
-
-def test_output_neutral_modules_write_no_output() -> None:
-    """What makes a module output-neutral: it writes no file a stage declares (only .mlic/ and stderr)."""
-    for path in OUTPUT_NEUTRAL:
-        text = (ROOT / path).read_text(encoding="utf-8")
-        assert "write_csv" not in text and "atomic_dir" not in text, path
-        for stage in DVC["stages"].values():
-            assert path not in stage.get("deps", []), f"{path} is output-neutral: not a dep"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -30,6 +32,8 @@ def tables(tmp_path):
     fitted = thresholds.fit_thresholds(y, p)
     metrics.per_class_table(y, p, CLASSES, fitted).to_csv(paths["calibrated"], index=False)
     thresholds.fbeta_curve_table(y, p, CLASSES).to_csv(paths["fbeta"], index=False)
+    paths["thresholds"] = tmp_path / "thresholds.json"
+    paths["thresholds"].write_text(json.dumps(dict(zip(CLASSES, fitted))), encoding="utf-8")
     return paths, dict(zip(CLASSES, fitted))
 
 
@@ -37,7 +41,7 @@ def test_draw_all_writes_four_real_pngs(tables, tmp_path):
     paths, fitted = tables
     drawn = figures.draw_all(tmp_path / "out", history=paths["history"], pr_curves_csv=paths["pr"],
                              per_class_default=paths["default"], per_class_calibrated=paths["calibrated"],
-                             fbeta_csv=paths["fbeta"], thresholds=fitted)
+                             fbeta_csv=paths["fbeta"], thresholds_json=paths["thresholds"])
     assert sorted(drawn) == ["f1_per_class.png", "fbeta_vs_threshold.png", "learning_curves.png", "pr_curves.png"]
     for path in drawn.values():
         with Image.open(path) as im:
@@ -59,3 +63,31 @@ def test_one_panel_per_class_even_for_names_pandas_would_misread(tables):
 def test_only_figures_with_inputs_are_drawn(tables, tmp_path):
     paths, _ = tables
     assert list(figures.draw_all(tmp_path / "o", history=paths["history"])) == ["learning_curves.png"]
+
+
+def test_a_class_without_positives_gets_no_ap_and_no_crash(tmp_path):
+    rng = np.random.default_rng(1)
+    y = (rng.random((30, 3)) < 0.4).astype(int)
+    y[:, 2] = 0                                               # AP undefined: an empty cell in the CSV
+    p = rng.random((30, 3))
+    metrics.per_class_table(y, p, CLASSES, 0.5).to_csv(tmp_path / "d.csv", index=False)
+    metrics.pr_curve_table(y, p, CLASSES).to_csv(tmp_path / "pr.csv", index=False)
+    fig = figures.pr_curves(figures._read(tmp_path / "pr.csv"), figures._read(tmp_path / "d.csv"))
+    assert [ax.get_title() for ax in fig.axes if ax.get_visible()][0].startswith("NA  AP ")
+
+
+def test_a_failing_figure_is_reported_and_the_others_drawn(tables, tmp_path, monkeypatch, caplog):
+    paths, _ = tables
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(figures, "pr_curves", broken)
+    drawn = figures.draw_all(tmp_path / "o", history=paths["history"], pr_curves_csv=paths["pr"])
+    assert list(drawn) == ["learning_curves.png"]
+    assert "figure pr_curves.png not drawn" in caplog.text and "a bug" in caplog.text
+
+
+def test_a_missing_input_is_an_error_before_drawing(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.csv: report table not found"):
+        figures.draw_all(tmp_path / "o", pr_curves_csv=tmp_path / "nope.csv")

@@ -469,3 +469,14 @@ def test_mirrored_strategy_trains_on_two_logical_cpus():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOSS" in result.stdout
+
+
+def test_summary_text_does_not_depend_on_the_terminal(monkeypatch) -> None:
+    """train writes it as a DVC output: a terminal and CI must write the same bytes."""
+    model = mm.build_model("simple_cnn", 3, 32, augmentation=None, seed=0)
+    texts = set()
+    for columns in ("60", "300"):
+        monkeypatch.setenv("COLUMNS", columns)
+        texts.add(mm.summary_text(model))
+        assert __import__("os").environ["COLUMNS"] == columns   # restored
+    assert len(texts) == 1 and "Total params" in texts.pop()

@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -172,6 +173,7 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     out = _run(["dvc", "repro"], repo, env).stdout
     assert "Stage 'evaluate' didn't change" in out, out   # a bit-identical model: nothing downstream
     assert _run(["git", "status", "--porcelain", "--untracked-files=no"], repo, env).stdout == ""
+    assert json.loads(_run(["dvc", "metrics", "diff", "--json"], repo, env).stdout or "{}") == {}
     assert len(_runs(env)) == 1
 
     # A no-op repro runs nothing and logs nothing.
@@ -187,8 +189,10 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert runs[1].data.params["train.epochs"] == "2"
     assert runs[1].data.tags.get("dvc_exp_name") == "two-epochs"
 
-    # Only calibrate's params change: a third run, just as complete.
+    # Only calibrate's params change: a third run, just as complete, and quick (no TensorFlow).
+    started = time.perf_counter()
     _run(["dvc", "exp", "run", "-n", "beta2", "-S", "calibrate.beta=2.0"], repo, env)
+    print(f"calibrate-only experiment: {time.perf_counter() - started:.1f} s")
     runs = _runs(env)
     assert len(runs) == 3
     _check_complete_run(runs[2], env, repo)
@@ -203,10 +207,9 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     metric_columns = header[header.index("parent") + 1:header.index("common.seed")]  # metrics come first
     assert metric_columns == ["best_epoch", "best_val_auc_pr", "epochs_run", "test.macro_ap", "test.macro_f1",
                               "val.macro_ap", "test_calibrated.hamming_loss", "test_calibrated.macro_f1",
-                              "test_calibrated.micro_f1", "test_calibrated.subset_accuracy"], header
+                              "test_calibrated.subset_accuracy"], header
     narrow = _run(["dvc", "exp", "show", "--no-pager", "--only-changed"], repo, dict(env, COLUMNS="200")).stdout
     assert max(len(line) for line in narrow.splitlines()) <= 200 and "…" not in narrow, narrow  # nothing cut
-    _check_ui(env, runs)
 
 
 def _tracked_text(repo: Path, env: dict[str, str]) -> str:
@@ -220,31 +223,36 @@ def _tracked_text(repo: Path, env: dict[str, str]) -> str:
     return "\n".join(texts)
 
 
-def _check_ui(env: dict[str, str], runs: list) -> None:
-    """The MLflow UI as a user sees it: the experiment opens on its runs table, and comparing the
-    last two runs (only calibrate.beta differs) shows that param and the metrics it moved."""
+def test_mlflow_ui_opens_runs_and_compares_them(project: tuple[Path, dict[str, str]]) -> None:
+    """The MLflow UI as a user sees it (headless Chromium): the experiment opens on its runs table,
+    and comparing the last two runs (only calibrate.beta differs) shows that param and the
+    metrics it moved. Screenshots: reports/ui/."""
+    repo, env = project
+    runs = _runs(env)
+    if len(runs) < 3:
+        pytest.skip("pipeline test did not run")
     import mlflow_ui
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    two, beta = runs[1], runs[2]
+    two, beta = runs[-2], runs[-1]
+    experiment = beta.info.experiment_id
     with mlflow_ui.mlflow_server(env["MLFLOW_TRACKING_URI"], timeout=120) as url, mlflow_ui.browser() as browser:
         # The link `track` prints (and the README gives) opens the runs table in a fresh browser.
-        page = mlflow_ui.ui_page(browser, workflow=None)
-        page.goto(f"{url}/#/experiments/{beta.info.experiment_id}/runs?workflowType=machine_learning")
-        page.get_by_text(beta.info.run_name, exact=True).first.wait_for(timeout=30_000)
-        mlflow_ui.screenshot(page, SCREENSHOTS, "experiment-link")
-        page.close()
+        with mlflow_ui.ui_page(browser, workflow=None) as page:
+            page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning")
+            page.get_by_role("grid").get_by_text(beta.info.run_name, exact=True).first.wait_for(timeout=60_000)
+            mlflow_ui.screenshot(page, SCREENSHOTS, "experiment-link")
         # A user who chose "Model training" once: a click on the experiment lands on the runs table.
-        page = mlflow_ui.ui_page(browser)
-        landing = mlflow_ui.open_experiment(page, url, "mlic")
-        mlflow_ui.screenshot(page, SCREENSHOTS, "experiment-click")
-        assert landing.tab == "runs" and landing.runs_table, landing
-        assert {r.info.run_name for r in runs} <= set(landing.run_names), landing
-        view = mlflow_ui.open_compare(page, url, [two.info.run_id, beta.info.run_id], [beta.info.experiment_id])
-        mlflow_ui.screenshot(page, SCREENSHOTS, "compare")
+        with mlflow_ui.ui_page(browser) as page:
+            landing = mlflow_ui.open_experiment(page, url, "mlic")
+            mlflow_ui.screenshot(page, SCREENSHOTS, "experiment-click")
+            assert landing.tab == "runs" and landing.runs_table, landing
+            assert {r.info.run_name for r in runs} <= set(landing.run_names), landing
+            view = mlflow_ui.open_compare(page, url, [two.info.run_id, beta.info.run_id], [experiment])
+            mlflow_ui.screenshot(page, SCREENSHOTS, "compare")
         assert view.params.get("calibrate.beta") == ("1.0", "2.0"), view.params
         changed = {name for name, values in view.metrics.items() if len(set(values)) > 1}
-        assert "test_calibrated/macro_f1" in changed or "test_calibrated/micro_f1" in changed, view.metrics
+        assert any(name.startswith("test_calibrated/") for name in changed), view.metrics
         assert not any(name.startswith("test/") for name in changed), changed  # the model did not change
 
 

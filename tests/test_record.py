@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -153,6 +154,31 @@ def test_since_the_last_track_only(tmp_path):
         journal.write(tmp_path, journal.StageRun(stage, started, ended))
     assert [r.stage for r in journal.since(journal.read(tmp_path))] == ["train", "calibrate"]
     assert [r.stage for r in journal.since({})] == []
+
+
+def test_under_dvc_only_the_own_invocation_counts(tmp_path):
+    # a train forced alone yesterday (session a) must not stretch today's calibrate-only run (b)
+    journal.write(tmp_path, journal.StageRun("train", 1.0, 100.0, {"images_per_second": 9.0}, "a"))
+    journal.write(tmp_path, journal.StageRun("calibrate", 500.0, 502.0, {}, "b"))
+    runs = journal.read(tmp_path)
+    assert [r.stage for r in journal.since(runs, current="b")] == ["calibrate"]
+    assert [r.stage for r in journal.since(runs, current="a")] == ["train"]
+    assert [r.stage for r in journal.since(runs)] == ["train", "calibrate"]   # by hand: all since track
+
+
+def test_the_session_is_the_dvc_process_above(tmp_path):
+    """A stage run by a process named `dvc` records that process as its session."""
+    import sys
+
+    fake = tmp_path / "dvc"
+    fake.write_text(f"#!{sys.executable}\nimport subprocess, sys\n"
+                    "sys.exit(subprocess.run([sys.executable, '-c', 'from mlic import journal; "
+                    "print(journal.session())']).returncode)\n", encoding="utf-8")
+    fake.chmod(0o755)
+    out = subprocess.run([str(fake)], capture_output=True, text=True, check=True).stdout.strip()
+    pid, _, started = out.partition("-")
+    assert pid.isdigit() and float(started) > 0
+    assert journal.session() == ""          # pytest is not run by dvc
 
 
 def test_an_unreadable_entry_is_skipped_not_fatal(tmp_path, caplog):

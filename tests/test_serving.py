@@ -143,3 +143,26 @@ def test_base64_with_line_breaks_and_raw_bytes_are_accepted() -> None:
     files, errors = serving.decode_base64_column([wrapped, b"raw", None, ""])
     assert files[0] == b"\x89PNG" + bytes(100) and files[1] == b"raw"
     assert sorted(errors) == [2, 3] and "got NoneType" in errors[2]
+
+
+def test_logging_skips_mlflows_serving_check_and_keeps_the_example(model_dir, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """`track` must not pay for MLflow's load-and-serve check (TensorFlow's import); the example stays."""
+    import mlflow
+    import mlflow.models.utils
+
+    from mlic.serving import log_packaged_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("MLflow's serving-input check ran")
+
+    monkeypatch.setattr(mlflow.models.utils, "_validate_serving_input", refuse)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+    try:
+        with mlflow.start_run():
+            info = log_packaged_model(model_dir.models / "model.keras", model_dir.models / "model_meta.json",
+                                      model_dir.thresholds, name="model")
+        local = Path(mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "dl")))
+        assert (local / "serving_input_example.json").is_file()
+    finally:
+        mlflow.set_tracking_uri(None)

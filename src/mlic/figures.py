@@ -9,13 +9,17 @@ would be unreadable.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
 
 COLUMNS = 5
 DPI = 100
@@ -66,7 +70,7 @@ def pr_curves(curves: pd.DataFrame, per_class: pd.DataFrame | None = None) -> Fi
         if info is not None and name in info.index:
             row = info.loc[name]
             ax.axhline(row["prevalence"], color="grey", linestyle=":", linewidth=1)  # a random ranker
-            title += f"  AP {row['ap']:.2f}"
+            title += f"  AP {row['ap']:.2f}" if math.isfinite(row["ap"]) else "  AP n/a"
         ax.set_title(title, fontsize="medium")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
@@ -119,8 +123,13 @@ def fbeta_vs_threshold(curves: pd.DataFrame, thresholds: Mapping[str, float], de
 
 
 def _read(path: Path) -> pd.DataFrame:
-    # class names stay text: pandas would read a class called `NA` or `None` as missing
-    return pd.read_csv(path, dtype={"class": str}, keep_default_na=False)
+    """A report table: `class` stays text (pandas would read a class called `NA` as missing),
+    every other column is a number, an empty cell (an undefined AP, say) NaN."""
+    frame = pd.read_csv(path, dtype={"class": str}, keep_default_na=False)
+    for column in frame.columns:
+        if column != "class":
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
 
 
 def save(fig: Figure, path: Path) -> Path:
@@ -137,25 +146,39 @@ def save(fig: Figure, path: Path) -> Path:
 
 def draw_all(out_dir: Path, *, history: Path | None = None, pr_curves_csv: Path | None = None,
              per_class_default: Path | None = None, per_class_calibrated: Path | None = None,
-             fbeta_csv: Path | None = None, thresholds: Mapping[str, float] | None = None,
+             fbeta_csv: Path | None = None, thresholds_json: Path | None = None,
              default_threshold: float = 0.5, beta: float | None = None) -> dict[str, Path]:
-    """Draw every figure whose inputs were given into `out_dir`; {file name: path}."""
+    """Draw every figure whose inputs were given into `out_dir`; {file name: path}.
+
+    A given input that does not exist is an error (FileNotFoundError, before anything is drawn).
+    """
+    for path in (history, pr_curves_csv, per_class_default, per_class_calibrated, fbeta_csv, thresholds_json):
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{path}: report table not found (it was passed, so it is required)")
+    thresholds = json.loads(Path(thresholds_json).read_text(encoding="utf-8")) if thresholds_json else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn: dict[str, Path] = {}
 
-    def add(name: str, fig: Figure) -> None:
-        drawn[name] = save(fig, out_dir / name)
+    def add(name: str, make: Callable[[], Figure]) -> None:
+        # A picture is worth less than the run it illustrates: a failing figure is reported
+        # (with its traceback, it is a bug) and the others are still drawn.
+        try:
+            drawn[name] = save(make(), out_dir / name)
+        except Exception:  # noqa: BLE001
+            log.warning("figure %s not drawn", name, exc_info=True)
 
     if history is not None:
-        add("learning_curves.png", learning_curves(pd.read_csv(history)))
+        frame = pd.read_csv(history)
+        if any(c in frame.columns for _, cols in CURVE_PANELS for c, _ in cols):
+            add("learning_curves.png", lambda: learning_curves(frame))
     if pr_curves_csv is not None:
         per_class = _read(per_class_default) if per_class_default is not None else None
-        add("pr_curves.png", pr_curves(_read(pr_curves_csv), per_class))
+        add("pr_curves.png", lambda: pr_curves(_read(pr_curves_csv), per_class))
     if per_class_default is not None and per_class_calibrated is not None:
-        add("f1_per_class.png", f1_per_class(_read(per_class_default), _read(per_class_calibrated),
-                                             default_threshold))
+        add("f1_per_class.png", lambda: f1_per_class(_read(per_class_default), _read(per_class_calibrated),
+                                                     default_threshold))
     if fbeta_csv is not None:
-        add("fbeta_vs_threshold.png", fbeta_vs_threshold(_read(fbeta_csv), thresholds or {},
-                                                         default_threshold, beta))
+        add("fbeta_vs_threshold.png", lambda: fbeta_vs_threshold(_read(fbeta_csv), thresholds,
+                                                                 default_threshold, beta))
     return drawn

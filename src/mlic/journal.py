@@ -3,8 +3,11 @@
 Timings differ on every run, so they are not DVC outputs (a reproduction would change dvc.lock
 and the metrics files in git), yet the MLflow run should say how long the pipeline took and how
 fast training went. Each stage run by `stage.run_stage` that succeeds records one small file,
-`.mlic/stages/<stage>.json` (overwritten by the stage's next success). `track` spans its MLflow
-run over the stages that ran since the previous `track` and logs their facts as metrics.
+`.mlic/stages/<stage>.json` (overwritten by the stage's next success), tagged with the pipeline
+invocation it belongs to: the `dvc` process that ran it (`session`). `track` spans its MLflow
+run over the stages of its own invocation and logs their facts as metrics; so a `train` forced
+alone yesterday does not stretch today's calibrate-only experiment. Run by hand (no `dvc`
+above), the stages that ran since the previous `track` count.
 
 `dvc exp run --temp/--queue` runs in a fresh copy of the repository, which has no `.mlic`: only
 that experiment's own stages are seen there, which is what its run should span.
@@ -35,6 +38,7 @@ class StageRun:
     started: float
     ended: float
     facts: dict[str, float] = dataclasses.field(default_factory=dict)
+    session: str = ""   # the `dvc` invocation that ran it ("" when run by hand)
 
     @property
     def seconds(self) -> float:
@@ -63,6 +67,23 @@ def process_start() -> float:
         return time.time()
 
 
+def session() -> str:
+    """The pipeline invocation this process belongs to: the nearest `dvc` process above it
+    (`<pid>-<start time>`, unique on this machine), or "" when no `dvc` runs it."""
+    try:
+        import psutil
+
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = proc.cmdline()
+            if proc.name() == "dvc" or any(Path(part).name == "dvc" for part in cmd[:2]):
+                return f"{proc.pid}-{proc.create_time():.2f}"
+            proc = proc.parent()
+    except Exception:  # noqa: BLE001 - no psutil, a vanished parent, no permission: "by hand"
+        pass
+    return ""
+
+
 def write(root: Path, run: StageRun) -> None:
     """Save `run` as `<root>/.mlic/stages/<stage>.json`. Never raises: timing is not worth a failed stage."""
     from mlic.atomic import write_json
@@ -81,7 +102,8 @@ def read(root: Path) -> dict[str, StageRun]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             run = StageRun(str(data["stage"]), float(data["started"]), float(data["ended"]),
-                           {str(k): float(v) for k, v in dict(data.get("facts") or {}).items()})
+                           {str(k): float(v) for k, v in dict(data.get("facts") or {}).items()},
+                           str(data.get("session") or ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: unreadable stage record, ignored (%s)", path, exc)
             continue
@@ -89,8 +111,14 @@ def read(root: Path) -> dict[str, StageRun]:
     return runs
 
 
-def since(runs: Mapping[str, StageRun], after: str = "track") -> list[StageRun]:
-    """The runs that started after stage `after` last ended (all of them if it never ran), by start."""
-    previous = runs.get(after)
-    cut = previous.ended if previous is not None else -math.inf
-    return sorted((r for s, r in runs.items() if s != after and r.started >= cut), key=lambda r: r.started)
+def since(runs: Mapping[str, StageRun], after: str = "track", current: str = "") -> list[StageRun]:
+    """The runs of pipeline invocation `current` (other than stage `after`), by start; with no
+    `current` (run by hand), those that started after `after` last ended (all if it never ran)."""
+    others = [r for s, r in runs.items() if s != after]
+    if current:
+        chosen = [r for r in others if r.session == current]
+    else:
+        previous = runs.get(after)
+        cut = previous.ended if previous is not None else -math.inf
+        chosen = [r for r in others if r.started >= cut]
+    return sorted(chosen, key=lambda r: r.started)

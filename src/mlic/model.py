@@ -14,6 +14,7 @@ Importing this module registers every custom object (package "mlic"), so
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -309,10 +310,27 @@ def build_model(
     return keras.Model(inputs, outputs, name=f"mlic_{backbone}")
 
 
+SUMMARY_WIDTH = 100  # characters per line of `summary_text`
+
+
 def summary_text(model: keras.Model) -> str:
-    """Keras's layer-by-layer summary of `model` (nested models expanded), as text."""
+    """Keras's layer-by-layer summary of `model` (nested models expanded), as text.
+
+    The same model gives the same text anywhere: Keras and rich size the table to the terminal
+    (`COLUMNS`, else its width, else 80), which would make `train`'s summary file, a DVC output,
+    differ between a terminal and CI. Both read COLUMNS, so it is pinned for the call.
+    """
     lines: list[str] = []
-    model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True)
+    before = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = str(SUMMARY_WIDTH)
+    try:
+        model.summary(print_fn=lambda line, **_: lines.append(line), expand_nested=True,
+                      line_length=SUMMARY_WIDTH)
+    finally:
+        if before is None:
+            os.environ.pop("COLUMNS", None)
+        else:
+            os.environ["COLUMNS"] = before
     return "\n".join(lines) + "\n"
 
 

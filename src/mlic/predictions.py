@@ -19,7 +19,7 @@ if TYPE_CHECKING:  # calibrate reads predictions without the TFRecord side
     from mlic.tfrecords import Manifest
 
 # Probabilities are kept to 6 decimals, in the CSV *and* in what evaluate scores, so metrics
-# recomputed from the CSV (calibrate's `test_default`, any later analysis) equal evaluate's.
+# recomputed from the CSV (calibrate's, any later analysis) equal evaluate's.
 DECIMALS = 6
 
 

@@ -22,9 +22,11 @@ Naming conventions (one place, so the UI columns stay stable from run to run):
             the UI cannot preview gets a suffix it can (`dvc.lock` -> `dvc.lock.yaml`).
   datasets  one input per split manifest: name = split, digest = its fingerprint, with the
             record count, classes and prevalence as the profile.
-  tags      git_commit, git_dirty (true/false/unknown), git_dirty_paths, dvc_exp_name,
-            dvc_exp_baseline_rev, data_fingerprint, model_parameters,
-            mlflow.source.name ("dvc repro" | "dvc exp run" | "python stages/track.py").
+  tags      git_commit (and mlflow.source.git.commit), git_dirty (true/false/unknown),
+            git_dirty_paths, dvc_exp_name, dvc_exp_baseline_rev, data_fingerprint,
+            model_parameters, pipeline_stages (the stages this run spans), mlflow.note.content
+            (how to reproduce), mlflow.source.name ("dvc repro" | "dvc exp run" |
+            "python stages/track.py").
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
 import subprocess
 from collections import Counter
@@ -44,6 +47,7 @@ from typing import Any
 
 from mlic import journal
 from mlic.metrics import DATA_FACTS, THRESHOLD_FREE
+from mlic.params import flatten, read_params_file
 from mlic.store import one_line
 
 log = logging.getLogger(__name__)
@@ -131,8 +135,6 @@ def param_value(value: Any) -> str:
 
 def flatten_params(raw: Mapping[str, Any]) -> dict[str, str]:
     """params.yaml -> {"section.key": "value"}; nested mappings are dotted, empty ones skipped."""
-    from mlic.params import flatten
-
     return {clean_name(k)[:250]: param_value(v) for k, v in flatten(dict(raw)).items()}
 
 
@@ -317,16 +319,17 @@ def build_record(
     project_root: Path | None = None,
     env: Mapping[str, str] | None = None,
     now: datetime | None = None,
+    session: str | None = None,
+    keep: Sequence[str] = (),
 ) -> RunRecord:
     """Read every input and return the run's record; any missing or broken file raises first.
 
     `metrics_files` is a list of (prefix, path); prefix "" keeps the JSON's own top-level keys.
     The params file, history, metrics files and manifests are artifacts too. The journal under
-    `project_root` gives the start time and the noted facts of the stages that ran since the
-    previous `track`.
+    `project_root` gives the start time and the noted facts of the stages of this pipeline
+    invocation (`session`, default: this process's; see journal.py). Metrics named in `keep`
+    are kept in the summary whatever the rules say (the champion's selection metric).
     """
-    import os
-
     env = os.environ if env is None else env
     project_root = Path(project_root or Path.cwd())
     for path, what in [(params_file, "params file"), (history_csv, "history CSV"),
@@ -335,8 +338,6 @@ def build_record(
                        *[(p, "artifact") for p in artifacts]]:
         if path is not None and not Path(path).exists():
             raise FileNotFoundError(f"{path}: {what} not found (it was passed, so it is required)")
-
-    from mlic.params import read_params_file
 
     params = flatten_params(read_params_file(params_file)) if params_file else {}
     curves, skipped_columns = read_history(Path(history_csv)) if history_csv else ({}, [])
@@ -361,11 +362,11 @@ def build_record(
         log.info("%d metric value(s) not numbers, not logged: %s%s", len(skipped),
                  ", ".join(skipped[:10]), " ..." if len(skipped) > 10 else "")
 
-    ran = journal.since(journal.read(project_root))
+    ran = journal.since(journal.read(project_root), current=journal.session() if session is None else session)
     for run in ran:
         for fact, value in run.facts.items():
             flat.setdefault(f"{clean_name(run.stage)}/{clean_name(fact)}", value)
-    metrics = {k: v for k, v in flat.items() if keep_summary_metric(k)}
+    metrics = {k: v for k, v in flat.items() if keep_summary_metric(k) or k in keep}
 
     datasets = read_datasets(Path(manifests_dir), project_root) if manifests_dir else []
     files = [p for p in [params_file, history_csv, *[p for _, p in metrics_files], *artifacts] if p]

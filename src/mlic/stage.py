@@ -37,5 +37,5 @@ def run_stage(main: Callable[[], int], name: str | None = None, root: Path | Non
         return 2
     if code == 0:
         journal.write(root or Path.cwd(), journal.StageRun(name or Path(sys.argv[0]).stem, started,
-                                                           time.time(), journal.take_facts()))
+                                                           time.time(), journal.take_facts(), journal.session()))
     return code
