@@ -35,7 +35,11 @@ CURVE_PANELS = (
 def _grid(n: int, title: str, panel_w: float = 2.6, panel_h: float = 2.2) -> tuple[Figure, list]:
     cols = min(COLUMNS, max(n, 1))
     rows = max(1, math.ceil(n / cols))
-    fig = Figure(figsize=(panel_w * cols, panel_h * rows + 0.6), dpi=DPI, layout="constrained")
+    height = panel_h * rows + 0.6
+    # Fixed margins rather than a layout engine: one drawing pass instead of two (track's time).
+    fig = Figure(figsize=(panel_w * cols, height), dpi=DPI)
+    fig.subplots_adjust(left=0.55 / (panel_w * cols), right=1 - 0.15 / (panel_w * cols), bottom=0.55 / height,
+                        top=1 - 0.75 / height, wspace=0.38, hspace=0.75)
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
@@ -85,7 +89,9 @@ def f1_per_class(default: pd.DataFrame, calibrated: pd.DataFrame, default_thresh
         calibrated[["class", "f1"]], on="class", suffixes=("_default", "_calibrated"))
     both = both.sort_values("f1_calibrated", kind="stable")
     n = len(both)
-    fig = Figure(figsize=(7, 1.2 + 0.32 * n), dpi=DPI, layout="constrained")
+    height = 1.2 + 0.32 * n
+    fig = Figure(figsize=(7, height), dpi=DPI)
+    fig.subplots_adjust(left=0.28, right=0.97, bottom=0.6 / height, top=1 - 0.45 / height)
     ax = fig.subplots()
     y = range(n)
     ax.barh([i + 0.2 for i in y], both["f1_default"], height=0.4, label=f"at {default_threshold:g}")
@@ -140,7 +146,8 @@ def save(fig: Figure, path: Path) -> Path:
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from font")
-        fig.savefig(path, format="png", metadata={"Software": None})
+        # light compression: a third of the encoding time for a few kB more
+        fig.savefig(path, format="png", metadata={"Software": None}, pil_kwargs={"compress_level": 1})
     return path
 
 
