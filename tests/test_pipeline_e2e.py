@@ -23,7 +23,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", ".dvc/plots", "stages", "src"]
+COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "stages", "src"]
 SCREENSHOTS = ROOT / "reports" / "ui"
 
 TINY = {
@@ -69,6 +69,7 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, s
     _run(["git", "init", "-q", "-b", "main"], repo, env)
     _run(["dvc", "init", "-q"], repo, env)
     _run(["dvc", "config", "core.analytics", "false"], repo, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates dvc.yaml names
     with open(repo / ".gitignore", "a", encoding="utf-8") as fh:
         fh.write("mlflow.db\n")
     _run(["git", "add", "-A"], repo, env)
@@ -181,28 +182,18 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert "didn't change" in out or "up to date" in out
     assert len(_runs(env)) == 1
 
-    # An experiment re-runs train onwards and leaves a second complete run.
-    _run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2"], repo, env)
-    runs = _runs(env)
-    assert len(runs) == 2
-    _check_complete_run(runs[1], env, repo)
-    assert runs[1].data.params["train.epochs"] == "2"
-    assert runs[1].data.tags.get("dvc_exp_name") == "two-epochs"
-
-    # Only calibrate's params change: a third run, just as complete, and quick (no TensorFlow).
-    started = time.perf_counter()
-    _run(["dvc", "exp", "run", "-n", "beta2", "-S", "calibrate.beta=2.0"], repo, env)
-    print(f"calibrate-only experiment: {time.perf_counter() - started:.1f} s")
-    runs = _runs(env)
-    assert len(runs) == 3
-    _check_complete_run(runs[2], env, repo)
-    assert runs[2].data.params["calibrate.beta"] == "2.0"
-
-    table = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout)
-    text = json.dumps(table)
-    assert "two-epochs" in text and "beta2" in text
-    assert "test_calibrated" in text
-    # The default table shows the headline; --only-changed over the experiments fits 200 columns.
+    # Only calibrate's params change: two more runs, just as complete, and quick (no TensorFlow).
+    for n, (name, beta) in enumerate([("beta2", "2.0"), ("beta05", "0.5")], start=2):
+        started = time.perf_counter()
+        _run(["dvc", "exp", "run", "-n", name, "-S", f"calibrate.beta={beta}"], repo, env)
+        print(f"calibrate-only experiment {name}: {time.perf_counter() - started:.1f} s")
+        runs = _runs(env)
+        assert len(runs) == n
+        _check_complete_run(runs[-1], env, repo)
+        assert runs[-1].data.params["calibrate.beta"] == beta
+        assert runs[-1].data.tags["pipeline_stages"] == "calibrate"   # the run spans its own stages only
+        assert "train/images_per_second" not in runs[-1].data.metrics
+    # The default table shows the headline; --only-changed over these experiments fits 200 columns.
     header = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout.splitlines()[0].split(",")
     metric_columns = header[header.index("parent") + 1:header.index("common.seed")]  # metrics come first
     assert metric_columns == ["best_epoch", "best_val_auc_pr", "epochs_run", "test.macro_ap", "test.macro_f1",
@@ -210,6 +201,17 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
                               "test_calibrated.subset_accuracy"], header
     narrow = _run(["dvc", "exp", "show", "--no-pager", "--only-changed"], repo, dict(env, COLUMNS="200")).stdout
     assert max(len(line) for line in narrow.splitlines()) <= 200 and "…" not in narrow, narrow  # nothing cut
+
+    # An experiment that re-trains: a fourth run, complete, that spans training again.
+    _run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2", "-S", "calibrate.beta=1.0"], repo, env)
+    runs = _runs(env)
+    assert len(runs) == 4
+    _check_complete_run(runs[-1], env, repo)
+    assert runs[-1].data.params["train.epochs"] == "2"
+    assert runs[-1].data.tags.get("dvc_exp_name") == "two-epochs"
+    assert runs[-1].data.metrics["train/epochs_run"] == 2 and "train" in runs[-1].data.tags["pipeline_stages"]
+    text = json.dumps(json.loads(_run(["dvc", "exp", "show", "--json"], repo, env).stdout))
+    assert "two-epochs" in text and "beta2" in text and "test_calibrated" in text
 
 
 def _tracked_text(repo: Path, env: dict[str, str]) -> str:
@@ -225,16 +227,17 @@ def _tracked_text(repo: Path, env: dict[str, str]) -> str:
 
 def test_mlflow_ui_opens_runs_and_compares_them(project: tuple[Path, dict[str, str]]) -> None:
     """The MLflow UI as a user sees it (headless Chromium): the experiment opens on its runs table,
-    and comparing the last two runs (only calibrate.beta differs) shows that param and the
+    and comparing the two calibrate experiments (only calibrate.beta differs) shows that param and the
     metrics it moved. Screenshots: reports/ui/."""
     repo, env = project
     runs = _runs(env)
-    if len(runs) < 3:
+    if not {"beta2", "beta05"} <= {r.info.run_name for r in runs}:
         pytest.skip("pipeline test did not run")
     import mlflow_ui
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    two, beta = runs[-2], runs[-1]
+    named = {r.info.run_name: r for r in runs}
+    two, beta = named["beta2"], named["beta05"]
     experiment = beta.info.experiment_id
     with mlflow_ui.mlflow_server(env["MLFLOW_TRACKING_URI"], timeout=120) as url, mlflow_ui.browser() as browser:
         # The link `track` prints (and the README gives) opens the runs table in a fresh browser.
@@ -250,7 +253,7 @@ def test_mlflow_ui_opens_runs_and_compares_them(project: tuple[Path, dict[str, s
             assert {r.info.run_name for r in runs} <= set(landing.run_names), landing
             view = mlflow_ui.open_compare(page, url, [two.info.run_id, beta.info.run_id], [experiment])
             mlflow_ui.screenshot(page, SCREENSHOTS, "compare")
-        assert view.params.get("calibrate.beta") == ("1.0", "2.0"), view.params
+        assert view.params.get("calibrate.beta") == ("2.0", "0.5"), view.params
         changed = {name for name, values in view.metrics.items() if len(set(values)) > 1}
         assert any(name.startswith("test_calibrated/") for name in changed), view.metrics
         assert not any(name.startswith("test/") for name in changed), changed  # the model did not change
