@@ -29,6 +29,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -37,6 +38,9 @@ from PIL import Image
 
 from mlic import tfrecords
 from mlic.sample import generate_sample
+
+if TYPE_CHECKING:  # annotations only: TensorFlow is imported inside the functions (see below)
+    import tensorflow as tf
 
 # TensorFlow is imported inside the functions: the sample and shard writers spawn worker
 # processes that re-import this module, and each would otherwise pay TF's 3.5 s and 750 MiB.
