@@ -146,7 +146,11 @@ def test_uncaught_exception_traceback_reaches_stderr() -> None:
 
 def test_ctrl_c_traceback_survives() -> None:
     # Ctrl-C reaches the whole process group, filter included: it must not die before draining.
-    proc = subprocess.Popen([sys.executable, "-c", _script("import time\nprint('ready', flush=True)\ntime.sleep(30)")],
+    # A shell's background job starts with SIGINT ignored, and Python then keeps it ignored:
+    # restore Python's own handler, as an interactive terminal would have it.
+    body = ("import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "print('ready', flush=True)\ntime.sleep(30)")
+    proc = subprocess.Popen([sys.executable, "-c", _script(body)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(), start_new_session=True)
     assert proc.stdout.readline() == b"ready\n"
     os.killpg(proc.pid, signal.SIGINT)
