@@ -28,7 +28,6 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
-from sklearn import metrics as skm
 
 # A single threshold for every class, or one per class in column order.
 Thresholds = float | Sequence[float] | np.ndarray
@@ -140,6 +139,8 @@ def _defined_classes(y_true: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def _per_class_ap_auc(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-class AP and ROC-AUC from scikit-learn, NaN where undefined (never passed to sklearn)."""
+    from sklearn import metrics as skm  # not at import: `track` and `mlic predict` use the names only
+
     ap_ok, auc_ok = _defined_classes(y_true)
     k = y_true.shape[1]
     ap = np.full(k, np.nan)
@@ -164,6 +165,8 @@ def compute_metrics(
     y_true: np.ndarray, y_prob: np.ndarray, thresholds: Thresholds = 0.5
 ) -> dict[str, float]:
     """Return the flat multi-label metric dict (see the module docstring for edge cases)."""
+    from sklearn import metrics as skm  # not at import: `track` and `mlic predict` use the names only
+
     y_true, y_prob = check_arrays(y_true, y_prob)
     y_pred = predict(y_prob, thresholds)
     n, k = y_true.shape
@@ -211,6 +214,8 @@ def per_class_table(
     thresholds: Thresholds = 0.5,
 ) -> pd.DataFrame:
     """One row per class: support, prevalence, threshold, P/R/F1, AP, ROC-AUC, predicted positives."""
+    from sklearn import metrics as skm  # not at import: `track` and `mlic predict` use the names only
+
     y_true, y_prob = check_arrays(y_true, y_prob)
     k = y_true.shape[1]
     if len(class_names) != k:
@@ -267,6 +272,8 @@ def pr_curve_table(
     images, and curves of different runs share their x values. Classes without a positive
     (no curve exists) are left out. The raw curve comes from scikit-learn.
     """
+    from sklearn import metrics as skm  # not at import: `track` and `mlic predict` use the names only
+
     y_true, y_prob = check_arrays(y_true, y_prob, min_classes=1)
     if len(class_names) != y_true.shape[1]:
         raise ValueError(f"{len(class_names)} class names for {y_true.shape[1]} columns")
