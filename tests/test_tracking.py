@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -399,3 +400,107 @@ def test_check_cli_exits_2_with_the_message(monkeypatch, tmp_path, caplog):
 def test_password_is_redacted():
     assert tracking.redact_uri("https://me:secret@host:8443/x") == "https://me:***@host:8443/x"
     assert tracking.redact_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
+
+
+# --------------------------------------------------------------------------- tracking never lies
+def _record(project: Path):
+    from mlic.record import build_record
+
+    return build_record(params_file=Path("params.yaml"), metrics_files=[("", Path("reports/evaluate/metrics.json"))],
+                        project_root=project)
+
+
+def test_sigterm_while_logging_marks_the_run_killed(tracked, monkeypatch):
+    import signal
+
+    from mlflow import MlflowClient
+
+    project, uri, client, _ = tracked
+    monkeypatch.chdir(project)
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)   # `kill <pid>`, a CI timeout, `dvc queue kill`
+        time.sleep(5)
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        tracking.log_record(_record(project), tracking_uri=uri, experiment="mlic-sigterm")
+    assert signal.getsignal(signal.SIGTERM) is before          # the handler is put back
+    runs = client.search_runs([client.get_experiment_by_name("mlic-sigterm").experiment_id])
+    assert [r.info.status for r in runs] == ["KILLED"]
+
+
+def test_runs_left_running_by_a_killed_track_are_settled_by_the_next(tracked, monkeypatch):
+    project, uri, client, _ = tracked
+    monkeypatch.chdir(project)
+    experiment_id = client.create_experiment("mlic-abandoned")
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                                # a pid that no longer runs
+    abandoned = client.create_run(experiment_id, tags={**tracking.owner_tags(), tracking.OWNER_PID: str(gone.pid)})
+    alive = client.create_run(experiment_id, tags=tracking.owner_tags())   # a parallel worker, still writing
+    elsewhere = client.create_run(experiment_id, tags={**tracking.owner_tags(), tracking.OWNER_HOST: "other-host"})
+    tracking.log_record(_record(project), tracking_uri=uri, experiment="mlic-abandoned")
+    status = {r.info.run_id: r.info.status for r in client.search_runs([experiment_id])}
+    assert status[abandoned.info.run_id] == "FAILED"
+    assert "no longer runs" in client.get_run(abandoned.info.run_id).data.tags["mlic.settled"]
+    assert status[alive.info.run_id] == status[elsewhere.info.run_id] == "RUNNING"
+    assert sorted(status.values()) == ["FAILED", "FINISHED", "RUNNING", "RUNNING"]
+
+
+FIRST_WRITER = """
+import sys, time
+from pathlib import Path
+from mlflow import MlflowClient
+from mlic import tracking
+uri, start = sys.argv[1], float(sys.argv[2])
+time.sleep(max(0.0, start - time.time()))          # both processes open the fresh store at once
+with tracking.first_use(uri):
+    client = MlflowClient(uri)
+    experiment_id = tracking.ensure_experiment(client, "race", uri)
+run = client.create_run(experiment_id)
+client.set_terminated(run.info.run_id)
+"""
+
+
+@pytest.mark.parametrize("trial", range(2))
+def test_two_first_time_writers_to_a_fresh_store_both_succeed(tmp_path, trial):
+    import sys
+
+    uri = f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    start = time.time() + 6                             # after both have imported mlflow
+    env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_WRITER, uri, str(start)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outcomes
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
+    assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
+    assert tracking.sqlite_schema_problem(tmp_path / "mlflow.db") is None
+
+
+def test_check_verifies_the_schema_not_just_the_file(tracked, tmp_path):
+    import sqlite3
+
+    _, uri, _, _ = tracked
+    tracking.check_store(uri)                                   # the fixture's healthy store
+    half = tmp_path / "half.db"
+    with sqlite3.connect(half) as db:                           # creation interrupted after one table
+        db.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+    with pytest.raises(tracking.TrackingUnavailable, match="missing tables: alembic_version"):
+        tracking.check_store(f"sqlite:///{half.as_posix()}")
+    junk = write_text(tmp_path / "junk.db", "not a database at all, but long enough to be read " * 20)
+    with pytest.raises(tracking.TrackingUnavailable, match="not a readable SQLite database"):
+        tracking.check_store(f"sqlite:///{junk.as_posix()}")
+    old = tmp_path / "old.db"
+    store = tracking.sqlite_path(uri)
+    old.write_bytes(store.read_bytes())
+    known, heads = tracking.mlflow_schema_heads()
+    older = sorted(known - heads)[0]
+    with sqlite3.connect(old) as db:
+        db.execute("UPDATE alembic_version SET version_num = ?", (older,))
+    with pytest.raises(tracking.TrackingUnavailable, match="older MLflow schema .* mlflow db upgrade"):
+        tracking.check_store(f"sqlite:///{old.as_posix()}")

@@ -112,6 +112,91 @@ def _check_sqlite(uri: str) -> None:
         raise TrackingUnavailable(uri, f"folder {folder} is not writable")
     if path.exists() and not (path.is_file() and os.access(path, os.R_OK | os.W_OK)):
         raise TrackingUnavailable(uri, f"{path} is not a writable file")
+    if path.exists() and path.stat().st_size > 0:
+        problem = sqlite_schema_problem(path)
+        if problem:
+            raise TrackingUnavailable(uri, problem)
+
+
+# Tables every MLflow 3 store has; a store missing one was left half-created (see first_use).
+CORE_TABLES = ("alembic_version", "experiments", "runs", "metrics", "params", "tags",
+               "registered_models", "model_versions")
+
+
+def mlflow_schema_heads() -> tuple[set[str], set[str]]:
+    """(every schema revision the installed MLflow knows, its head revisions), read from its
+    migration scripts without importing mlflow; two empty sets if they cannot be found."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("mlflow")
+    if spec is None or not spec.submodule_search_locations:
+        return set(), set()
+    versions = Path(list(spec.submodule_search_locations)[0]) / "store" / "db_migrations" / "versions"
+    known: set[str] = set()
+    parents: set[str] = set()
+    for script in versions.glob("*.py"):
+        text = script.read_text(encoding="utf-8", errors="replace")
+        rev = re.search(r'^revision\s*=\s*["\']([0-9a-f]+)["\']', text, re.M)
+        down = re.search(r'^down_revision\s*=\s*["\']([0-9a-f]+)["\']', text, re.M)
+        if rev:
+            known.add(rev.group(1))
+        if down:
+            parents.add(down.group(1))
+    return known, known - parents
+
+
+def sqlite_schema_problem(path: Path) -> str | None:
+    """Why the SQLite MLflow store at `path` cannot be used as it is, or None if it can.
+
+    Checks what MLflow itself would trip over later: a file that is not SQLite, tables missing
+    (a store whose creation was interrupted), and a schema revision other than the installed
+    MLflow's (older: `mlflow db upgrade`; newer: written by a newer MLflow).
+    """
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)) as db:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            missing = [t for t in CORE_TABLES if t not in tables]
+            if missing:
+                return (f"{path} is not a complete MLflow store (missing tables: {', '.join(missing)}); "
+                        "its creation was interrupted: move it aside, and the next run creates a fresh one")
+            versions = [row[0] for row in db.execute("SELECT version_num FROM alembic_version")]
+    except sqlite3.DatabaseError as exc:
+        return f"{path} is not a readable SQLite database ({exc}); move it aside or point MLFLOW_TRACKING_URI elsewhere"
+    known, heads = mlflow_schema_heads()
+    if len(versions) != 1:
+        return f"{path} holds {len(versions)} schema versions, not one: move it aside"
+    if heads and versions[0] not in heads:
+        if versions[0] in known:
+            return (f"{path} has an older MLflow schema ({versions[0]}); upgrade it: "
+                    f"mlflow db upgrade sqlite:///{path}")
+        return f"{path} was written by a newer MLflow (schema {versions[0]}); upgrade mlflow"
+    return None
+
+
+@contextlib.contextmanager
+def first_use(uri: str) -> Iterator[None]:
+    """Hold a lock beside a SQLite store while MLflow first opens (and so maybe creates) it.
+
+    Two processes creating a fresh store at once race MLflow's table creation (Alembic errors,
+    once a store left half-made); `dvc queue start -j 2` on a new clone does exactly that. The
+    lock (`<db>.lock`, flock) serializes first use; other stores need none.
+    """
+    path = sqlite_path(uri)
+    if path is None or os.name != "posix":
+        yield
+        return
+    import fcntl
+
+    lock = path.with_name(path.name + ".lock")
+    with open(lock, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_health(uri: str, timeout_s: float) -> None:

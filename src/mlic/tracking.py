@@ -6,7 +6,11 @@ knows how MLflow stores it. It and `serving.py` are the only code that imports m
 How a record maps onto MLflow:
   run       created with the start time of the pipeline's first stage that ran (the journal),
             so its Duration spans the pipeline, not just this stage; FINISHED only after
-            everything is logged, FAILED (KILLED on Ctrl-C) otherwise.
+            everything is logged, FAILED otherwise, KILLED on Ctrl-C or SIGTERM. Tagged with its
+            owner process (`mlic.owner.*`): a run whose owner died without a word (kill -9) is
+            marked FAILED by the next `track` on the same host (`settle_abandoned_runs`).
+  store     first opened under a lock beside a SQLite file (`store.first_use`): parallel first
+            writers to a fresh store would race MLflow's table creation.
   params, summary metrics (step 0), curves (step = epoch), tags: as named by the record.
   artifacts top-level files (the compare view lists only those), PNG figures included.
   datasets  `log_inputs`: one dataset per split, context tag = the split, digest = the
@@ -25,6 +29,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import re
 import shutil
 import sys
@@ -41,10 +46,13 @@ from mlic.store import (  # noqa: F401 - re-exported: tracking is where users lo
     TrackingUnavailable,
     check_store,
     default_project_root,
+    first_use,
+    mlflow_schema_heads,
     one_line,
     redact_uri,
     resolve_tracking_uri,
     sqlite_path,
+    sqlite_schema_problem,
 )
 
 log = logging.getLogger(__name__)
@@ -151,6 +159,79 @@ def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
     return experiment.experiment_id
 
 
+# Who is writing a run, so a later `track` can tell a run abandoned by a killed process (kill -9,
+# power loss: nothing could mark it) from one a parallel `dvc queue` worker is still writing.
+OWNER_HOST, OWNER_PID, OWNER_STARTED = "mlic.owner.host", "mlic.owner.pid", "mlic.owner.started"
+
+
+def owner_tags() -> dict[str, str]:
+    """This process as a run's owner: host name, pid and the pid's start time."""
+    import socket
+
+    return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()),
+            OWNER_STARTED: f"{_process_started(os.getpid()) or 0:.2f}"}
+
+
+def _process_started(pid: int) -> float | None:
+    """When process `pid` started (Unix seconds), or None if no such process runs."""
+    try:
+        import psutil
+
+        return float(psutil.Process(pid).create_time())
+    except Exception:  # noqa: BLE001 - gone, or not ours to see
+        return None
+
+
+def settle_abandoned_runs(client: Any, experiment_id: str) -> list[str]:
+    """Mark FAILED the RUNNING runs of this experiment whose owner process, on this host, is gone.
+
+    Runs owned by another host, or by a live process (a parallel queue worker), are left alone:
+    nothing here can tell whether they are still being written. Returns the settled run ids.
+    """
+    import socket
+
+    host = socket.gethostname()
+    settled = []
+    for run in client.search_runs([experiment_id], filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`{OWNER_HOST}` = '{host}'"), max_results=1000):
+        tags = run.data.tags
+        try:
+            pid, started = int(tags[OWNER_PID]), float(tags[OWNER_STARTED])
+        except (KeyError, ValueError):
+            continue
+        alive = _process_started(pid)
+        if alive is not None and abs(alive - started) < 1.0:
+            continue  # its owner still runs
+        client.set_tag(run.info.run_id, "mlic.settled",
+                       f"left RUNNING by process {pid}, which no longer runs (killed?); marked FAILED by a later track")
+        client.set_terminated(run.info.run_id, "FAILED")
+        settled.append(run.info.run_id)
+    if settled:
+        log.warning("marked %d run(s) FAILED that a killed track left RUNNING: %s", len(settled), ", ".join(settled))
+    return settled
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a `kill`, a CI timeout, `dvc queue kill`) ends the block like Ctrl-C, so the run
+    is marked KILLED instead of being left RUNNING. Main thread only (signal handlers live there)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    before = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _dataset_inputs(datasets: list[DatasetInput]) -> list[Any]:
     from mlflow.entities import Dataset, DatasetInput as MlflowDatasetInput, InputTag
 
@@ -193,16 +274,18 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
     now_ms = int(time.time() * 1000)
     metrics = [Metric(k, v, now_ms, 0) for k, v in sorted(record.metrics.items())]
     metrics += [Metric(k, v, now_ms, step) for k, points in sorted(record.curves.items()) for step, v in points]
-    client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(client, experiment, tracking_uri)
+    with first_use(tracking_uri):  # opening the client opens (or creates) the store
+        client = MlflowClient(tracking_uri)
+        experiment_id = ensure_experiment(client, experiment, tracking_uri)
+    settle_abandoned_runs(client, experiment_id)
     started = int(record.started * 1000) if record.started is not None else now_ms
     run = client.create_run(experiment_id, start_time=min(started, now_ms), run_name=record.name,
-                            tags=resolve_tags(record.tags))
+                            tags=resolve_tags({**record.tags, **owner_tags()}))
     run_id = run.info.run_id
     try:
         # start_run: log_model needs an active run. Leaving the block marks the run FINISHED,
         # or FAILED if anything inside raised.
-        with _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
+        with _sigterm_as_interrupt(), _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
             client.log_batch(run_id, metrics=metrics,
                              params=[Param(k, v) for k, v in sorted(record.params.items())])
             if record.datasets:
@@ -217,7 +300,7 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
             model_info = decision = None
             if package is not None:
                 model_info, decision = _log_package(client, run_id, package, record.metrics)
-    except BaseException as exc:  # also covers start_run itself failing; Ctrl-C -> KILLED
+    except BaseException as exc:  # also covers start_run itself failing; Ctrl-C or SIGTERM -> KILLED
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
