@@ -480,3 +480,11 @@ def test_summary_text_does_not_depend_on_the_terminal(monkeypatch) -> None:
         texts.add(mm.summary_text(model))
         assert __import__("os").environ["COLUMNS"] == columns   # restored
     assert len(texts) == 1 and "Total params" in texts.pop()
+
+
+def test_the_backbone_choices_of_params_are_exactly_the_built_ones() -> None:
+    import typing
+
+    from mlic.params import Train
+
+    assert set(typing.get_args(typing.get_type_hints(Train)["backbone"])) == set(mm.BACKBONES)

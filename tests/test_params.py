@@ -99,12 +99,48 @@ def test_1e3_hint_only_for_strings(tmp_path: Path) -> None:
     [
         ("split:\n  val_fraction: 1.0e-3\n", 0.001),
         ("split:\n  val_fraction: 0.001\n", 0.001),
-        ("split:\n  val_fraction: 0\n", 0.0),  # an int where a float is expected is fine
     ],
 )
 def test_floats_are_accepted_and_ints_widen(tmp_path: Path, text: str, expected: float) -> None:
     got = load_section("split", _write(tmp_path, text)).val_fraction
     assert got == expected and isinstance(got, float)
+
+
+def test_an_int_where_a_float_is_expected_widens(tmp_path: Path) -> None:
+    got = load_section("calibrate", _write(tmp_path, "calibrate:\n  beta: 2\n")).beta
+    assert got == 2.0 and isinstance(got, float)
+
+
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("train:\n  dropout: 1.0\n", "train.dropout: 1.0 is out of range; allowed: [0.0, 1.0)"),
+        ("preprocess:\n  shard_size: 0\n", "preprocess.shard_size: 0 is out of range; allowed: >= 1"),
+        ("split:\n  val_fraction: 0\n", "split.val_fraction: 0.0 is out of range; allowed: (0.0, 1.0)"),
+        ("split:\n  val_fraction: 0.5\n  test_fraction: 0.5\n", "leaves nothing to train on"),
+        ("sample:\n  min_size: 64\n  max_size: 32\n", "max_size 32 is below min_size 64"),
+        ("train:\n  learning_rate: 0\n", "train.learning_rate: 0.0 is out of range; allowed: > 0.0"),
+        ("preprocess:\n  jpeg_quality: 100\n", "allowed: [1, 95]"),
+        ("calibrate:\n  beta: -1\n", "calibrate.beta: -1.0 is out of range"),
+    ],
+)
+def test_out_of_range_values_name_the_key_and_the_range(tmp_path: Path, text: str, words: str) -> None:
+    section = text.split(":", 1)[0]
+    with pytest.raises(ParamsError) as err:
+        load_section(section, _write(tmp_path, text))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_misspelled_section_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match=r"unknown section\(s\) 'trian' \(did you mean 'train'\?\)"):
+        load_section("train", _write(tmp_path, "trian:\n  epochs: 3\n"))
+
+
+def test_the_shipped_params_file_is_valid_whole() -> None:
+    from mlic.params import SECTIONS
+
+    for name in SECTIONS:
+        load_section(name, ROOT / "params.yaml")
 
 
 @pytest.mark.parametrize(

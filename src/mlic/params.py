@@ -16,12 +16,41 @@ import yaml
 
 
 class ParamsError(ValueError):
-    """A value in params.yaml is missing, unknown or of the wrong type."""
+    """A value in params.yaml is missing, unknown, of the wrong type or out of range."""
+
+
+def _in(default: Any, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+        hi_open: bool = False) -> Any:
+    """A dataclass field whose value must lie in [lo, hi] (an end open when `*_open`)."""
+    return dataclasses.field(default=default, metadata={"range": (lo, hi, lo_open, hi_open)})
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        return f"{'>' if lo_open else '>='} {lo}"
+    if lo is None:
+        return f"{'<' if hi_open else '<='} {hi}"
+    return f"{'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def _check_ranges(obj: Any, where: str) -> None:
+    """Every field with a range holds a value inside it; raise naming the key and the range."""
+    for field in dataclasses.fields(obj):
+        bounds = field.metadata.get("range")
+        value = getattr(obj, field.name)
+        if bounds is None or value is None:
+            continue
+        lo, hi, lo_open, hi_open = bounds
+        ok = (lo is None or (value > lo if lo_open else value >= lo)) and (
+            hi is None or (value < hi if hi_open else value <= hi))
+        if not ok:
+            raise ParamsError(f"{where}.{field.name}: {value!r} is out of range; allowed: "
+                              f"{_range_text(lo, hi, lo_open, hi_open)}")
 
 
 @dataclasses.dataclass(frozen=True)
 class Common:
-    seed: int = 42
+    seed: int = _in(42, 0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,48 +67,59 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    n_images: int = 2000
-    min_size: int = 112
-    max_size: int = 176
+    n_images: int = _in(2000, 10)
+    min_size: int = _in(112, 8)
+    max_size: int = _in(176, 8)
+
+    def __post_init__(self) -> None:
+        if self.max_size < self.min_size:
+            raise ParamsError(f"max_size {self.max_size} is below min_size {self.min_size}; raise max_size")
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: float = _in(0.15, 0.0, 1.0, lo_open=True, hi_open=True)
+    test_fraction: float = _in(0.15, 0.0, 1.0, lo_open=True, hi_open=True)
+
+    def __post_init__(self) -> None:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ParamsError(f"val_fraction + test_fraction = "
+                              f"{self.val_fraction + self.test_fraction:g} leaves nothing to train on; keep it below 1")
 
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    image_size: int = 64
+    image_size: int = _in(64, 8)
     resize_mode: Literal["squash", "pad", "crop"] = "pad"
     encoding: Literal["jpeg", "png"] = "jpeg"
-    jpeg_quality: int = 92
-    shard_size: int = 512
-    workers: int = 2
+    jpeg_quality: int = _in(92, 1, 95)
+    shard_size: int = _in(512, 1)
+    workers: int = _in(2, 0)
 
 
 @dataclasses.dataclass(frozen=True)
 class Train:
-    backbone: Literal["simple_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "vgg16", "vgg19"] = "simple_cnn"
+    # the same names as model.BACKBONES (a contract test keeps them equal)
+    backbone: Literal["simple_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "resnet50_v2", "vgg16",
+                      "vgg19"] = "simple_cnn"
     weights: str | None = None
-    batch_size: int = 32
-    epochs: int = 40
-    learning_rate: float = 0.003
+    batch_size: int = _in(32, 1)
+    epochs: int = _in(40, 1)
+    learning_rate: float = _in(0.003, 0.0, lo_open=True)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    dropout: float = 0.3
+    dropout: float = _in(0.3, 0.0, 1.0, hi_open=True)
     pos_weight: bool = False
-    max_pos_weight: float = 10.0
-    finetune_epochs: int = 0
-    finetune_layers: int = 20
-    finetune_learning_rate: float = 0.0001
+    max_pos_weight: float = _in(10.0, 1.0)
+    finetune_epochs: int = _in(0, 0)
+    finetune_layers: int = _in(20, 0)
+    finetune_learning_rate: float = _in(0.0001, 0.0, lo_open=True)
     monitor: str = "val_auc_pr"
-    early_stopping_patience: int = 8
+    early_stopping_patience: int = _in(8, 0)
     augment_flip: bool = True
-    augment_rotation: float = 0.05
-    augment_zoom: float = 0.1
-    augment_contrast: float = 0.1
-    shuffle_buffer: int = 2048
+    augment_rotation: float = _in(0.05, 0.0, 1.0)
+    augment_zoom: float = _in(0.1, 0.0, 1.0, hi_open=True)
+    augment_contrast: float = _in(0.1, 0.0, 1.0)
+    shuffle_buffer: int = _in(2048, 1)
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     jit_compile: Literal["auto", "on", "off"] = "auto"
     deterministic_ops: bool = True
@@ -87,14 +127,14 @@ class Train:
 
 @dataclasses.dataclass(frozen=True)
 class Evaluate:
-    threshold: float = 0.5
-    batch_size: int = 64
+    threshold: float = _in(0.5, 0.0, 1.0)
+    batch_size: int = _in(64, 1)
 
 
 @dataclasses.dataclass(frozen=True)
 class Calibrate:
-    beta: float = 1.0
-    default_threshold: float = 0.5
+    beta: float = _in(1.0, 0.0, lo_open=True)
+    default_threshold: float = _in(0.5, 0.0, 1.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,9 +232,13 @@ def section_from_dict(cls: type[T], raw: Any, where: str) -> T:
         )
     values = {k: _check_type(v, hints[k], f"{where}.{k}") for k, v in raw.items()}
     try:
-        return cls(**values)
+        obj = cls(**values)
     except TypeError as exc:  # a required field is missing
         raise ParamsError(f"{where}: {exc}") from exc
+    except ParamsError as exc:  # a rule across keys (__post_init__)
+        raise ParamsError(f"{where}: {exc}") from None
+    _check_ranges(obj, where)
+    return obj
 
 
 def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
@@ -208,6 +252,13 @@ def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     if not isinstance(raw, dict):
         raise ParamsError(f"{path}: expected a mapping of sections at the top level")
+    unknown = [name for name in raw if name not in SECTIONS]
+    if unknown:
+        import difflib
+
+        hints = [f"{name!r}" + (f" (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(
+            str(name), SECTIONS, n=1)) else "") for name in unknown]
+        raise ParamsError(f"{path}: unknown section(s) {', '.join(hints)}; known sections: {', '.join(SECTIONS)}")
     return raw
 
 
