@@ -11,7 +11,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -78,6 +78,18 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def require_files(given: Iterable[tuple[str | Path | None, str]], files_only: bool = False) -> None:
+    """Each (path, what) that was given (not None) must exist (as a file, with `files_only`);
+    FileNotFoundError names the first that does not.
+
+    For inputs a caller was asked to use: checked together before any work starts, so a missing
+    one leaves nothing half-done.
+    """
+    for path, what in given:
+        if path is not None and not (Path(path).is_file() if files_only else Path(path).exists()):
+            raise FileNotFoundError(f"{path}: {what} not found (it was passed, so it is required)")
 
 
 def read_json(path: str | Path, what: str, remedy: str) -> Any:

@@ -19,6 +19,8 @@ from pathlib import Path
 import pandas as pd
 from matplotlib.figure import Figure
 
+from mlic.atomic import require_files
+
 log = logging.getLogger(__name__)
 
 COLUMNS = 5
@@ -159,9 +161,9 @@ def draw_all(out_dir: Path, *, history: Path | None = None, pr_curves_csv: Path 
 
     A given input that does not exist is an error (FileNotFoundError, before anything is drawn).
     """
-    for path in (history, pr_curves_csv, per_class_default, per_class_calibrated, fbeta_csv, thresholds_json):
-        if path is not None and not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: report table not found (it was passed, so it is required)")
+    require_files(((path, "report table") for path in (history, pr_curves_csv, per_class_default,
+                                                        per_class_calibrated, fbeta_csv, thresholds_json)),
+                  files_only=True)
     thresholds = json.loads(Path(thresholds_json).read_text(encoding="utf-8")) if thresholds_json else {}
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -57,14 +57,22 @@ def take_facts() -> dict[str, float]:
     return facts
 
 
-def process_start() -> float:
-    """When this process started (Unix seconds): a stage's imports count towards its time."""
+def process_started(pid: int | None = None) -> float | None:
+    """When process `pid` (default: this one) started, in Unix seconds; None if it does not run
+    (or cannot be seen). psutil is a DVC dependency."""
     try:
-        import psutil  # a DVC dependency; the fallback below only loses the import time
+        import psutil
 
-        return float(psutil.Process().create_time())
-    except Exception:  # noqa: BLE001 - any failure: fall back to now
-        return time.time()
+        return float(psutil.Process(pid).create_time())
+    except Exception:  # noqa: BLE001 - gone, not ours to see, or no psutil
+        return None
+
+
+def process_start() -> float:
+    """When this process started (Unix seconds): a stage's imports count towards its time.
+    Falls back to now, which only loses the import time."""
+    started = process_started()
+    return time.time() if started is None else started
 
 
 def session() -> str:

@@ -46,8 +46,11 @@ from pathlib import Path
 from typing import Any
 
 from mlic import journal
+from mlic.atomic import read_json, require_files
 from mlic.metrics import DATA_FACTS, THRESHOLD_FREE
+from mlic.model_meta import ModelMeta
 from mlic.params import flatten, read_params_file
+from mlic.split import SPLITS
 from mlic.store import one_line
 
 log = logging.getLogger(__name__)
@@ -225,12 +228,12 @@ def read_datasets(manifests_dir: Path, project_root: Path) -> list[DatasetInput]
     """One `DatasetInput` per `<split>.manifest.json` (written by preprocess), in split order."""
     from mlic.tfrecords import Manifest
 
-    paths = sorted(Path(manifests_dir).glob("*" + MANIFEST_SUFFIX))
+    paths = list(Path(manifests_dir).glob("*" + MANIFEST_SUFFIX))
     if not paths:
         raise FileNotFoundError(f"{manifests_dir}: no *{MANIFEST_SUFFIX} files; run `dvc repro preprocess`")
-    order = {"train": 0, "val": 1, "test": 2}
+    order = {split: i for i, split in enumerate(SPLITS)}
     found = []
-    for path in sorted(paths, key=lambda p: (order.get(p.name[: -len(MANIFEST_SUFFIX)], 9), p.name)):
+    for path in sorted(paths, key=lambda p: (order.get(p.name[: -len(MANIFEST_SUFFIX)], len(order)), p.name)):
         m = Manifest.read(manifests_dir, path.name[: -len(MANIFEST_SUFFIX)])
         columns = {"image": "binary", "filename": "string", "labels": "long"}
         profile = {"records": m.count, "skipped": len(m.skipped), "shards": len(m.shards),
@@ -301,13 +304,6 @@ def run_context(env: Mapping[str, str], commit: str, now: datetime) -> tuple[str
 
 
 # --------------------------------------------------------------------------- the record
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: not valid JSON: {exc}") from None
-
-
 def build_record(
     *,
     params_file: Path | None,
@@ -332,12 +328,10 @@ def build_record(
     """
     env = os.environ if env is None else env
     project_root = Path(project_root or Path.cwd())
-    for path, what in [(params_file, "params file"), (history_csv, "history CSV"),
-                       (manifests_dir, "manifests folder"), (model_meta, "model metadata"),
-                       *[(p, "metrics file") for _, p in metrics_files],
-                       *[(p, "artifact") for p in artifacts]]:
-        if path is not None and not Path(path).exists():
-            raise FileNotFoundError(f"{path}: {what} not found (it was passed, so it is required)")
+    require_files([(params_file, "params file"), (history_csv, "history CSV"),
+                   (manifests_dir, "manifests folder"), (model_meta, "model metadata"),
+                   *[(p, "metrics file") for _, p in metrics_files],
+                   *[(p, "artifact") for p in artifacts]])
 
     params = flatten_params(read_params_file(params_file)) if params_file else {}
     curves, skipped_columns = read_history(Path(history_csv)) if history_csv else ({}, [])
@@ -348,7 +342,7 @@ def build_record(
     source: dict[str, Path] = {}
     skipped: list[str] = []
     for prefix, path in metrics_files:
-        data = _read_json(path)
+        data = read_json(path, "metrics file", "re-run the stage that writes it")
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a JSON object at the top level")
         values, missing = flatten_metrics(data, clean_name(prefix) if prefix else "")
@@ -387,7 +381,7 @@ def build_record(
     if datasets:
         tags["data_fingerprint"] = data_fingerprint({d.name: d.fingerprint for d in datasets})
     if model_meta is not None:
-        parameters = _read_json(model_meta).get("parameters")
+        parameters = ModelMeta.read(model_meta).parameters
         if parameters is not None:
             tags["model_parameters"] = str(parameters)
     if ran:

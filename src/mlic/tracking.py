@@ -39,7 +39,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlic import registry, serving
+from mlic import journal, registry, serving
+from mlic.atomic import require_files
 from mlic.record import MAX_TAG_VALUE, DatasetInput, RunRecord
 from mlic.store import (  # noqa: F401 - re-exported: tracking is where users look for them
     DB_FILE,
@@ -169,17 +170,7 @@ def owner_tags() -> dict[str, str]:
     import socket
 
     return {OWNER_HOST: socket.gethostname(), OWNER_PID: str(os.getpid()),
-            OWNER_STARTED: f"{_process_started(os.getpid()) or 0:.2f}"}
-
-
-def _process_started(pid: int) -> float | None:
-    """When process `pid` started (Unix seconds), or None if no such process runs."""
-    try:
-        import psutil
-
-        return float(psutil.Process(pid).create_time())
-    except Exception:  # noqa: BLE001 - gone, or not ours to see
-        return None
+            OWNER_STARTED: f"{journal.process_started(os.getpid()) or 0:.2f}"}
 
 
 def settle_abandoned_runs(client: Any, experiment_id: str) -> list[str]:
@@ -199,7 +190,7 @@ def settle_abandoned_runs(client: Any, experiment_id: str) -> list[str]:
             pid, started = int(tags[OWNER_PID]), float(tags[OWNER_STARTED])
         except (KeyError, ValueError):
             continue
-        alive = _process_started(pid)
+        alive = journal.process_started(pid)
         if alive is not None and abs(alive - started) < 1.0:
             continue  # its owner still runs
         client.set_tag(run.info.run_id, "mlic.settled",
@@ -251,13 +242,9 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
 
     A failure while logging marks the run FAILED (KILLED on Ctrl-C), never FINISHED.
     """
-    for path, what in ([(package.keras_model, "model"), (package.meta, "model metadata"),
-                        (package.thresholds, "thresholds"), (package.summary, "model summary")]
-                       if package else []):
-        if path is None:
-            continue
-        if not Path(path).exists():
-            raise FileNotFoundError(f"{path}: {what} not found (it was passed, so it is required)")
+    if package is not None:
+        require_files([(package.keras_model, "model"), (package.meta, "model metadata"),
+                       (package.thresholds, "thresholds"), (package.summary, "model summary")])
     if package is not None and package.registered_model:
         registry.check_selection_metric(package.champion_metric, record.metrics)
     artifacts = dict(record.artifacts)
