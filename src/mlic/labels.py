@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from mlic.errors import UserError
 from mlic.params import Data
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class LabelError(ValueError):
+class LabelError(UserError, ValueError):
     """The labels CSV or the images it names cannot be used; lists every problem found."""
 
     def __init__(self, problems: list[Problem]):

@@ -14,8 +14,10 @@ from typing import Any, Literal, TypeVar
 
 import yaml
 
+from mlic.errors import UserError
 
-class ParamsError(ValueError):
+
+class ParamsError(UserError, ValueError):
     """A value in params.yaml is missing, unknown, of the wrong type or out of range."""
 
 

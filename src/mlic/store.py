@@ -19,10 +19,12 @@ import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from mlic.errors import UserError
+
 DB_FILE = "mlflow.db"
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """The MLflow tracking store cannot be used. The message is one line, fit for a log."""
 
     def __init__(self, uri: str, reason: str):
