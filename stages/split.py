@@ -11,33 +11,26 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 import numpy as np
 
 from mlic import labels, split
 from mlic.atomic import atomic_dir, write_csv, write_json
-from mlic.stage import run_stage, setup_logging
-from mlic.params import load_section, read_params_file
+from mlic.stage import Params, Stage
 
 log = logging.getLogger("mlic.stages.split")
 
+SECTIONS = ("common", "data", "split")
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--splits-dir", required=True)
     ap.add_argument("--reports-dir", required=True)
-    args = ap.parse_args(argv)
-    setup_logging()
 
-    raw = read_params_file(args.params)
-    common, data, cfg = (load_section(s, args.params, raw) for s in ("common", "data", "split"))
-    try:
-        table, skipped = labels.read_labels(data)
-    except labels.LabelError as exc:
-        log.error("%s", exc)
-        return 2
+
+def run(args: argparse.Namespace, params: Params) -> int:
+    common, data, cfg = params.common, params.data, params.split
+    table, skipped = labels.read_labels(data)
     fractions = split.split_fractions(cfg.val_fraction, cfg.test_fraction)
     assignment = split.stratified_split(table.y, fractions, common.seed)
 
@@ -65,5 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+main = Stage(__doc__, SECTIONS, add_args, run)
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    main.script()

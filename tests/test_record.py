@@ -194,15 +194,20 @@ def test_facts_are_taken_once():
     assert journal.take_facts() == {}
 
 
-def test_run_stage_records_success_only(tmp_path):
-    from mlic.stage import run_stage
+def test_a_stage_journals_its_successes_only(tmp_path, monkeypatch):
+    from mlic.stage import Stage
 
-    def ok() -> int:
+    def ok(args, params) -> int:
         journal.note(items=2)
         return 0
 
-    assert run_stage(ok, name="ok", root=tmp_path) == 0
-    assert run_stage(lambda: 2, name="bad", root=tmp_path) == 2
+    write_text(tmp_path / "params.yaml", "common:\n  seed: 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["stages/ok.py"])
+    for name, run, code in (("ok", ok, 0), ("bad", lambda args, params: 2, 2)):
+        with pytest.raises(SystemExit) as exit_:
+            Stage("A stage.", ("common",), lambda ap: None, run).script(name=name, root=tmp_path)
+        assert exit_.value.code == code
     runs = journal.read(tmp_path)
     assert list(runs) == ["ok"] and runs["ok"].facts == {"items": 2.0}
     assert runs["ok"].started <= runs["ok"].ended

@@ -47,6 +47,7 @@ from typing import Any
 
 from mlic import journal
 from mlic.atomic import read_json, require_files
+from mlic.errors import InputError, MissingInput
 from mlic.metrics import DATA_FACTS, THRESHOLD_FREE
 from mlic.model_meta import ModelMeta
 from mlic.params import flatten, read_params_file
@@ -184,10 +185,10 @@ def read_history(path: Path) -> tuple[dict[str, list[tuple[int, float]]], list[s
 
     frame = pd.read_csv(path)
     if "epoch" not in frame.columns:
-        raise ValueError(f"{path}: no `epoch` column; columns are {', '.join(map(str, frame.columns))}")
+        raise InputError(f"{path}: no `epoch` column; columns are {', '.join(map(str, frame.columns))}")
     epochs = pd.to_numeric(frame["epoch"], errors="coerce")
     if epochs.isna().any() or (epochs != epochs.round()).any():
-        raise ValueError(f"{path}: `epoch` must hold whole numbers in every row")
+        raise InputError(f"{path}: `epoch` must hold whole numbers in every row")
     if epochs.duplicated().any():
         log.warning("%s: repeated epoch numbers; MLflow will show several points per step", path)
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -219,7 +220,7 @@ def artifact_names(paths: Sequence[Path]) -> dict[Path, str]:
             depth[p] += 1
     clashes = sorted(n for n, c in Counter(names.values()).items() if c > 1)
     if clashes:
-        raise ValueError(f"two artifacts would share the name {clashes[0]!r}; rename one")
+        raise InputError(f"two artifacts would share the name {clashes[0]!r}; rename one")
     return {p: name + PREVIEW_SUFFIX.get(Path(name).suffix, "") for p, name in names.items()}
 
 
@@ -230,7 +231,7 @@ def read_datasets(manifests_dir: Path, project_root: Path) -> list[DatasetInput]
 
     paths = list(Path(manifests_dir).glob("*" + MANIFEST_SUFFIX))
     if not paths:
-        raise FileNotFoundError(f"{manifests_dir}: no *{MANIFEST_SUFFIX} files; run `dvc repro preprocess`")
+        raise MissingInput(f"{manifests_dir}: no *{MANIFEST_SUFFIX} files; run `dvc repro preprocess`")
     order = {split: i for i, split in enumerate(SPLITS)}
     found = []
     for path in sorted(paths, key=lambda p: (order.get(p.name[: -len(MANIFEST_SUFFIX)], len(order)), p.name)):
@@ -344,11 +345,11 @@ def build_record(
     for prefix, path in metrics_files:
         data = read_json(path, "metrics file", "re-run the stage that writes it")
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object at the top level")
+            raise InputError(f"{path}: expected a JSON object at the top level")
         values, missing = flatten_metrics(data, clean_name(prefix) if prefix else "")
         for name in values:
             if name in flat:
-                raise ValueError(f"metric {name!r} comes from both {source[name]} and {path}")
+                raise InputError(f"metric {name!r} comes from both {source[name]} and {path}")
             source[name] = Path(path)
         flat.update(values)
         skipped.extend(missing)

@@ -30,6 +30,7 @@ import numpy as np
 
 from mlic import images
 from mlic.atomic import read_json
+from mlic.errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -213,7 +214,7 @@ def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[s
                 encoded, error = next(results)
                 if error is not None:
                     if not skip_bad_images:
-                        raise ValueError(
+                        raise InputError(
                             f"{images_dir / filenames[i]}: cannot be decoded ({error}); replace or remove the "
                             "image, or set data.skip_bad_images: true to skip it")
                     skipped.append({"filename": filenames[i], "reason": error})
@@ -283,7 +284,7 @@ class Manifest:
         raw = read_json(path, "manifest", "run `dvc repro preprocess` first")
         names = {f.name for f in dataclasses.fields(cls)} - {"directory"}
         if not isinstance(raw, dict) or set(raw) != names:
-            raise ValueError(f"{path}: not a manifest of schema {SCHEMA_VERSION}; run `dvc repro preprocess`")
+            raise InputError(f"{path}: not a manifest of schema {SCHEMA_VERSION}; run `dvc repro preprocess`")
         return cls(**{**raw, "shards": [Shard(**s) for s in raw["shards"]]}, directory=Path(tfrecord_dir))
 
     def to_dict(self) -> dict[str, Any]:
@@ -310,7 +311,7 @@ class Manifest:
         paths = [str(self.directory / s.file) for s in self.shards]
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
-            raise FileNotFoundError(f"shards listed in the {self.split} manifest are missing: "
+            raise MissingInput(f"shards listed in the {self.split} manifest are missing: "
                                     f"{', '.join(missing)}; run `dvc repro preprocess`")
         return paths
 
