@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from mlic.console import quiet_tensorflow
 if __name__ == "__main__":  # before the imports below load TensorFlow; tests calling main() keep pytest's stderr
     quiet_tensorflow()
 
-from mlic import dataset, journal, model as mlic_model, model_file, store, training
+from mlic import dataset, journal, model as mlic_model, model_file, resume, store, training
 from mlic.atomic import atomic_path, write_csv, write_json
 from mlic.model_meta import ModelMeta
 from mlic.stage import Params, Stage
@@ -54,10 +55,15 @@ def run(args: argparse.Namespace, params: Params) -> int:
         log.error("train and val shards disagree on classes, image size or resize mode; "
                   "re-run `dvc repro preprocess`")
         return 2
-    train_ds = dataset.make_dataset(train_m, cfg.batch_size, shuffle=True, seed=common.seed,
-                                    shuffle_buffer=cfg.shuffle_buffer)
+    train_epochs = functools.partial(dataset.make_dataset, train_m, cfg.batch_size, shuffle=True,
+                                     seed=common.seed, shuffle_buffer=cfg.shuffle_buffer)  # epochs=range(a, b)
     val_ds = dataset.make_dataset(val_m, cfg.batch_size)
     pretrained = cfg.weights is not None
+    # Epoch-by-epoch state in .mlic/train-resume/<key>/ (outside git and DVC): a killed train re-run
+    # continues where it stopped (resume.py); removed once every output is written.
+    saved = (resume.Resume.for_run(dataclasses.asdict(cfg), common.seed,
+                                   {"train": train_m.fingerprint, "val": val_m.fingerprint})
+             if cfg.resume else None)
     with devices.strategy.scope():
         model = mlic_model.build_model(
             cfg.backbone, len(classes), size, weights=cfg.weights, dropout=cfg.dropout, seed=common.seed,
@@ -67,9 +73,9 @@ def run(args: argparse.Namespace, params: Params) -> int:
         with atomic_path(args.model) as tmp:
             ckpt = tmp.with_suffix(".keras")  # Keras insists on the extension
             try:
-                result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=len(classes),
+                result = training.fit(model, train_epochs, val_ds, cfg=cfg, n_classes=len(classes),
                                       n_train=train_m.count, checkpoint=ckpt, pos_weight=pos_weight,
-                                      jit_compile=devices.jit_compile, pretrained=pretrained)
+                                      jit_compile=devices.jit_compile, pretrained=pretrained, resume=saved)
                 model_file.make_deterministic(ckpt)  # same weights, same bytes: DVC skips what follows
                 ckpt.replace(tmp)
             finally:  # atomic_path removes its own temp file, not this one
@@ -87,6 +93,8 @@ def run(args: argparse.Namespace, params: Params) -> int:
         "best_epoch": result.best_epoch, f"best_{cfg.monitor}": round(result.best_value, 6),
         "epochs_run": len(result.history),
     })
+    if saved is not None:
+        saved.clear()
     journal.note(fit_seconds=round(result.seconds, 1),
                  images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1))
     log.info("best %s %.4f at epoch %d; %d epochs in %.0f s", cfg.monitor, result.best_value,

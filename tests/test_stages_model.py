@@ -13,7 +13,11 @@ import importlib.util
 import json
 import logging
 import math
+import os
 import shutil
+import signal
+import subprocess
+import sys
 import time
 import types
 from pathlib import Path
@@ -187,6 +191,111 @@ def test_train_failing_midway_leaves_no_model_and_no_stray_checkpoint(
     for path in project.train_outputs:
         assert not (tmp_path / path).exists(), path
     assert _stray(tmp_path) == []
+
+
+# --- train: resume after a kill -------------------------------------------------------------------
+
+RESUME_EPOCHS = 5
+
+
+def _train_project(project: Project, folder: Path, params_yaml, **train: Any) -> Path:
+    """A copy of the project's TFRecords with a params.yaml of RESUME_EPOCHS epochs (and `train`)."""
+    shutil.copytree(project.tfrecords, folder / project.tfrecords.relative_to(project.root))
+    params_yaml(folder / "params.yaml", train={**TRAIN, "epochs": RESUME_EPOCHS, **train}, tracking=TRACKING)
+    return folder
+
+
+def _resume_states(folder: Path) -> list[Path]:
+    return sorted((folder / ".mlic" / "train-resume").glob("*/epoch-*"))
+
+
+def test_train_killed_after_an_epoch_resumes_there_and_writes_what_a_run_through_writes(
+        project: Project, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params_yaml, caplog) -> None:
+    from mlic import training
+
+    class Killed(Exception):
+        pass
+
+    through = _train_project(project, tmp_path / "through", params_yaml)
+    killed = _train_project(project, tmp_path / "killed", params_yaml)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.chdir(through)
+    assert _load_stage("train").main(project.train_argv) == 0
+    assert not (through / ".mlic" / "train-resume").exists()
+
+    # Killed once epoch 2 (0-based 1) is saved: the in-process stand-in for kill -9 (tested below).
+    record = training.EpochRecorder.on_epoch_end
+
+    def record_then_die(self, epoch, logs=None):
+        record(self, epoch, logs)
+        if epoch == 1:
+            raise Killed
+
+    monkeypatch.chdir(killed)
+    with monkeypatch.context() as mp:
+        mp.setattr(training.EpochRecorder, "on_epoch_end", record_then_die)
+        with pytest.raises(Killed):
+            _load_stage("train").main(project.train_argv)
+    assert [p.name for p in _resume_states(killed)] == ["epoch-0002"]
+    assert _stray(killed) == []
+    with caplog.at_level(logging.INFO):
+        assert _load_stage("train").main(project.train_argv) == 0
+    assert "resuming from epoch 3 (2 epochs done)" in caplog.text
+
+    # In one process Keras numbers auto-named layers on (input_layer_1, adam_3...), so the model
+    # file and summary differ by those names here: weights are compared instead, and the kill -9
+    # test below compares every byte.
+    model, summary = _arg(project.train_argv, "--model"), _arg(project.train_argv, "--summary")
+    for path in project.train_outputs:
+        if path not in (model, summary):
+            assert (killed / path).read_bytes() == (through / path).read_bytes(), path
+    import keras
+
+    for a, b in zip(keras.models.load_model(killed / model, compile=False).get_weights(),
+                    keras.models.load_model(through / model, compile=False).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert not (killed / ".mlic" / "train-resume").exists()
+
+
+@pytest.mark.slow
+def test_train_killed_with_sigkill_resumes_and_ends_like_a_run_through(
+        project: Project, tmp_path: Path, params_yaml) -> None:
+    """The real thing: `python stages/train.py` as DVC runs it, with op determinism, killed by
+    SIGKILL once an epoch's state is on disk, then run again."""
+    train = {"deterministic_ops": True, "epochs": 12}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    command = [sys.executable, str(ROOT / "stages" / "train.py"), *project.train_argv]
+
+    def train_in(folder: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=600)
+
+    through = _train_project(project, tmp_path / "through", params_yaml, **train)
+    done = train_in(through)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = _train_project(project, tmp_path / "killed", params_yaml, **train)
+    proc = subprocess.Popen(command, cwd=killed, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not _resume_states(killed) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "train ended before it could be killed"
+    states = _resume_states(killed)
+    assert len(states) == 1, states
+    n_done = int(states[0].name.removeprefix("epoch-"))
+    assert 1 <= n_done < train["epochs"]
+    for path in project.train_outputs:
+        assert not (killed / path).exists(), path
+
+    again = train_in(killed)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from epoch {n_done + 1} ({n_done} epochs done)" in again.stderr
+    for path in project.train_outputs:  # model bytes too: make_deterministic fixes the zip's times
+        assert (killed / path).read_bytes() == (through / path).read_bytes(), path
+    assert not (killed / ".mlic" / "train-resume").exists()
 
 
 # --- evaluate ------------------------------------------------------------------------------------

@@ -339,10 +339,33 @@ def test_with_filenames_lines_up_images_labels_and_names(image_set, jpeg_out) ->
         assert diff.mean() < JPEG_IMAGE_MEAN_ERROR
 
 
-def test_repeat_gives_more_than_one_epoch(jpeg_out) -> None:
+def test_repeat_gives_more_than_one_epoch_each_ending_with_its_own_batch(jpeg_out) -> None:
     out, _ = jpeg_out
     ds = dataset.make_dataset(tfrecords.Manifest.read(out, "train"), 16, shuffle=True, seed=0, repeat=True)
-    assert sum(int(x.shape[0]) for x, _ in ds.take(4)) == 64  # > 40 records
+    assert [int(x.shape[0]) for x, _ in ds.take(5)] == [16, 16, 8, 16, 16]  # 40 records a pass
+
+
+def test_each_epoch_order_depends_on_the_seed_and_epoch_alone(jpeg_out) -> None:
+    # What lets a resumed training read epoch k as a run that never stopped did (resume.py).
+    out, _ = jpeg_out
+    manifest = tfrecords.Manifest.read(out, "train")
+
+    def order(epochs: range, seed: int = 4, **kwargs) -> list[str]:
+        return _filenames(dataset.make_dataset(manifest, 8, shuffle=True, seed=seed, shuffle_buffer=64,
+                                               with_filenames=True, epochs=epochs, **kwargs))
+
+    n = manifest.count
+    four = order(range(4))
+    assert len(four) == 4 * n
+    passes = [four[i * n:(i + 1) * n] for i in range(4)]
+    assert all(sorted(p) == sorted(passes[0]) for p in passes)  # each epoch is every record once
+    assert len({tuple(p) for p in passes}) == 4  # in a new order each epoch
+    assert order(range(2, 4)) == four[2 * n:]  # started at epoch 2: the same epochs 2 and 3
+    assert order(range(3, 4)) == order(range(3, 4))
+    assert order(range(3, 4), seed=5) != passes[3]
+    repeated = dataset.make_dataset(manifest, 8, shuffle=True, seed=4, shuffle_buffer=64, with_filenames=True,
+                                    epochs=range(1, 2), repeat=True)
+    assert _filenames(repeated.take(2 * n // 8)) == four[n:3 * n]
 
 
 def test_reader_errors_say_to_run_preprocess(jpeg_out, tmp_path: Path) -> None:

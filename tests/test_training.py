@@ -8,6 +8,7 @@ saved to a local file and loaded back to play the pretrained backbone.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -51,10 +52,10 @@ def run_fit(tfr, cfg: Train, checkpoint: Path, model: keras.Model | None = None,
     mm.set_seed(SEED)
     if model is None:
         model = mm.build_model("simple_cnn", k, SIZE, dropout=cfg.dropout, seed=SEED, width=8)
-    train_ds = dataset.make_dataset(tfrecords.Manifest.read(folder, "train"), cfg.batch_size, shuffle=True, seed=SEED,
-                                    shuffle_buffer=cfg.shuffle_buffer)
+    train_epochs = functools.partial(dataset.make_dataset, tfrecords.Manifest.read(folder, "train"), cfg.batch_size,
+                                     shuffle=True, seed=SEED, shuffle_buffer=cfg.shuffle_buffer)
     val_ds = dataset.make_dataset(tfrecords.Manifest.read(folder, "val"), cfg.batch_size)
-    result = training.fit(model, train_ds, val_ds, cfg=cfg, n_classes=k, n_train=len(SPLITS["train"]),
+    result = training.fit(model, train_epochs, val_ds, cfg=cfg, n_classes=k, n_train=len(SPLITS["train"]),
                           checkpoint=checkpoint, pretrained=pretrained)
     return model, result, val_ds
 

@@ -2,7 +2,8 @@
 
 The reader reads the shards, batches the serialized records, parses and decodes whole batches
 in parallel, then prefetches. Evaluation datasets are unshuffled and order-deterministic, so
-predictions line up with filenames; training shuffles shard order and records with the one seed.
+predictions line up with filenames; training shuffles shard order and records with the one seed,
+epoch by epoch (`epoch_seeds`), so a resumed training reads what an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -16,11 +17,27 @@ from mlic.tfrecords import Manifest, parse_example
 AUTOTUNE = tf.data.AUTOTUNE
 
 
+def epoch_seeds(seed: int, epoch: tf.Tensor) -> tf.Tensor:
+    """Two shuffle seeds (shards, records) for one epoch: a pure function of (seed, epoch).
+
+    Stateless, so epoch k is shuffled the same whether the process ran epochs 0..k-1 before it
+    or resumed at k (`resume.py`); reshuffle_each_iteration would tie it to the iterations so far.
+    """
+    pair = tf.stack([tf.constant(seed, tf.int64), tf.cast(epoch, tf.int64)])
+    return tf.random.stateless_uniform([2], seed=pair, minval=0, maxval=2**31 - 1, dtype=tf.int64)
+
+
 def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
-                 seed: int = 0, shuffle_buffer: int = 2048, repeat: bool = False,
-                 with_filenames: bool = False, drop_remainder: bool = False,
+                 seed: int = 0, shuffle_buffer: int = 2048, epochs: range | None = None,
+                 repeat: bool = False, with_filenames: bool = False, drop_remainder: bool = False,
                  deterministic: bool = True) -> tf.data.Dataset:
     """Batches of (images float32 0..255 [B,H,W,3], multi-hot labels float32 [B,k]) of one split.
+
+    The dataset is the passes `epochs` (default one pass, epoch 0) one after another, or with
+    `repeat` the passes from `epochs.start` on, forever; each pass ends with its own short batch
+    (unless `drop_remainder`). Shuffled, a pass's shard and record order depends on (seed, epoch)
+    alone; unshuffled, every pass is in manifest order. Give a training loop all its epochs at
+    once with `steps_per_epoch` (Keras then keeps one iterator across epochs).
 
     With `with_filenames` the element is (images, labels, filenames) for evaluation. Images
     stay 0..255: the model applies its backbone's own preprocessing, so it cannot happen twice.
@@ -28,23 +45,25 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
     n_classes = len(manifest.classes)
     size = int(manifest.image_size)
     paths = manifest.shard_paths()
+    epochs = range(1) if epochs is None else epochs
 
-    files = tf.data.Dataset.from_tensor_slices(paths)
-    if shuffle:
-        # Reshuffled every epoch, but the sequence of epochs is fixed by the seed.
-        files = files.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
-    ds = files.interleave(
-        tf.data.TFRecordDataset,
-        # Unshuffled: one shard after another, so records come in manifest order (shard 0, then
-        # shard 1, ...). Round-robin interleaving is deterministic too, but matches no listing.
-        cycle_length=min(len(paths), 4) if shuffle else 1,
-        num_parallel_calls=AUTOTUNE,
-        deterministic=deterministic,
-    )
-    if shuffle:
-        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-    if repeat:
-        ds = ds.repeat()
+    def one_pass(epoch: tf.Tensor) -> tf.data.Dataset:
+        files = tf.data.Dataset.from_tensor_slices(paths)
+        if shuffle:
+            seeds = epoch_seeds(seed, epoch)
+            files = files.shuffle(len(paths), seed=seeds[0])
+        ds = files.interleave(
+            tf.data.TFRecordDataset,
+            # Unshuffled: one shard after another, so records come in manifest order (shard 0, then
+            # shard 1, ...). Round-robin interleaving is deterministic too, but matches no listing.
+            cycle_length=min(len(paths), 4) if shuffle else 1,
+            num_parallel_calls=AUTOTUNE,
+            deterministic=deterministic,
+        )
+        if shuffle:
+            ds = ds.shuffle(shuffle_buffer, seed=seeds[1])
+        # Batched within the pass, so a batch never straddles two epochs.
+        return ds.batch(batch_size, drop_remainder=drop_remainder)
 
     def _parse_one(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         ex = parse_example(serialized, n_classes)
@@ -59,16 +78,19 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
         images = tf.cast(images, tf.float32)  # one cast per batch
         return (images, labels, filenames) if with_filenames else (images, labels)
 
-    # Batch the serialized records first, then parse and decode one batch per map call: tf.data's
-    # per-element cost is paid once per batch instead of once per image, which at 96 px is about a
-    # quarter of the reader's CPU time (bench/input_pipeline.py). Batch before prefetch: prefetching
-    # whole batches keeps the model fed, one element ahead, instead of prefetching single images.
-    ds = ds.batch(batch_size, drop_remainder=drop_remainder)
+    # Batch the serialized records first (in `one_pass`), then parse and decode one batch per map
+    # call: tf.data's per-element cost is paid once per batch instead of once per image, which at
+    # 96 px is about a quarter of the reader's CPU time (bench/input_pipeline.py). Batch before
+    # prefetch: prefetching whole batches keeps the model fed, one element ahead, instead of
+    # prefetching single images.
+    numbers = (tf.data.Dataset.counter(epochs.start) if repeat
+               else tf.data.Dataset.range(epochs.start, epochs.stop))
+    ds = numbers.flat_map(one_pass)
     if not repeat:
         # Interleaving hides the length from tf.data; stating it lets Keras size its progress and
         # stops its "input ran out of data" warning at the end of every epoch.
         count = int(manifest.count)
-        ds = ds.apply(tf.data.experimental.assert_cardinality(
-            count // batch_size if drop_remainder else -(-count // batch_size)))
+        per_pass = count // batch_size if drop_remainder else -(-count // batch_size)
+        ds = ds.apply(tf.data.experimental.assert_cardinality(per_pass * len(epochs)))
     ds = ds.map(_parse_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     return ds.prefetch(AUTOTUNE)

@@ -125,6 +125,7 @@ class Train:
     mixed_precision: Literal["auto", "on", "off"] = "auto"
     jit_compile: Literal["auto", "on", "off"] = "auto"
     deterministic_ops: bool = True
+    resume: bool = True
 
 
 @dataclasses.dataclass(frozen=True)

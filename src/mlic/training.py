@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ import pandas as pd
 from mlic import model as mlic_model
 from mlic.metrics import greater_is_better
 from mlic.params import Train
+from mlic.resume import Resume, State, assign
 
 log = logging.getLogger(__name__)
 
@@ -61,13 +64,50 @@ def _compile(model: keras.Model, lr: Any, loss: keras.losses.Loss, n_classes: in
                   metrics=mlic_model.make_metrics(n_classes), jit_compile=jit)
 
 
-def fit(model: keras.Model, train_ds: Any, val_ds: Any, *, cfg: Train, n_classes: int, n_train: int,
-        checkpoint: Path, pos_weight: np.ndarray | None = None, jit_compile: bool = False,
-        pretrained: bool = False) -> TrainResult:
+class EpochRecorder(keras.callbacks.Callback):
+    """Last in the callback list: records each epoch's history row and, with `resume`, saves the
+    state the rest of the run depends on (after ModelCheckpoint and EarlyStopping have acted)."""
+
+    def __init__(self, phase: str, rows: list[dict[str, Any]], stopped: list[str], checkpoint: Path,
+                 best: keras.callbacks.ModelCheckpoint, early: keras.callbacks.EarlyStopping | None,
+                 resume: Resume | None, early_state: dict[str, Any] | None = None):
+        super().__init__()
+        self.phase, self.rows, self.stopped, self.checkpoint = phase, rows, stopped, checkpoint
+        self.best, self.early, self.resume, self.early_state = best, early, resume, early_state
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        # EarlyStopping resets its counters when a fit starts; a resumed phase puts them back.
+        if self.early is not None and self.early_state is not None:
+            for name, value in self.early_state.items():
+                setattr(self.early, name, value)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        # Plain floats, so a row saved for resuming and read back is the very same row.
+        self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}, "phase": self.phase})
+        if self.model.stop_training:
+            self.stopped.append(self.phase)
+        if self.resume is not None:
+            early = None if self.early is None else {
+                name: _plain(getattr(self.early, name)) for name in ("wait", "best", "best_epoch")}
+            self.resume.save(self.model, epochs_done=len(self.rows), phase=self.phase, rows=self.rows,
+                             stopped=self.stopped, best=_plain(self.best.best), early_stopping=early,
+                             checkpoint=self.checkpoint)
+
+
+def _plain(value: Any) -> Any:
+    return float(value) if isinstance(value, (float, np.floating)) else value
+
+
+def fit(model: keras.Model, train_epochs: Callable[[range], Any], val_ds: Any, *, cfg: Train, n_classes: int,
+        n_train: int, checkpoint: Path, pos_weight: np.ndarray | None = None, jit_compile: bool = False,
+        pretrained: bool = False, resume: Resume | None = None) -> TrainResult:
     """Train `model`; the best epoch's model is saved at `checkpoint` (a `.keras` path).
 
+    `train_epochs(epochs=range(a, b))` gives the training batches of epochs a..b-1, one epoch after
+    another, each epoch's order fixed by its number (`dataset.make_dataset(epochs=...)`).
     `pretrained`: freeze the backbone for phase 1, then run `cfg.finetune_epochs` with the top
     `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`.
+    `resume`: save the state after every epoch there, and first continue from a saved state.
     """
     # Check the monitor now, not after a whole phase of training: the names Keras will log.
     logged = ["loss", *(m.name for m in mlic_model.make_metrics(n_classes))]
@@ -84,33 +124,62 @@ def fit(model: keras.Model, train_ds: Any, val_ds: Any, *, cfg: Train, n_classes
     if pretrained and cfg.finetune_epochs > 0:
         phases.append(("finetune", cfg.finetune_epochs, cfg.finetune_learning_rate))
 
-    frames, epoch0, start = [], 0, time.perf_counter()
+    state = resume.load() if resume is not None else None
+    rows: list[dict[str, Any]] = []
+    stopped: list[str] = []
+    if state is not None:  # model variables, best checkpoint; the optimizer comes with its phase
+        try:
+            restore_model(model, state, best, checkpoint)
+        except ValueError as exc:
+            log.warning("%s in %s; training from the start", exc, resume.folder)
+            state = None
+    if state is not None:
+        rows, stopped = list(state.rows), list(state.stopped)
+        log.info("resuming from epoch %d (%d epochs done) from %s", state.epochs_done + 1, state.epochs_done,
+                 resume.folder)
+
+    epoch0, start = 0, time.perf_counter()
     for phase, epochs, lr0 in phases:
+        done = sum(row["phase"] == phase for row in rows)
         if phase == "head":
             mlic_model.freeze_backbone(model)
         elif phase == "finetune":
             n = mlic_model.unfreeze_top(model, cfg.finetune_layers)
             log.info("phase 2: %d backbone layers trainable (BatchNorm frozen)", n)
         _compile(model, learning_rate(cfg.lr_schedule, lr0, epochs * steps), loss, n_classes, jit_compile)
-        callbacks = [LearningRateLogger(), best]
+        early_state = None
+        if state is not None and state.phase == phase:  # the phase the run was killed in
+            model.optimizer.build(model.trainable_variables)
+            assign(model.optimizer.variables, state.optimizer_variables, "optimizer variables")
+            early_state = state.early_stopping
+        early = None
         if cfg.early_stopping_patience > 0:
-            callbacks.append(keras.callbacks.EarlyStopping(
-                monitor=cfg.monitor, mode=mode, patience=cfg.early_stopping_patience))
-        log.info("phase %s: %d epochs at learning rate %g (%s)", phase, epochs, lr0, cfg.lr_schedule)
-        hist = model.fit(train_ds, validation_data=val_ds, epochs=epoch0 + epochs, initial_epoch=epoch0,
-                         callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles, seeded
-        frame = pd.DataFrame(hist.history)
-        if cfg.monitor not in frame:
-            raise ValueError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
-                             f"choose one of {', '.join(sorted(frame.columns))}")
-        frame.insert(0, "epoch", np.arange(epoch0, epoch0 + len(frame)))
-        frame["phase"] = phase
-        frames.append(frame)
-        epoch0 += len(frame)
-    seconds = time.perf_counter() - start
+            early = keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
+                                                  patience=cfg.early_stopping_patience)
+        if done < epochs and phase not in stopped:
+            callbacks = [LearningRateLogger(), best, *([early] if early else []),
+                         EpochRecorder(phase, rows, stopped, checkpoint, best, early, resume, early_state)]
+            log.info("phase %s: %d epochs at learning rate %g (%s)", phase, epochs, lr0, cfg.lr_schedule)
+            model.fit(train_epochs(epochs=range(epoch0 + done, epoch0 + epochs)), steps_per_epoch=steps,
+                      validation_data=val_ds, epochs=epoch0 + epochs, initial_epoch=epoch0 + done,
+                      callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles, seeded by epoch
+        epoch0 += sum(row["phase"] == phase for row in rows)  # early stopping may have cut it short
+    seconds = time.perf_counter() - start  # of this process: a resumed run times its own epochs
+    ran = len(rows) - (state.epochs_done if state is not None else 0)
 
-    history = pd.concat(frames, ignore_index=True)
+    history = pd.DataFrame(rows)
+    if cfg.monitor not in history:
+        raise ValueError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
+                         f"choose one of {', '.join(sorted(history.columns))}")
     values = history[cfg.monitor].to_numpy()
     idx = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
     return TrainResult(history=history, best_epoch=int(history["epoch"][idx]), best_value=float(values[idx]),
-                       seconds=seconds, images_seen=n_train * len(history))
+                       seconds=seconds, images_seen=n_train * ran)
+
+
+def restore_model(model: keras.Model, state: State, best: keras.callbacks.ModelCheckpoint, checkpoint: Path) -> None:
+    """Put a saved state back: every model variable, the best checkpoint file and its value."""
+    assign(model.variables, state.model_variables, "model variables")
+    best.best = state.best
+    if state.best_file is not None:
+        shutil.copyfile(state.best_file, checkpoint)
