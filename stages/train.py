@@ -6,6 +6,8 @@ Writes --model (.keras: raw 0..255 RGB in, probabilities out), --meta (model_met
        are, seed, resolved params), --summary (Keras's layer table, packed with the model), --history (per-epoch CSV, DVC plots), --metrics (best epoch,
        epochs run, best monitored value: DVC metrics). Timing and throughput differ on every
        run, so they go to the journal (`journal.py`) for the MLflow run, not into a DVC output.
+       With `train.resume`, the state after each epoch goes to .mlic/train-resume/ (outside git and
+       DVC, removed on success): a killed run, re-run, continues there with the same results.
 Run alone: python stages/train.py --tfrecords data/tfrecords --model models/model.keras \
            --meta models/model_meta.json --summary models/model_summary.txt --history reports/train/history.csv --metrics reports/train/metrics.json
 """

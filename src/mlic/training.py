@@ -2,7 +2,8 @@
 
 Phase 1 trains the head (and a from-scratch backbone entirely); with a pretrained backbone
 phase 1 freezes it and phase 2 unfreezes its top layers at a lower learning rate. One best
-checkpoint spans both phases, judged on the monitored validation metric.
+checkpoint spans both phases, judged on the monitored validation metric. Given a `Resume`, the
+state is saved after every epoch and a killed run continues where it stopped (`resume.py`).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def _plain(value: Any) -> Any:
     return float(value) if isinstance(value, (float, np.floating)) else value
 
 
-def fit(model: keras.Model, train_epochs: Callable[[range], Any], val_ds: Any, *, cfg: Train, n_classes: int,
+def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cfg: Train, n_classes: int,
         n_train: int, checkpoint: Path, pos_weight: np.ndarray | None = None, jit_compile: bool = False,
         pretrained: bool = False, resume: Resume | None = None) -> TrainResult:
     """Train `model`; the best epoch's model is saved at `checkpoint` (a `.keras` path).
