@@ -55,10 +55,14 @@ def _full_report() -> dict:
 def test_summary_keeps_the_numbers_worth_comparing_and_stays_small():
     flat, _ = record.flatten_metrics(_full_report())
     kept = sorted(k for k in flat if record.keep_summary_metric(k))
-    n_model = len(flat) // 6 - len(metrics.DATA_FACTS)   # model metrics per section
-    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE)
+    n_model = len(flat) // 6 - len(metrics.DATA_FACTS) - len(metrics.ALIASES)  # model metrics per section
+    top3 = sum(k.startswith("test/") and k.endswith("_top3") for k in flat)
+    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE) - top3
+    assert top3 == 6
     assert len(kept) == n_model + len(record.VAL_KEPT) + threshold_dependent + len(record.BASELINE_KEPT)
-    assert len(kept) <= 50                                        # room for train/ and facts under 60
+    assert len(kept) <= 55                                        # room for train/ and facts near 60
+    assert not any(k.rpartition("/")[2] in metrics.ALIASES for k in kept)
+    assert "test/cf1" in kept and "test_calibrated/cf1" in kept and "test_calibrated/cf1_top3" not in kept
     assert not any(k.rpartition("/")[2] in metrics.DATA_FACTS for k in kept)
     assert "test_calibrated/macro_f1" in kept and "test_calibrated/macro_ap" not in kept
     assert not any(k.startswith(("val_calibrated/", "baseline/val/")) for k in kept)

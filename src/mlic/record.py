@@ -48,7 +48,7 @@ from typing import Any
 from mlic import journal
 from mlic.atomic import read_json, require_files
 from mlic.errors import InputError, MissingInput
-from mlic.metrics import DATA_FACTS, THRESHOLD_FREE
+from mlic.metrics import ALIASES, DATA_FACTS, THRESHOLD_FREE
 from mlic.model_meta import ModelMeta
 from mlic.params import flatten, read_params_file
 from mlic.split import SPLITS
@@ -74,6 +74,8 @@ BASELINE_KEPT = ("macro_f1", "macro_ap", "subset_accuracy", "hamming_loss")
 # thresholds is in-sample.
 SUMMARY_RULES = """\
 - facts about the data (n_samples, n_classes, ...) are not metrics of a model: dropped;
+- the papers' names for a value kept under another name (cp = macro_precision, ...): dropped;
+  their top-3 figures (`*_top3`) are kept on `test/` at the default threshold only;
 - `test/` keeps every metric; `val/` the threshold-free ones plus macro/micro F1;
 - `test_calibrated/` only the threshold-dependent ones (the rest equal `test/`);
   `val_calibrated/` none (in-sample: the thresholds were fitted on it);
@@ -165,7 +167,7 @@ def flatten_metrics(obj: Mapping[str, Any], prefix: str = "") -> tuple[dict[str,
 def keep_summary_metric(name: str) -> bool:
     """Whether a flattened metric belongs in the run's summary (`SUMMARY_RULES`)."""
     section, _, key = name.rpartition("/")
-    if key in DATA_FACTS:
+    if key in DATA_FACTS or key in ALIASES or (key.endswith("_top3") and section != "test"):
         return False
     if section.endswith("_calibrated"):
         return section == "test_calibrated" and key not in THRESHOLD_FREE
