@@ -24,6 +24,7 @@ if __name__ == "__main__":  # before the imports below load TensorFlow; tests ca
 
 from mlic import tfrecords
 from mlic.atomic import atomic_dir, write_json
+from mlic.errors import UserError
 from mlic.stage import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
 from mlic.split import SPLITS
@@ -42,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
 
     raw = read_params_file(args.params)
     common, data, cfg = (load_section(s, args.params, raw) for s in ("common", "data", "preprocess"))
-    settings = tfrecords.EncodeSettings(cfg.image_size, cfg.resize_mode, cfg.encoding, cfg.jpeg_quality)
+    settings = tfrecords.EncodeSettings(cfg.image_size, cfg.resize_mode, cfg.encoding, cfg.jpeg_quality,
+                                        data.max_image_pixels)
     workers = tfrecords.resolve_workers(cfg.workers)
 
     metrics: dict[str, dict] = {}
@@ -60,14 +62,14 @@ def main(argv: list[str] | None = None) -> int:
                 manifest = tfrecords.write_split(
                     name, frame["filename"].tolist(), frame[classes].to_numpy(), classes,
                     Path(data.images_dir), out, settings, cfg.shard_size,
-                    seed=common.seed + i, pool=pool, skip_bad_images=data.skip_bad_images)
+                    seed=common.seed + i, pool=pool)
                 seconds = time.perf_counter() - t0
                 size = sum((out / s.file).stat().st_size for s in manifest.shards)
-                metrics[name] = {"records": manifest.count, "skipped": len(manifest.skipped),
-                                 "shards": len(manifest.shards), "megabytes": round(size / 2**20, 3)}
+                metrics[name] = {"records": manifest.count, "shards": len(manifest.shards),
+                                 "megabytes": round(size / 2**20, 3)}
                 log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest.count,
                          len(manifest.shards), size / 2**20, manifest.count / max(seconds, 1e-9))
-    except ValueError as exc:  # an image that cannot be decoded (write_split names it)
+    except UserError as exc:  # e.g. an image that no longer decodes (write_split names it)
         log.error("%s", exc)
         return 2
     log.info("preprocess done in %.1f s with %d worker(s)", time.perf_counter() - start, workers)

@@ -3,7 +3,8 @@
 Reads  params `common`, `data`, `split`; the labels CSV and images folder named in `data`.
 Writes --splits-dir/{train,val,test}.csv (filename + one 0/1 column per class),
        --reports-dir/summary.json (DVC metrics), prevalence.csv, labels_per_image.csv,
-       split_counts.csv (DVC plots), cooccurrence.csv and skipped.csv.
+       split_counts.csv (DVC plots), cooccurrence.csv, skipped.csv (rows skipped for a bad image)
+       and unlisted.csv (images in the folder that the CSV does not list).
 Run alone: python stages/split.py --splits-dir data/splits --reports-dir reports/data
 """
 
@@ -14,8 +15,9 @@ import logging
 import sys
 
 import numpy as np
+import pandas as pd
 
-from mlic import labels, split
+from mlic import image_check, labels, split
 from mlic.atomic import atomic_dir, write_csv, write_json
 from mlic.stage import run_stage, setup_logging
 from mlic.params import load_section, read_params_file
@@ -38,10 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     except labels.LabelError as exc:
         log.error("%s", exc)
         return 2
+    unlisted = image_check.unlisted_images(data.images_dir, [*table.filenames, *skipped["filename"]])
+    if unlisted:
+        log.warning("%d image(s) in %s are not in %s, so not used (listed in unlisted.csv): %s%s", len(unlisted),
+                    data.images_dir, data.labels_csv, ", ".join(unlisted[:3]), ", ..." if len(unlisted) > 3 else "")
     fractions = split.split_fractions(cfg.val_fraction, cfg.test_fraction)
     assignment = split.stratified_split(table.y, fractions, common.seed)
 
-    summary, prevalence, per_image, cooc = labels.summarize(table, n_skipped=len(skipped))
+    summary, prevalence, per_image, cooc = labels.summarize(table, len(skipped), len(unlisted))
     counts = split.split_counts(table.y, assignment, table.classes)
     gaps = split.max_prevalence_gap(table.y, assignment)
     summary["split"] = {
@@ -60,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         write_csv(rep / "cooccurrence.csv", cooc)
         write_csv(rep / "split_counts.csv", counts)
         write_csv(rep / "skipped.csv", skipped)
+        write_csv(rep / "unlisted.csv", pd.DataFrame({"filename": unlisted}, dtype=object))
     log.info("split %d images into %s; largest per-class prevalence gap %.4f",
              len(table.filenames), summary["split"], gaps.max())
     return 0
