@@ -251,9 +251,9 @@ CASE_FIX = "list the classes you mean in data.classes (listing both spellings ke
 
 
 def _case_note(name: str, names: list[str], where: str) -> str:
-    """"; <where> has 'Cat', case matters" when `name` equals one of `names` but for case, else ""."""
+    """"<where> has 'Cat': case matters" when `name` equals one of `names` but for case, else ""."""
     near = [n for n in names if n != name and n.casefold() == name.casefold()]
-    return f"; {where} has {near[0]!r}, case matters" if near else ""
+    return f"{where} has {near[0]!r}: case matters" if near else ""
 
 
 def _lines_text(lines: list[int], limit: int = 3) -> str:
@@ -276,7 +276,7 @@ def _onehot_rows(src, header, rows, spec, problems):
         missing = [c for c in spec.classes if c not in header]
         if missing:
             raise LabelError([Problem(src, 1, c, "this class from data.classes has no column" +
-                                      _case_note(c, candidates, "the header") + "; add the column "
+                                      _case_note(c, candidates, "; the header") + "; add the column "
                                       "or remove the class from data.classes") for c in missing])
         classes = list(spec.classes)
         ignored = [c for c in candidates if c not in classes]
@@ -284,7 +284,7 @@ def _onehot_rows(src, header, rows, spec, problems):
             log.warning("%s: columns not in data.classes are ignored: %s", src, ", ".join(ignored))
     else:
         classes = candidates
-        for group in _case_collisions({c: [1] for c in candidates}):
+        for group in _case_collisions({c: [i] for i, c in enumerate(candidates)}):  # header order
             names = " and ".join(repr(name) for name, _ in group)
             problems.append(Problem(src, 1, group[1][0], f"columns {names} differ only in case; merge them into "
                                     f"one column, or {CASE_FIX}"))
@@ -346,7 +346,7 @@ def _tag_rows(src, header, rows, spec, problems):
         for t in tags:
             if t not in pos:
                 problems.append(Problem(src, line, spec.tags_column, f"unknown tag {t!r} (not in data.classes"
-                                        f"{_case_note(t, classes, 'which')}); "
+                                        f"{_case_note(t, classes, ', which')}); "
                                         "fix the tag or add it to data.classes"))
             else:
                 row[pos[t]] = 1
