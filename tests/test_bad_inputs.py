@@ -451,3 +451,30 @@ def test_preprocess_encodes_every_unusual_image_split_accepted(tmp_path: Path, m
 
     out = tmp_path / argv[argv.index("--out") + 1]
     assert sum(Manifest.read(out, s).count for s in SPLITS) == N + 4
+
+
+def test_checking_in_a_process_pool_gives_the_same_reasons(tmp_path: Path) -> None:
+    """Big folders are checked in a pool (image_check.PARALLEL_FROM_BYTES): same reasons, same order."""
+    from mlic import image_check
+
+    image_set = make_image_set(tmp_path / "set", n=12, seed=5, min_size=16, max_size=24)
+    _truncate(_image(image_set, 3))
+    _image(image_set, 5).write_bytes(b"")
+    _png_header_only(_image(image_set, 9), 30000, 30000)
+    names = [*image_set.filenames, "ghost.png"]
+    alone = image_check.check_images(image_set.images_dir, names, 100_000_000, workers=1)
+    assert [i for i, r in enumerate(alone) if r] == [3, 5, 9, 12]
+    assert image_check.check_images(image_set.images_dir, names, 100_000_000, workers=2) == alone
+
+
+def test_the_pixel_limit_is_scoped_to_the_image(tmp_path: Path) -> None:
+    """PIL's limit is a module global: `load_rgb(..., max_pixels)` leaves it as it found it, even on error."""
+    before = Image.MAX_IMAGE_PIXELS
+    _png_header_only(tmp_path / "bomb.png", 30000, 30000)
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok.png")
+    with pytest.raises(images.TooManyPixels, match="30000x30000"):
+        images.load_rgb(tmp_path / "bomb.png", 1000)
+    assert images.load_rgb(tmp_path / "ok.png", 64).size == (8, 8)
+    assert Image.MAX_IMAGE_PIXELS == before
+    with pytest.raises(Image.DecompressionBombError):  # without a limit, PIL's own default still applies
+        images.load_rgb(tmp_path / "bomb.png")
