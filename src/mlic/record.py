@@ -239,7 +239,7 @@ def read_datasets(manifests_dir: Path, project_root: Path) -> list[DatasetInput]
     for path in sorted(paths, key=lambda p: (order.get(p.name[: -len(MANIFEST_SUFFIX)], len(order)), p.name)):
         m = Manifest.read(manifests_dir, path.name[: -len(MANIFEST_SUFFIX)])
         columns = {"image": "binary", "filename": "string", "labels": "long"}
-        profile = {"records": m.count, "skipped": len(m.skipped), "shards": len(m.shards),
+        profile = {"records": m.count, "shards": len(m.shards),
                    "image": f"{m.encoding} {m.image_size}x{m.image_size} ({m.resize_mode})",
                    "labels": f"multi-hot, {len(m.classes)} classes in this order", "classes": m.classes,
                    "prevalence": {c: round(float(p), 6) for c, p in zip(m.classes, m.prevalence)},
