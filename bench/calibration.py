@@ -38,11 +38,11 @@ def main(argv: list[str] | None = None) -> int:
     at_half = metrics.per_class_table(test.y_true, test.y_prob, test.classes, 0.5)
     print(f"at 0.5, no temperature: macro-F1 {metrics.compute_metrics(test.y_true, test.y_prob)['macro_f1']:.3f}, "
           + ", ".join(f"{c} F1 {at_half['f1'][j]:.3f}" for c, j in zip(names, rare)))
-    head = (f"| temperature | strategy | min_support | macro-F1 | micro-F1 | "
+    head = ("| temperature | strategy | min_support | macro-F1 | micro-F1 | "
             + " | ".join(f"{c} F1" for c in names) + " | ECE before → after | Brier before → after | trivial macro-F1 |")
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
-    combos = [("fbeta", 1), ("fbeta", 5), ("fbeta", 20), ("precision", 5), ("global", 5)]
+    combos = [("fbeta", 1), ("fbeta", 10), ("fbeta", 20), ("precision", 10), ("global", 10)]
     for temperature, (strategy, k) in itertools.product(calibration.TEMPERATURE_MODES, combos):
         fit = dict(temperature=temperature, strategy=strategy, min_support=k,
                    precision_target=args.precision_target)
