@@ -140,7 +140,7 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
                  "reports/evaluate/per_class_test.csv", "reports/evaluate/predictions/test.csv",
                  "reports/calibrate/thresholds.json", "reports/calibrate/metrics.json",
                  "reports/evaluate/pr_curves.csv", "reports/calibrate/fbeta_vs_threshold.csv",
-                 ".mlic/mlflow_run.json"]:
+                 "reports/calibrate/reliability_test.csv", ".mlic/mlflow_run.json"]:
         assert (repo / path).is_file(), path
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     declared = [m for rev in shown.values() for m in rev["data"]]
@@ -153,7 +153,8 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert "subset_accuracy" in json.dumps(full)
     thresholds = json.loads((repo / "reports/calibrate/thresholds.json").read_text())
     meta = json.loads((repo / "models/model_meta.json").read_text())
-    assert list(thresholds) == meta["classes"]
+    assert thresholds["format"] == 2
+    assert list(thresholds["thresholds"]) == list(thresholds["temperature"]) == meta["classes"]
 
     runs = _runs(env)
     assert len(runs) == 1
@@ -265,26 +266,28 @@ def _predict(repo: Path, env: dict[str, str], *args: str) -> subprocess.Complete
 
 
 def test_mlic_predict_agrees_with_evaluate_and_calibrate(project: tuple[Path, dict[str, str]]) -> None:
-    """`mlic predict` on the raw image files = calibrate's thresholds on evaluate's test predictions."""
+    """`mlic predict` on the raw image files = calibrate's temperature and thresholds on evaluate's
+    test predictions."""
     repo, env = project
     if not (repo / "reports/calibrate/thresholds.json").exists():
         pytest.skip("pipeline test did not run")
     import pandas as pd
 
+    from mlic.calibration import Calibration
     from mlic.metrics import predict as at_thresholds
     from mlic.predictions import read_predictions
-    from mlic.thresholds import thresholds_from_dict
 
     _predict(repo, env, "data/sample/images", "--out", "p.csv")  # default --model models
     ours = pd.read_csv(repo / "p.csv", keep_default_na=False)
     ours["filename"] = ours["filename"].str.removeprefix("data/sample/images/")
     ours = ours.set_index("filename")
     test = read_predictions(repo / "reports/evaluate/predictions/test.csv")
-    t = thresholds_from_dict(json.loads((repo / "reports/calibrate/thresholds.json").read_text()), test.classes)
-    expected = at_thresholds(test.y_prob, t)
+    cal = Calibration.from_dict(json.loads((repo / "reports/calibrate/thresholds.json").read_text()), test.classes)
+    q = cal.probabilities(test.y_prob)
+    expected = at_thresholds(q, cal.thresholds)
     rows = ours.loc[test.filenames]
     probs = rows[[f"prob_{c}" for c in test.classes]].to_numpy()
-    np.testing.assert_allclose(probs, test.y_prob, atol=1e-5)
+    np.testing.assert_allclose(probs, q, atol=1e-5)
     got = [set(x.split()) for x in rows["labels"]]
     want = [{c for c, on in zip(test.classes, row) if on} for row in expected]
     assert got == want

@@ -79,7 +79,10 @@ SUMMARY_RULES = """\
 - `test/` keeps every metric; `val/` the threshold-free ones plus macro/micro F1;
 - `test_calibrated/` only the threshold-dependent ones (the rest equal `test/`);
   `val_calibrated/` none (in-sample: the thresholds were fitted on it);
-- `baseline/test/` a few for contrast, `baseline/val/` none."""
+- `baseline/test/` a few for contrast, `baseline/test_calibrated/` the threshold-dependent few
+  (the trivial predictor through calibrate's temperature and thresholds: the fair contrast to
+  `test_calibrated/`), `baseline/val/` none;
+- `test_probability/` (ECE and Brier score before and after temperature scaling) all four."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,12 +172,14 @@ def keep_summary_metric(name: str) -> bool:
     section, _, key = name.rpartition("/")
     if key in DATA_FACTS or key in ALIASES or (key.endswith("_top3") and section != "test"):
         return False
+    if section.startswith("baseline/"):
+        if section == "baseline/test_calibrated":
+            return key in BASELINE_KEPT and key not in THRESHOLD_FREE
+        return section == "baseline/test" and key in BASELINE_KEPT
     if section.endswith("_calibrated"):
         return section == "test_calibrated" and key not in THRESHOLD_FREE
     if section == "val":
         return key in VAL_KEPT
-    if section.startswith("baseline/"):
-        return section == "baseline/test" and key in BASELINE_KEPT
     return True
 
 
