@@ -87,6 +87,7 @@ class Stage:
     def __call__(self, argv: list[str] | None = None) -> int:
         args = self.parser().parse_args(argv)
         setup_logging()
+        journal.take_facts()  # a run starts with no facts (an earlier in-process run may have noted some)
         try:
             raw = read_params_file(args.params)
             # Every section present is validated, not only this stage's: a typo anywhere in the
