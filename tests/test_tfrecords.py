@@ -501,6 +501,27 @@ def test_a_full_disk_while_writing_a_shard_is_an_oserror_naming_it(image_set, tm
     assert str(disk_error(caught.value)).startswith(f"{shard}: no space left on the device; free some space")
 
 
+@pytest.mark.parametrize("error, message, code", [
+    (tf.errors.ResourceExhaustedError, "No space left on device", errno.ENOSPC),
+    (tf.errors.ResourceExhaustedError, "Disk quota exceeded", errno.EDQUOT),
+    (tf.errors.PermissionDeniedError, "Permission denied", errno.EACCES),
+    (tf.errors.PermissionDeniedError, "Read-only file system", errno.EROFS),
+    (tf.errors.DataLossError, "corrupted record at 12", None),   # not the disk: raised unchanged
+])
+def test_tensorflow_write_errors_become_the_oserror_they_were(image_set, tmp_path: Path, monkeypatch,
+                                                              error, message: str, code: int | None) -> None:
+    class Refusing:
+        def __init__(self, path: str, *args: Any) -> None:
+            raise error(None, None, f"{path}; {message}")  # how TF words a failed open or write
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", Refusing)
+    with pytest.raises(OSError if code else error) as caught:
+        _write(image_set, tmp_path / "out")
+    if code:
+        assert caught.value.errno == code and caught.value.filename == str(tmp_path / "out" / shard_name("train", 0, 3))
+        assert str(disk_error(caught.value)).startswith(f"{caught.value.filename}: ")
+
+
 def test_preprocess_on_a_full_disk_fails_naming_the_shard_and_leaves_nothing(
         stage, preprocess_stage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The disk fills while the stage writes the test shard, train and val being complete."""
