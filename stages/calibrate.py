@@ -16,29 +16,27 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 from mlic import metrics, thresholds
 from mlic.atomic import write_csv, write_json
-from mlic.stage import run_stage, setup_logging
-from mlic.params import load_section, read_params_file
+from mlic.stage import Params, Stage
 from mlic.predictions import read_predictions
 
 log = logging.getLogger("mlic.stages.calibrate")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+SECTIONS = ("calibrate", "evaluate")
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
     for flag in ("--predictions", "--thresholds", "--metrics", "--headline", "--per-class",
                  "--fbeta-curves"):
         ap.add_argument(flag, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    setup_logging()
-    raw = read_params_file(args.params)
-    cfg, ev = load_section("calibrate", args.params, raw), load_section("evaluate", args.params, raw)
 
+
+def run(args: argparse.Namespace, params: Params) -> int:
+    cfg, ev = params.calibrate, params.evaluate
     val = read_predictions(Path(args.predictions) / "val.csv")
     test = read_predictions(Path(args.predictions) / "test.csv")
     if val.classes != test.classes:
@@ -65,5 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+main = Stage(__doc__, SECTIONS, add_args, run)
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    main.script()

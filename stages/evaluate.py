@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 from mlic.console import quiet_tensorflow
 
@@ -25,24 +24,24 @@ if __name__ == "__main__":  # before the imports below load TensorFlow; tests ca
 from mlic import metrics
 from mlic.atomic import atomic_dir, write_csv, write_json
 from mlic.model import load_model
-from mlic.params import load_section
 from mlic.predictions import predict_split, write_predictions
-from mlic.stage import run_stage, setup_logging
+from mlic.stage import Params, Stage
 from mlic.tfrecords import Manifest
 
 log = logging.getLogger("mlic.stages.evaluate")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+SECTIONS = ("evaluate",)
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
     for flag in ("--model", "--tfrecords", "--predictions", "--metrics", "--headline", "--per-class",
                  "--pr-curves"):
         ap.add_argument(flag, required=True)
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    setup_logging()
-    cfg = load_section("evaluate", args.params)
 
+
+def run(args: argparse.Namespace, params: Params) -> int:
+    cfg = params.evaluate
     model = load_model(args.model)
     train_m = Manifest.read(args.tfrecords, "train")
     if model.output_shape[-1] != len(train_m.classes):
@@ -75,5 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+main = Stage(__doc__, SECTIONS, add_args, run)
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    main.script()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import time
 from pathlib import Path
 
@@ -24,56 +23,53 @@ if __name__ == "__main__":  # before the imports below load TensorFlow; tests ca
 
 from mlic import tfrecords
 from mlic.atomic import atomic_dir, write_json
-from mlic.stage import run_stage, setup_logging
-from mlic.params import load_section, read_params_file
+from mlic.stage import Params, Stage
 from mlic.split import SPLITS
 
 log = logging.getLogger("mlic.stages.preprocess")
 
+SECTIONS = ("common", "data", "preprocess")
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml")
+
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--splits-dir", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--metrics", required=True)
-    args = ap.parse_args(argv)
-    setup_logging()
 
-    raw = read_params_file(args.params)
-    common, data, cfg = (load_section(s, args.params, raw) for s in ("common", "data", "preprocess"))
-    settings = tfrecords.EncodeSettings(cfg.image_size, cfg.resize_mode, cfg.encoding, cfg.jpeg_quality)
+
+def run(args: argparse.Namespace, params: Params) -> int:
+    common, data, cfg = params.common, params.data, params.preprocess
+    settings = tfrecords.EncodeSettings(cfg.image_size, cfg.resize_mode, cfg.encoding, cfg.jpeg_quality,
+                                        data.max_image_pixels)
     workers = tfrecords.resolve_workers(cfg.workers)
 
     metrics: dict[str, dict] = {}
     start = time.perf_counter()
-    # The except is outside the `with`: returning from inside it would leave atomic_dir normally
-    # and rename the partial output (train and val written, test half done) into place.
-    try:
-        with atomic_dir(args.out) as out, tfrecords.worker_pool(workers) as pool:
-            for i, name in enumerate(SPLITS):
-                # Filenames as text: "007" must not become 7, nor "NA" a missing value.
-                frame = pd.read_csv(Path(args.splits_dir) / f"{name}.csv", dtype={"filename": str},
-                                    keep_default_na=False)
-                classes = list(frame.columns[1:])
-                t0 = time.perf_counter()
-                manifest = tfrecords.write_split(
-                    name, frame["filename"].tolist(), frame[classes].to_numpy(), classes,
-                    Path(data.images_dir), out, settings, cfg.shard_size,
-                    seed=common.seed + i, pool=pool, skip_bad_images=data.skip_bad_images)
-                seconds = time.perf_counter() - t0
-                size = sum((out / s.file).stat().st_size for s in manifest.shards)
-                metrics[name] = {"records": manifest.count, "skipped": len(manifest.skipped),
-                                 "shards": len(manifest.shards), "megabytes": round(size / 2**20, 3)}
-                log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest.count,
-                         len(manifest.shards), size / 2**20, manifest.count / max(seconds, 1e-9))
-    except ValueError as exc:  # an image that cannot be decoded (write_split names it)
-        log.error("%s", exc)
-        return 2
+    # An error (an undecodable image, a full disk) propagates out of the `with`, so atomic_dir
+    # discards the partial output (train and val written, test half done) rather than renaming it.
+    with atomic_dir(args.out) as out, tfrecords.worker_pool(workers) as pool:
+        for i, name in enumerate(SPLITS):
+            # Filenames as text: "007" must not become 7, nor "NA" a missing value.
+            frame = pd.read_csv(Path(args.splits_dir) / f"{name}.csv", dtype={"filename": str},
+                                keep_default_na=False)
+            classes = list(frame.columns[1:])
+            t0 = time.perf_counter()
+            manifest = tfrecords.write_split(
+                name, frame["filename"].tolist(), frame[classes].to_numpy(), classes,
+                Path(data.images_dir), out, settings, cfg.shard_size,
+                seed=common.seed + i, pool=pool)
+            seconds = time.perf_counter() - t0
+            size = sum((out / s.file).stat().st_size for s in manifest.shards)
+            metrics[name] = {"records": manifest.count, "shards": len(manifest.shards),
+                             "megabytes": round(size / 2**20, 3)}
+            log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest.count,
+                     len(manifest.shards), size / 2**20, manifest.count / max(seconds, 1e-9))
     log.info("preprocess done in %.1f s with %d worker(s)", time.perf_counter() - start, workers)
     write_json(args.metrics, metrics)
     return 0
 
 
+main = Stage(__doc__, SECTIONS, add_args, run)
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    main.script()

@@ -16,24 +16,23 @@ import logging
 import time
 from pathlib import Path
 
-from mlic.stage import run_stage, setup_logging
-from mlic.params import load_section
+from mlic.stage import Params, Stage
 from mlic.sample import generate_sample
 
 log = logging.getLogger("stages.sample")
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Generate the sample set; return 0 on success."""
-    setup_logging()
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file")
-    parser.add_argument("--out", type=Path, default=Path("data/sample"), help="folder to (re)create")
-    parser.add_argument("--workers", type=int, default=None, help="processes; default or 0: all cores")
-    args = parser.parse_args(argv)
+SECTIONS = ("common", "sample")
 
-    common = load_section("common", args.params)
-    sample = load_section("sample", args.params)
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", type=Path, default=Path("data/sample"), help="folder to (re)create")
+    ap.add_argument("--workers", type=int, default=None, help="processes; default or 0: all cores")
+
+
+def run(args: argparse.Namespace, params: Params) -> int:
+    """Generate the sample set; return 0 on success."""
+    common, sample = params.common, params.sample
     start = time.perf_counter()
     labels = generate_sample(
         args.out, sample.n_images, common.seed, sample.min_size, sample.max_size, workers=args.workers
@@ -55,5 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+main = Stage(__doc__, SECTIONS, add_args, run)
+
 if __name__ == "__main__":
-    raise SystemExit(run_stage(main))
+    main.script()

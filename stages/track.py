@@ -23,14 +23,13 @@ import argparse
 import logging
 import os
 import re
-import sys
 import tempfile
 from pathlib import Path
 
 from mlic import figures, record, tracking
 from mlic.atomic import write_json
-from mlic.params import load_section, read_params_file
-from mlic.stage import run_stage, setup_logging
+from mlic.errors import UserError
+from mlic.stage import Params, Stage
 
 log = logging.getLogger("mlic.stages.track")
 
@@ -41,9 +40,11 @@ def metrics_arg(text: str) -> tuple[str, Path]:
     return (head, Path(tail)) if sep and re.fullmatch(r"\w+", head) else ("", Path(text))
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--params", default="params.yaml", type=Path)
+# `track` logs the whole params file (dvc.yaml declares all of it) and reads these sections itself.
+SECTIONS = ("tracking", "calibrate", "evaluate")
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--history", type=Path, help="per-epoch history CSV (column `epoch`)")
     ap.add_argument("--metrics", nargs="+", action="extend", default=[], type=metrics_arg,
                     metavar="[PREFIX=]JSON", help="metrics files; PREFIX/ goes before their names")
@@ -59,39 +60,34 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifests-dir", type=Path, help="folder of <split>.manifest.json")
     ap.add_argument("--note", type=Path, default=Path(".mlic/mlflow_run.json"),
                     help="where to note the run's id and model version (local, not versioned)")
-    args = ap.parse_args(argv)
-    setup_logging()
+
+
+def run(args: argparse.Namespace, params: Params) -> int:
     # MLflow draws a progress bar for every artifact it reads back while logging the model.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-
-    raw = read_params_file(args.params)
-    cfg, cal, ev = (load_section(s, args.params, raw) for s in ("tracking", "calibrate", "evaluate"))
+    cfg, cal, ev = params.tracking, params.calibrate, params.evaluate
     uri = tracking.resolve_tracking_uri(cfg.uri)
     if args.model and not cfg.log_model:
         log.info("tracking.log_model is false: not logging %s", args.model)
     package = None
     if args.model and cfg.log_model:
         if not (args.meta and args.thresholds):
-            ap.error("--model needs --meta and --thresholds: the packaged model carries all three")
+            raise UserError("--model needs --meta and --thresholds: the packaged model carries all three")
         package = tracking.PackageSpec(args.model, args.meta, args.thresholds, cfg.registered_model,
                                        cfg.champion_metric, args.summary)
-    try:
-        tracking.check_store(uri)
-        run = record.build_record(
-            params_file=args.params, history_csv=args.history, metrics_files=args.metrics,
-            artifacts=args.artifacts, manifests_dir=args.manifests_dir, model_meta=args.meta,
-            project_root=Path.cwd(), keep=[cfg.champion_metric] if package else [])
-        with tempfile.TemporaryDirectory(prefix="mlic-figures-") as tmp:
-            drawn = figures.draw_all(
-                Path(tmp), history=args.history, pr_curves_csv=args.pr_curves,
-                per_class_default=args.per_class_default, per_class_calibrated=args.per_class_calibrated,
-                fbeta_csv=args.fbeta_curves, thresholds_json=args.thresholds, default_threshold=ev.threshold,
-                beta=cal.beta)
-            info = tracking.log_record(run, tracking_uri=uri, experiment=cfg.experiment, package=package,
-                                       extra_artifacts=drawn)
-    except (tracking.TrackingUnavailable, FileNotFoundError, ValueError) as exc:
-        log.error("%s", exc)
-        return 2
+    tracking.check_store(uri)
+    rec = record.build_record(
+        params_file=args.params, history_csv=args.history, metrics_files=args.metrics,
+        artifacts=args.artifacts, manifests_dir=args.manifests_dir, model_meta=args.meta,
+        project_root=Path.cwd(), keep=[cfg.champion_metric] if package else [])
+    with tempfile.TemporaryDirectory(prefix="mlic-figures-") as tmp:
+        drawn = figures.draw_all(
+            Path(tmp), history=args.history, pr_curves_csv=args.pr_curves,
+            per_class_default=args.per_class_default, per_class_calibrated=args.per_class_calibrated,
+            fbeta_csv=args.fbeta_curves, thresholds_json=args.thresholds, default_threshold=ev.threshold,
+            beta=cal.beta)
+        info = tracking.log_record(rec, tracking_uri=uri, experiment=cfg.experiment, package=package,
+                                   extra_artifacts=drawn)
     args.note.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.note, info.as_dict())
     log.info("MLflow run %s (%s) in experiment %r. See it: %s",
@@ -102,5 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+main = Stage(__doc__, SECTIONS, add_args, run)
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    main.script()

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import sys
 from pathlib import Path
 
 from mlic.console import quiet_tensorflow
@@ -26,30 +25,26 @@ if __name__ == "__main__":  # before the imports below load TensorFlow; tests ca
 from mlic import dataset, journal, model as mlic_model, model_file, store, training
 from mlic.atomic import atomic_path, write_csv, write_json
 from mlic.model_meta import ModelMeta
-from mlic.params import load_section, read_params_file
-from mlic.stage import run_stage, setup_logging
+from mlic.stage import Params, Stage
 from mlic.tfrecords import Manifest
 
 log = logging.getLogger("mlic.stages.train")
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+SECTIONS = ("common", "train")
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
     for flag in ("--tfrecords", "--model", "--meta", "--summary", "--history", "--metrics"):
         ap.add_argument(flag, required=True)
     ap.add_argument("--thresholds-source", default="reports/calibrate/thresholds.json",
                     help="where calibrate writes the thresholds (recorded in --meta for `mlic predict`)")
-    ap.add_argument("--params", default="params.yaml")
-    args = ap.parse_args(argv)
-    setup_logging()
-    raw = read_params_file(args.params)
-    common, cfg, track = (load_section(s, args.params, raw) for s in ("common", "train", "tracking"))
 
-    try:  # say so now, in one line, rather than after a long training
-        store.check_store(store.resolve_tracking_uri(track.uri, Path.cwd()))
-    except store.TrackingUnavailable as exc:
-        log.error("%s", exc)
-        return 2
+
+def run(args: argparse.Namespace, params: Params) -> int:
+    common, cfg = params.common, params.train
+    # Say so now, in one line (TrackingUnavailable), rather than after a long training.
+    store.check_store(store.resolve_tracking_uri(params.tracking.uri, Path.cwd()))
 
     mlic_model.set_seed(common.seed, cfg.deterministic_ops)
     devices = mlic_model.configure_devices(cfg.mixed_precision, cfg.jit_compile)
@@ -99,5 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# `tracking` is read only to check the store before training: it shapes no output, so it is not
+# one of train's DVC params (changing the tracking URI must not retrain).
+main = Stage(__doc__, SECTIONS, add_args, run, checks=("tracking",))
+
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    main.script()

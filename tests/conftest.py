@@ -281,7 +281,7 @@ def write_manifests(folder: Path, fingerprints: dict[str, str], classes: tuple[s
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for split, fp in fingerprints.items():
-        manifest = Manifest(schema_version=SCHEMA_VERSION, split=split, count=count, skipped=[],
+        manifest = Manifest(schema_version=SCHEMA_VERSION, split=split, count=count,
                             classes=list(classes), image_size=32, channels=3, resize_mode="pad",
                             encoding="png", jpeg_quality=None,
                             positives={c: i + 1 for i, c in enumerate(classes)},

@@ -89,3 +89,67 @@ def test_the_closure_follows_imports_through_modules() -> None:
     assert "src/mlic/tracking.py" not in stage_closure("train")
     assert "src/mlic/store.py" in stage_closure("train")
 
+
+
+# --------------------------------------------------------------------------- params sections
+def _stage_module(name: str):
+    from conftest import _load_stage
+
+    return _load_stage(name)
+
+
+def _dvc_params(stage: str) -> set[str] | None:
+    """The sections dvc.yaml declares for `stage`; None when it declares the whole params file."""
+    sections: set[str] = set()
+    for entry in DVC["stages"][stage].get("params", []):
+        if isinstance(entry, dict):  # `- params.yaml:` (the whole file) or `- other.yaml: [keys]`
+            if any(v is None for v in entry.values()):
+                return None
+            sections |= {str(k).split(".")[0] for keys in entry.values() for k in keys}
+        else:
+            sections.add(str(entry).split(".")[0])
+    return sections
+
+
+@pytest.mark.parametrize("stage", sorted(DVC["stages"]))
+def test_stage_params_are_exactly_the_sections_it_loads(stage: str) -> None:
+    main = _stage_module(stage).main
+    declared = _dvc_params(stage)
+    if declared is None:  # the whole file (track logs every param): whatever it reads is covered
+        return
+    assert set(main.sections) == declared, (
+        f"stages/{stage}.py reads params {sorted(main.sections)} but dvc.yaml declares {sorted(declared)}")
+    # Sections read only for a pre-flight check are, by design, not DVC params of the stage.
+    assert not set(main.checks) & declared
+
+
+def _params_attributes(stage: str) -> set[str]:
+    """The attributes the stage's `run(args, params)` reads from `params` (its second argument)."""
+    tree = ast.parse((ROOT / "stages" / f"{stage}.py").read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for fn in (n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "run"):
+        name = fn.args.args[1].arg
+        found |= {n.attr for n in ast.walk(fn)
+                  if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == name}
+    return found
+
+
+@pytest.mark.parametrize("stage", sorted(DVC["stages"]))
+def test_stage_reads_only_the_params_sections_it_declares(stage: str) -> None:
+    main = _stage_module(stage).main
+    source = (ROOT / "stages" / f"{stage}.py").read_text(encoding="utf-8")
+    # Params come through the skeleton only (loaded whole, validated once); no second reader.
+    assert "load_section" not in source and "read_params_file" not in source and "import yaml" not in source
+    read = _params_attributes(stage) - {"path"}
+    assert read, f"stages/{stage}.py: no params read through its `run(args, params)`"
+    assert read <= set(main.sections) | set(main.checks), (
+        f"stages/{stage}.py reads params {sorted(read - set(main.sections) - set(main.checks))} it does not declare")
+
+
+def test_reading_an_undeclared_section_is_a_bug_not_a_silent_default(tmp_path) -> None:
+    from mlic.stage import Params
+
+    params = Params({"train": object()}, tmp_path / "params.yaml")
+    params.train
+    with pytest.raises(AttributeError, match="'data' was not declared"):
+        params.data

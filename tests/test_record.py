@@ -55,10 +55,14 @@ def _full_report() -> dict:
 def test_summary_keeps_the_numbers_worth_comparing_and_stays_small():
     flat, _ = record.flatten_metrics(_full_report())
     kept = sorted(k for k in flat if record.keep_summary_metric(k))
-    n_model = len(flat) // 6 - len(metrics.DATA_FACTS)   # model metrics per section
-    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE)
+    n_model = len(flat) // 6 - len(metrics.DATA_FACTS) - len(metrics.ALIASES)  # model metrics per section
+    top3 = sum(k.startswith("test/") and k.endswith("_top3") for k in flat)
+    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE) - top3
+    assert top3 == 6
     assert len(kept) == n_model + len(record.VAL_KEPT) + threshold_dependent + len(record.BASELINE_KEPT)
-    assert len(kept) <= 50                                        # room for train/ and facts under 60
+    assert len(kept) <= 55                                        # room for train/ and facts near 60
+    assert not any(k.rpartition("/")[2] in metrics.ALIASES for k in kept)
+    assert "test/cf1" in kept and "test_calibrated/cf1" in kept and "test_calibrated/cf1_top3" not in kept
     assert not any(k.rpartition("/")[2] in metrics.DATA_FACTS for k in kept)
     assert "test_calibrated/macro_f1" in kept and "test_calibrated/macro_ap" not in kept
     assert not any(k.startswith(("val_calibrated/", "baseline/val/")) for k in kept)
@@ -194,15 +198,20 @@ def test_facts_are_taken_once():
     assert journal.take_facts() == {}
 
 
-def test_run_stage_records_success_only(tmp_path):
-    from mlic.stage import run_stage
+def test_a_stage_journals_its_successes_only(tmp_path, monkeypatch):
+    from mlic.stage import Stage
 
-    def ok() -> int:
+    def ok(args, params) -> int:
         journal.note(items=2)
         return 0
 
-    assert run_stage(ok, name="ok", root=tmp_path) == 0
-    assert run_stage(lambda: 2, name="bad", root=tmp_path) == 2
+    write_text(tmp_path / "params.yaml", "common:\n  seed: 1\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["stages/ok.py"])
+    for name, run, code in (("ok", ok, 0), ("bad", lambda args, params: 2, 2)):
+        with pytest.raises(SystemExit) as exit_:
+            Stage("A stage.", ("common",), lambda ap: None, run).script(name=name, root=tmp_path)
+        assert exit_.value.code == code
     runs = journal.read(tmp_path)
     assert list(runs) == ["ok"] and runs["ok"].facts == {"items": 2.0}
     assert runs["ok"].started <= runs["ok"].ended

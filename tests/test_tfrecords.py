@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -38,12 +39,12 @@ JPEG_MEAN_ERROR, JPEG_IMAGE_MEAN_ERROR, JPEG_MAX_ERROR = 3.0, 7.0, 96
 
 
 def _write(image_set, out: Path, settings: EncodeSettings = JPEG, shard_size: int = SHARD_SIZE, seed: int = 5,
-           rows: np.ndarray | None = None, pool: Any = None, skip: bool = False) -> dict:
+           rows: np.ndarray | None = None, pool: Any = None) -> dict:
     """write_split of `rows` (default: all) of the set as split `train` into `out`."""
     rows = np.arange(len(image_set.filenames)) if rows is None else rows
     out.mkdir(parents=True, exist_ok=True)
     return write_split("train", [image_set.filenames[i] for i in rows], image_set.y[rows], image_set.classes,
-                       image_set.images_dir, out, settings, shard_size, seed, pool=pool, skip_bad_images=skip)
+                       image_set.images_dir, out, settings, shard_size, seed, pool=pool)
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -179,7 +180,7 @@ def test_manifest_describes_the_split(image_set, jpeg_out) -> None:
     assert manifest.classes == image_set.classes  # column order of the labels
     assert (manifest.image_size, manifest.channels) == (SIZE, 3)
     assert (manifest.resize_mode, manifest.encoding, manifest.jpeg_quality) == ("pad", "jpeg", 92)
-    assert manifest.skipped == []
+    assert "skipped" not in manifest.to_dict()  # split skips bad images; preprocess skips none
     assert manifest.positives == dict(zip(image_set.classes, image_set.y.sum(axis=0).tolist()))
     assert [s.file for s in manifest.shards] == [shard_name("train", i, 3) for i in range(3)]
     assert sum(s.records for s in manifest.shards) == manifest.count
@@ -240,28 +241,22 @@ def _with_truncated_image(make_set, root: Path, n: int = 14):
     return image_set, bad
 
 
-def test_corrupt_image_is_an_error_naming_the_file(make_set, tmp_path: Path) -> None:
-    image_set, bad = _with_truncated_image(make_set, tmp_path / "set")
-    with pytest.raises(ValueError) as err:
-        _write(image_set, tmp_path / "out", shard_size=4)
-    message = str(err.value)
-    assert str(image_set.images_dir / bad) in message
-    assert "cannot be decoded" in message and "set data.skip_bad_images: true" in message
-
-
 @pytest.mark.parametrize("workers", [1, 2])
-def test_corrupt_image_is_skipped_and_listed_when_skipping(make_set, tmp_path: Path, workers: int) -> None:
+def test_an_image_that_no_longer_decodes_is_a_user_error_saying_to_rerun_split(make_set, tmp_path: Path,
+                                                                              workers: int) -> None:
     image_set, bad = _with_truncated_image(make_set, tmp_path / "set")
-    with worker_pool(workers) as pool:
-        manifest = _write(image_set, tmp_path / "out", shard_size=4, pool=pool, skip=True)
-    assert manifest.count == len(image_set.filenames) - 1
-    assert [s["filename"] for s in manifest.skipped] == [bad]
-    assert manifest.skipped[0]["reason"].startswith("OSError: image file is truncated")
-    assert sum(s.records for s in manifest.shards) == manifest.count
-    kept = [i for i, f in enumerate(image_set.filenames) if f != bad]
-    assert manifest.positives == dict(zip(image_set.classes, image_set.y[kept].sum(axis=0).tolist()))
-    names = [r["filename"].decode() for r in _records(tmp_path / "out")]
-    assert bad not in names and len(names) == manifest.count
+    with worker_pool(workers) as pool, pytest.raises(images.ImageError) as err:
+        _write(image_set, tmp_path / "out", shard_size=4, pool=pool)
+    message = str(err.value)
+    assert str(image_set.images_dir / bad) in message and "\n" not in message
+    assert "cannot be decoded (OSError: image file is truncated" in message
+    assert "run `dvc repro split`" in message
+
+
+def test_max_pixels_reaches_the_workers(make_set, tmp_path: Path) -> None:
+    image_set = make_set(tmp_path / "set", n=6, seed=2, min_size=20, max_size=30)
+    with pytest.raises(images.ImageError, match=r"too many pixels|more than the limit of 100"):
+        _write(image_set, tmp_path / "out", settings=dataclasses.replace(JPEG, max_pixels=100), shard_size=4)
 
 
 @pytest.mark.parametrize("workers, expected", [(0, os.cpu_count() or 1), (1, 1), (3, 3)])
@@ -522,35 +517,49 @@ def test_tensorflow_write_errors_become_the_oserror_they_were(image_set, tmp_pat
         assert str(disk_error(caught.value)).startswith(f"{caught.value.filename}: ")
 
 
-def test_preprocess_on_a_full_disk_fails_naming_the_shard_and_leaves_nothing(
-        stage, preprocess_stage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_preprocess_on_a_full_disk_fails_in_one_line_naming_the_shard_and_leaves_nothing(
+        stage, preprocess_stage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
     """The disk fills while the stage writes the test shard, train and val being complete."""
     image_set, argv, outputs, out, splits_dir = stage
     real = tf.io.TFRecordWriter
     monkeypatch.setattr(tf.io, "TFRecordWriter",
                         lambda path, *a, **k: real("/dev/full" if "test-00000-" in path else path, *a, **k))
-    with pytest.raises(OSError) as caught:
-        preprocess_stage.main(argv)
-    shard = Path(caught.value.filename)
-    assert caught.value.errno == errno.ENOSPC and shard.name.startswith("test-00000-of-")
-    message = str(disk_error(caught.value))
-    assert message.startswith(f"{shard}: no space left on the device") and "\n" not in message
+    with caplog.at_level(logging.ERROR):
+        assert preprocess_stage.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    # the shard inside the temp folder it was being written to: the disk that is full
+    given = Path(_arg(argv, "--out"))  # data/tfrecords, as dvc.yaml passes it
+    assert re.fullmatch(rf"{re.escape(str(given.parent))}/\.{given.name}\.\d+-\d+-\w+\.tmp/test-00000-of-\d+\.tfrecord: "
+                        r"no space left on the device; free some space.*", errors[0]), errors[0]
     for path in outputs:
         assert not (tmp_path / path).exists(), path
     assert _stray(tmp_path) == []
 
 
-def test_preprocess_skips_and_lists_corrupt_images_when_asked(stage, preprocess_stage, params_yaml,
-                                                              tmp_path: Path) -> None:
+def test_an_image_broken_after_split_is_named_then_skipped_by_split_and_every_count_agrees(
+        stage, preprocess_stage, split_stage, dvc_stages, params_yaml, tmp_path: Path, caplog) -> None:
     image_set, argv, outputs, out, splits_dir = stage
     bad = _corrupt_one_test_image(splits_dir, image_set)
     params_yaml(tmp_path / "params.yaml", data=image_set.data_section(skip_bad_images=True))
+    with caplog.at_level(logging.ERROR):
+        assert preprocess_stage.main(argv) == 2  # preprocess never skips: the split CSVs would lie
+    assert f"{image_set.images_dir / bad}: cannot be decoded" in caplog.text
+    assert "run `dvc repro split`" in caplog.text
+
+    assert split_stage.main(dvc_stages("split")[0]) == 0  # what `dvc repro` does next: split skips it
+    reports = tmp_path / _arg(dvc_stages("split")[0], "--reports-dir")
+    skipped = pd.read_csv(reports / "skipped.csv")
+    assert skipped["filename"].tolist() == [bad] and "cannot be decoded" in skipped["reason"][0]
     assert preprocess_stage.main(argv) == 0
-    manifest = tfrecords.Manifest.read(out, "test")
-    assert [s["filename"] for s in manifest.skipped] == [bad]
     metrics = json.loads((tmp_path / _arg(argv, "--metrics")).read_text())
-    assert metrics["test"]["skipped"] == 1
-    assert metrics["test"]["records"] == manifest.count == len(pd.read_csv(splits_dir / "test.csv")) - 1
+    summary = json.loads((reports / "summary.json").read_text())
+    for split in ("train", "val", "test"):
+        frame = pd.read_csv(splits_dir / f"{split}.csv")
+        assert bad not in frame["filename"].tolist()
+        assert metrics[split]["records"] == tfrecords.Manifest.read(out, split).count == len(frame)
+        assert summary["split"][split] == len(frame)
+    assert sum(metrics[s]["records"] for s in metrics) == summary["images"] == 29 and summary["skipped"] == 1
 
 
 def test_preprocess_stage_output_is_the_same_for_any_worker_count(stage, preprocess_stage, params_yaml,

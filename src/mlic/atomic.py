@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from mlic import journal
+from mlic.errors import InputError, MissingInput
 
 if TYPE_CHECKING:  # pandas only where a CSV is written: preprocess workers import this module
     import pandas as pd
@@ -190,7 +191,7 @@ def require_files(given: Iterable[tuple[str | Path | None, str]], files_only: bo
     """
     for path, what in given:
         if path is not None and not (Path(path).is_file() if files_only else Path(path).exists()):
-            raise FileNotFoundError(f"{path}: {what} not found (it was passed, so it is required)")
+            raise MissingInput(f"{path}: {what} not found (it was passed, so it is required)")
 
 
 def read_json(path: str | Path, what: str, remedy: str) -> Any:
@@ -202,9 +203,9 @@ def read_json(path: str | Path, what: str, remedy: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no {what}; {remedy}") from None
+        raise MissingInput(f"{path}: no {what}; {remedy}") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: {what} is not valid JSON ({exc}); {remedy}") from None
+        raise InputError(f"{path}: {what} is not valid JSON ({exc}); {remedy}") from None
 
 
 def write_json(path: str | Path, obj: Any, sort_keys: bool = True) -> None:

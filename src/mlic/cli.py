@@ -20,13 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from mlic.errors import UserError, disk_error
+
 log = logging.getLogger("mlic.predict")
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 EXIT_OK, EXIT_SOME_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-class UsageError(Exception):
+class UsageError(UserError):
     """The command cannot run as asked; the message says what to do."""
 
 
@@ -218,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return args.func(args)
-    except UsageError as exc:
+    except UserError as exc:  # UsageError, and any input error raised below the command
         log.error("%s", exc)
+        return EXIT_USAGE
+    except OSError as exc:  # a full disk or an unwritable --out is the machine's, not a bug
+        if (disk := disk_error(exc)) is None:
+            raise
+        log.error("%s", disk)
         return EXIT_USAGE
 
 

@@ -23,6 +23,16 @@ class UserError(Exception):
     """Input the user can fix: the message names the file (line, column or key) and what to do."""
 
 
+class InputError(UserError, ValueError):
+    """An input file (the user's, or one an earlier stage wrote) is malformed or does not fit the
+    others; the message names it and what to re-run or fix. A ValueError, so callers that
+    validate with `except ValueError` keep working."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+    """A required input file is absent; the message names it and the stage that makes it."""
+
+
 class DiskError(UserError):
     """Writing an output failed for a reason outside the code (full disk, no permission)."""
 

@@ -24,6 +24,7 @@ from PIL import Image
 
 from mlic import images
 from mlic.atomic import read_json
+from mlic.errors import InputError
 from mlic.metrics import predict as apply_thresholds
 from mlic.model_meta import ModelMeta
 from mlic.predictions import round_probabilities
@@ -55,7 +56,7 @@ def read_thresholds(path: str | Path, classes: Sequence[str]) -> np.ndarray:
     try:
         return thresholds_from_dict(mapping, classes)
     except ValueError as exc:
-        raise ValueError(f"{path}: {exc}; re-run `dvc repro calibrate`") from None
+        raise InputError(f"{path}: {exc}; re-run `dvc repro calibrate`") from None
 
 
 def output_frame(classes: Sequence[str], labels: list[list[str]], probabilities: np.ndarray) -> pd.DataFrame:
@@ -72,7 +73,7 @@ class Predictor:
     def __init__(self, model: Any, meta: ModelMeta, thresholds: np.ndarray | float):
         n_out = int(model.output_shape[-1])
         if n_out != len(meta.classes):
-            raise ValueError(f"the model has {n_out} outputs but its metadata lists {len(meta.classes)} "
+            raise InputError(f"the model has {n_out} outputs but its metadata lists {len(meta.classes)} "
                              "classes; model and model_meta.json come from different runs")
         self.model = model
         self.meta = meta

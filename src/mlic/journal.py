@@ -2,7 +2,7 @@
 
 Timings differ on every run, so they are not DVC outputs (a reproduction would change dvc.lock
 and the metrics files in git), yet the MLflow run should say how long the pipeline took and how
-fast training went. Each stage run by `stage.run_stage` that succeeds records one small file,
+fast training went. Each stage run from the command line (`stage.Stage.script`) that succeeds records one small file,
 `.mlic/stages/<stage>.json` (overwritten by the stage's next success), tagged with the pipeline
 invocation it belongs to: the `dvc` process that ran it (`session`). `track` spans its MLflow
 run over the stages of its own invocation and logs their facts as metrics; so a `train` forced

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlic.atomic import atomic_path
+from mlic.errors import InputError
 
 if TYPE_CHECKING:  # keras only where a model is saved: make_deterministic works without it
     import keras
@@ -92,9 +93,9 @@ def _rewrite(src: Path, dst: Path) -> None:
     with zipfile.ZipFile(src) as zin:
         infos = {info.filename: info for info in zin.infolist()}
         if len(infos) != len(zin.infolist()):
-            raise ValueError(f"{src}: duplicate entry names; not a file Keras wrote")
+            raise InputError(f"{src}: duplicate entry names; not a file Keras wrote")
         if CONFIG not in infos:
-            raise ValueError(f"{src}: no {CONFIG}; not a .keras model file")
+            raise InputError(f"{src}: no {CONFIG}; not a .keras model file")
         with zipfile.ZipFile(dst, "w", compression=zipfile.ZIP_STORED) as zout:
             for name in _entry_order(list(infos)):
                 info = infos[name]
@@ -120,7 +121,7 @@ def make_deterministic(path: str | Path) -> None:
     """
     path = Path(path)
     if not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: not a zip archive; not a .keras model file")
+        raise InputError(f"{path}: not a zip archive; not a .keras model file")
     with atomic_path(path) as tmp:
         _rewrite(path, tmp)
 

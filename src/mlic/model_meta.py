@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mlic.atomic import read_json, write_json
+from mlic.errors import InputError
 from mlic.images import RESIZE_MODES
 
 FORMAT_VERSION = 1
@@ -59,10 +60,10 @@ class ModelMeta:
                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
         if not isinstance(raw, dict) or not required <= set(raw):
             missing = sorted(required - set(raw)) if isinstance(raw, dict) else sorted(required)
-            raise ValueError(f"{path}: model metadata lacks {', '.join(missing)}; it was written by an "
+            raise InputError(f"{path}: model metadata lacks {', '.join(missing)}; it was written by an "
                              "older mlic: run `dvc repro train`")
         if raw.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
-            raise ValueError(f"{path}: written by a newer mlic (format {raw['format_version']}); upgrade mlic")
+            raise InputError(f"{path}: written by a newer mlic (format {raw['format_version']}); upgrade mlic")
         return cls(**{k: v for k, v in raw.items() if k in fields})
 
     def to_dict(self) -> dict[str, Any]:

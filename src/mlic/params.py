@@ -65,6 +65,7 @@ class Data:
     delimiter: str = " "
     classes: list[str] | None = None
     skip_bad_images: bool = False
+    max_image_pixels: int = _in(100_000_000, 1)
 
 
 @dataclasses.dataclass(frozen=True)

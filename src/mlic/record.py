@@ -47,7 +47,8 @@ from typing import Any
 
 from mlic import journal
 from mlic.atomic import read_json, require_files
-from mlic.metrics import DATA_FACTS, THRESHOLD_FREE
+from mlic.errors import InputError, MissingInput
+from mlic.metrics import ALIASES, DATA_FACTS, THRESHOLD_FREE
 from mlic.model_meta import ModelMeta
 from mlic.params import flatten, read_params_file
 from mlic.split import SPLITS
@@ -73,6 +74,8 @@ BASELINE_KEPT = ("macro_f1", "macro_ap", "subset_accuracy", "hamming_loss")
 # thresholds is in-sample.
 SUMMARY_RULES = """\
 - facts about the data (n_samples, n_classes, ...) are not metrics of a model: dropped;
+- the papers' names for a value kept under another name (cp = macro_precision, ...): dropped;
+  their top-3 figures (`*_top3`) are kept on `test/` at the default threshold only;
 - `test/` keeps every metric; `val/` the threshold-free ones plus macro/micro F1;
 - `test_calibrated/` only the threshold-dependent ones (the rest equal `test/`);
   `val_calibrated/` none (in-sample: the thresholds were fitted on it);
@@ -164,7 +167,7 @@ def flatten_metrics(obj: Mapping[str, Any], prefix: str = "") -> tuple[dict[str,
 def keep_summary_metric(name: str) -> bool:
     """Whether a flattened metric belongs in the run's summary (`SUMMARY_RULES`)."""
     section, _, key = name.rpartition("/")
-    if key in DATA_FACTS:
+    if key in DATA_FACTS or key in ALIASES or (key.endswith("_top3") and section != "test"):
         return False
     if section.endswith("_calibrated"):
         return section == "test_calibrated" and key not in THRESHOLD_FREE
@@ -184,10 +187,10 @@ def read_history(path: Path) -> tuple[dict[str, list[tuple[int, float]]], list[s
 
     frame = pd.read_csv(path)
     if "epoch" not in frame.columns:
-        raise ValueError(f"{path}: no `epoch` column; columns are {', '.join(map(str, frame.columns))}")
+        raise InputError(f"{path}: no `epoch` column; columns are {', '.join(map(str, frame.columns))}")
     epochs = pd.to_numeric(frame["epoch"], errors="coerce")
     if epochs.isna().any() or (epochs != epochs.round()).any():
-        raise ValueError(f"{path}: `epoch` must hold whole numbers in every row")
+        raise InputError(f"{path}: `epoch` must hold whole numbers in every row")
     if epochs.duplicated().any():
         log.warning("%s: repeated epoch numbers; MLflow will show several points per step", path)
     curves: dict[str, list[tuple[int, float]]] = {}
@@ -219,7 +222,7 @@ def artifact_names(paths: Sequence[Path]) -> dict[Path, str]:
             depth[p] += 1
     clashes = sorted(n for n, c in Counter(names.values()).items() if c > 1)
     if clashes:
-        raise ValueError(f"two artifacts would share the name {clashes[0]!r}; rename one")
+        raise InputError(f"two artifacts would share the name {clashes[0]!r}; rename one")
     return {p: name + PREVIEW_SUFFIX.get(Path(name).suffix, "") for p, name in names.items()}
 
 
@@ -230,13 +233,13 @@ def read_datasets(manifests_dir: Path, project_root: Path) -> list[DatasetInput]
 
     paths = list(Path(manifests_dir).glob("*" + MANIFEST_SUFFIX))
     if not paths:
-        raise FileNotFoundError(f"{manifests_dir}: no *{MANIFEST_SUFFIX} files; run `dvc repro preprocess`")
+        raise MissingInput(f"{manifests_dir}: no *{MANIFEST_SUFFIX} files; run `dvc repro preprocess`")
     order = {split: i for i, split in enumerate(SPLITS)}
     found = []
     for path in sorted(paths, key=lambda p: (order.get(p.name[: -len(MANIFEST_SUFFIX)], len(order)), p.name)):
         m = Manifest.read(manifests_dir, path.name[: -len(MANIFEST_SUFFIX)])
         columns = {"image": "binary", "filename": "string", "labels": "long"}
-        profile = {"records": m.count, "skipped": len(m.skipped), "shards": len(m.shards),
+        profile = {"records": m.count, "shards": len(m.shards),
                    "image": f"{m.encoding} {m.image_size}x{m.image_size} ({m.resize_mode})",
                    "labels": f"multi-hot, {len(m.classes)} classes in this order", "classes": m.classes,
                    "prevalence": {c: round(float(p), 6) for c, p in zip(m.classes, m.prevalence)},
@@ -344,11 +347,11 @@ def build_record(
     for prefix, path in metrics_files:
         data = read_json(path, "metrics file", "re-run the stage that writes it")
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a JSON object at the top level")
+            raise InputError(f"{path}: expected a JSON object at the top level")
         values, missing = flatten_metrics(data, clean_name(prefix) if prefix else "")
         for name in values:
             if name in flat:
-                raise ValueError(f"metric {name!r} comes from both {source[name]} and {path}")
+                raise InputError(f"metric {name!r} comes from both {source[name]} and {path}")
             source[name] = Path(path)
         flat.update(values)
         skipped.extend(missing)

@@ -18,6 +18,7 @@ from collections.abc import Collection, Mapping
 from typing import Any
 
 from mlic.metrics import greater_is_better, headline_names
+from mlic.params import ParamsError
 
 ALIAS = "champion"
 # The numbers a user decides on (metrics.HEADLINE), shown on every registered version.
@@ -28,12 +29,12 @@ def check_selection_metric(name: str, logged: Collection[str] | None = None) -> 
     """A champion is chosen on a logged validation metric (`val/...`); anything else is refused with why."""
     if not name.startswith("val/"):
         hint = f"val/{name[4:]}" if name.startswith("val_") else "val/macro_ap"
-        raise ValueError(
+        raise ParamsError(
             f"tracking.champion_metric {name!r}: choose a validation metric (val/...), e.g. {hint}; "
             "selecting a model on test leaks the test set into the choice")
     if logged is not None and name not in logged:
         choices = ", ".join(sorted(n for n in logged if n.startswith("val/")))
-        raise ValueError(f"tracking.champion_metric {name!r} is not among the run's metrics; "
+        raise ParamsError(f"tracking.champion_metric {name!r} is not among the run's metrics; "
                          f"choose one of: {choices or '(none: is evaluate in the pipeline?)'}")
 
 

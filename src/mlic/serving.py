@@ -38,6 +38,7 @@ import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 
+from mlic.errors import UserError
 from mlic.inference import LABELS_COLUMN, PROB_PREFIX, output_frame
 
 log = logging.getLogger(__name__)
@@ -51,7 +52,7 @@ ARTIFACT_SUMMARY = "model_summary"
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "scikit-learn", "mlflow")
 
 
-class InvalidImages(ValueError):
+class InvalidImages(UserError, ValueError):
     """Some rows of the input are not images; the message names each row and why."""
 
 

@@ -35,6 +35,7 @@ import numpy as np
 
 from mlic import images
 from mlic.atomic import read_json
+from mlic.errors import InputError, MissingInput
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,8 @@ KEY_WIDTH = "image/width"
 KEY_LABEL = "image/class/label"
 
 MANIFEST_SUFFIX = ".manifest.json"
-SCHEMA_VERSION = 1
+# 2: no `skipped` list any more (split decodes every image first, so preprocess skips none)
+SCHEMA_VERSION = 2
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -116,21 +118,22 @@ def parse_example(serialized: Any, n_classes: int) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class EncodeSettings:
-    """How images become records (the `preprocess` section of params.yaml)."""
+    """How images become records (the `preprocess` section of params.yaml, and data.max_image_pixels)."""
 
     image_size: int
     resize_mode: str
     encoding: str
     jpeg_quality: int
+    max_pixels: int | None = None   # data.max_image_pixels; None: PIL's own limit
 
 
 def _prepare_one(task: tuple[str, EncodeSettings]) -> tuple[bytes | None, str | None]:
     """Worker: encoded bytes, or the reason the image failed (never raises across processes)."""
     path, s = task
     try:
-        return images.prepare(path, s.image_size, s.resize_mode, s.encoding, s.jpeg_quality), None
+        return images.prepare(path, s.image_size, s.resize_mode, s.encoding, s.jpeg_quality, s.max_pixels), None
     except Exception as exc:  # noqa: BLE001 - reported with the file name by the parent
-        return None, f"{exc.__class__.__name__}: {exc}"
+        return None, " ".join(f"{exc.__class__.__name__}: {exc}".split())
 
 
 def _prepare_chunk(tasks: list[tuple[str, EncodeSettings]]) -> list[tuple[bytes | None, str | None]]:
@@ -271,13 +274,16 @@ def _writing(path: Path) -> Iterator[None]:
 
 
 def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[str], images_dir: Path,
-                out_dir: Path, settings: EncodeSettings, shard_size: int, seed: int, pool: Any = None,
-                skip_bad_images: bool = False) -> "Manifest":
+                out_dir: Path, settings: EncodeSettings, shard_size: int, seed: int, pool: Any = None) -> "Manifest":
     """Write one split's shards and manifest into `out_dir`; return the manifest.
 
-    `pool` comes from `worker_pool` (None works in this process). The caller makes `out_dir` atomic (a temp folder renamed into place), so shards are written
-    straight into it. Raises ValueError naming the file when an image cannot be decoded and
-    `skip_bad_images` is false; otherwise such images are skipped and listed in the manifest.
+    `pool` comes from `worker_pool` (None works in this process). The caller makes `out_dir`
+    atomic (a temp folder renamed into place), so shards are written straight into it.
+
+    Every image is expected to decode: `split` decoded each one the same way and skipped (or
+    refused) the bad ones, so the split CSVs, the manifests and reports/data/skipped.csv agree.
+    An image that fails here changed after `split` ran: `images.ImageError` names it and says to
+    re-run split; nothing is skipped here.
     """
     n = len(filenames)
     order = record_order(filenames, seed)
@@ -288,35 +294,28 @@ def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[s
     import tensorflow as tf  # after the workers have their first images: the import takes ~3 s
     image_format = "jpeg" if settings.encoding == "jpeg" else "png"
 
-    shards, skipped, kept = [], [], []
+    shards = []
     for s, group in enumerate(groups):
         path = out_dir / shard_name(split, s, n_shards)
-        count = 0
         with _writing(path), tf.io.TFRecordWriter(str(path)) as writer:
             for i in group:
                 encoded, error = next(results)
                 if error is not None:
-                    if not skip_bad_images:
-                        raise ValueError(
-                            f"{images_dir / filenames[i]}: cannot be decoded ({error}); replace or remove the "
-                            "image, or set data.skip_bad_images: true to skip it")
-                    skipped.append({"filename": filenames[i], "reason": error})
-                    continue
+                    raise images.ImageError(
+                        f"{images_dir / filenames[i]}: cannot be decoded ({error}), though split could decode "
+                        "it: the file changed since; run `dvc repro split` (which checks every image again), "
+                        "then preprocess")
                 ids = np.flatnonzero(y[i]).tolist()
                 writer.write(serialize_example(encoded, image_format, filenames[i],
                                                settings.image_size, settings.image_size, ids))
-                kept.append(i)
-                count += 1
-        shards.append({"file": path.name, "records": count, "sha256": _sha256(path)})
-    if skipped:
-        log.warning("%s: skipped %d images that could not be decoded", split, len(skipped))
+        shards.append({"file": path.name, "records": len(group), "sha256": _sha256(path)})
 
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, split=split, count=len(kept), skipped=skipped,
+        schema_version=SCHEMA_VERSION, split=split, count=n,
         classes=list(classes), image_size=settings.image_size, channels=3,
         resize_mode=settings.resize_mode, encoding=settings.encoding,
         jpeg_quality=settings.jpeg_quality if settings.encoding == "jpeg" else None,
-        positives={c: int(v) for c, v in zip(classes, y[kept].sum(axis=0))},
+        positives={c: int(v) for c, v in zip(classes, np.asarray(y).sum(axis=0))},
         shards=[Shard(**s) for s in shards], fingerprint="", directory=Path(out_dir),
     )
     manifest = dataclasses.replace(manifest, fingerprint=fingerprint(manifest.to_dict()))
@@ -348,7 +347,6 @@ class Manifest:
     schema_version: int
     split: str
     count: int
-    skipped: list[dict[str, str]]   # {"filename", "reason"} of images that could not be decoded
     classes: list[str]              # label column order
     image_size: int
     channels: int
@@ -367,7 +365,7 @@ class Manifest:
         raw = read_json(path, "manifest", "run `dvc repro preprocess` first")
         names = {f.name for f in dataclasses.fields(cls)} - {"directory"}
         if not isinstance(raw, dict) or set(raw) != names:
-            raise ValueError(f"{path}: not a manifest of schema {SCHEMA_VERSION}; run `dvc repro preprocess`")
+            raise InputError(f"{path}: not a manifest of schema {SCHEMA_VERSION}; run `dvc repro preprocess`")
         return cls(**{**raw, "shards": [Shard(**s) for s in raw["shards"]]}, directory=Path(tfrecord_dir))
 
     def to_dict(self) -> dict[str, Any]:
@@ -394,7 +392,7 @@ class Manifest:
         paths = [str(self.directory / s.file) for s in self.shards]
         missing = [p for p in paths if not Path(p).is_file()]
         if missing:
-            raise FileNotFoundError(f"shards listed in the {self.split} manifest are missing: "
+            raise MissingInput(f"shards listed in the {self.split} manifest are missing: "
                                     f"{', '.join(missing)}; run `dvc repro preprocess`")
         return paths
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from mlic import journal, registry, serving
 from mlic.atomic import require_files
+from mlic.errors import InputError
 from mlic.record import MAX_TAG_VALUE, DatasetInput, RunRecord
 from mlic.store import (  # noqa: F401 - re-exported: tracking is where users look for them
     DB_FILE,
@@ -152,7 +153,7 @@ def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
             if experiment is None:
                 raise exc
     if experiment.lifecycle_stage == "deleted":
-        raise ValueError(
+        raise InputError(
             f"MLflow experiment {name!r} is deleted; restore it (`mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}`) or set tracking.experiment")
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # never override a kind someone chose
@@ -224,7 +225,8 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 
 
 def _dataset_inputs(datasets: list[DatasetInput]) -> list[Any]:
-    from mlflow.entities import Dataset, DatasetInput as MlflowDatasetInput, InputTag
+    from mlflow.entities import Dataset, InputTag
+    from mlflow.entities import DatasetInput as MlflowDatasetInput
 
     inputs = []
     for d in datasets:
@@ -250,7 +252,7 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
     artifacts = dict(record.artifacts)
     for name, path in (extra_artifacts or {}).items():
         if name in artifacts:
-            raise ValueError(f"two artifacts would share the name {name!r}; rename one")
+            raise InputError(f"two artifacts would share the name {name!r}; rename one")
         artifacts[name] = path
 
     import mlflow
@@ -341,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--timeout", type=float, default=5.0)
     args = ap.parse_args(argv)
-    from mlic.stage import setup_logging
     from mlic.params import load_section
+    from mlic.stage import setup_logging
 
     setup_logging()
 
