@@ -217,3 +217,13 @@ def test_an_error_that_names_its_file_or_is_not_the_disk_passes_unchanged(tmp_pa
     with pytest.raises(ConnectionRefusedError):
         with atomic_dir(tmp_path / "d"):
             raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES, errno.EROFS])
+def test_a_disk_error_inside_a_temp_folder_names_the_real_output(tmp_path: Path, code: int) -> None:
+    target = tmp_path / "tfrecords"
+    with pytest.raises(OSError) as caught:
+        with atomic_dir(target) as tmp:
+            raise OSError(code, os.strerror(code), str(tmp / "test-00000-of-00001.tfrecord"))
+    assert caught.value.errno == code and caught.value.filename == str(target / "test-00000-of-00001.tfrecord")
+    assert _listing(tmp_path) == []

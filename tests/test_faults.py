@@ -116,9 +116,10 @@ def encoding(proc: psutil.Process, output: str, project: Project) -> bool:
             and time.time() - max(w.create_time() for w in workers) > 0.5)
 
 
-def halfway(proc: psutil.Process, output: str, project: Project) -> bool:
-    """The stage has run for half as long as it took in the reference run."""
-    return time.time() - proc.create_time() > 0.5 * project.stage_seconds(stage_of(proc))
+def early(proc: psutil.Process, output: str, project: Project) -> bool:
+    """The stage has run for a third as long as it took in the reference run, at most a second
+    (so that a reference taken on a busier machine cannot put the kill after the end)."""
+    return time.time() - proc.create_time() > min(1.0, project.stage_seconds(stage_of(proc)) / 3)
 
 
 def mlflow_run_open(proc: psutil.Process, output: str, project: Project) -> bool:
@@ -138,7 +139,7 @@ SIGNS: dict[str, Sign] = {
     "preprocess": encoding,                       # workers encoding images, shards to come
     "train": line("Epoch 2/2"),                   # epoch 1 done, epoch 2 running
     "evaluate": temp_dir("reports/evaluate/.predictions.*.tmp"),  # predicting val and test
-    "calibrate": halfway,                         # no temp folder or log line before it is done
+    "calibrate": early,                           # no temp folder or log line before it is done
     "track": mlflow_run_open,
 }
 

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 from pathlib import Path
 from typing import Any
 
@@ -528,10 +527,8 @@ def test_preprocess_on_a_full_disk_fails_in_one_line_naming_the_shard_and_leaves
         assert preprocess_stage.main(argv) == 2
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == 1 and "\n" not in errors[0], errors
-    # the shard inside the temp folder it was being written to: the disk that is full
-    given = Path(_arg(argv, "--out"))  # data/tfrecords, as dvc.yaml passes it
-    assert re.fullmatch(rf"{re.escape(str(given.parent))}/\.{given.name}\.\d+-\d+-\w+\.tmp/test-00000-of-\d+\.tfrecord: "
-                        r"no space left on the device; free some space.*", errors[0]), errors[0]
+    shard = Path(_arg(argv, "--out")) / "test-00000-of-00001.tfrecord"  # where it was going, not the temp
+    assert errors[0].startswith(f"{shard}: no space left on the device; free some space"), errors[0]
     for path in outputs:
         assert not (tmp_path / path).exists(), path
     assert _stray(tmp_path) == []

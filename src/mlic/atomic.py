@@ -9,8 +9,9 @@ replaced), after the process that made them and when it started. A process kille
 those whose process is gone: the pid no longer runs, or now belongs to a process that started at
 another time. Those of a live process (another write of the same target running now) are left
 alone, and so are temp names of another shape. The project's .gitignore and .dvcignore hide them
-meanwhile. A write-time OSError without a file name (ENOSPC on write or fsync) is raised again
-naming the target, so the one-line disk error (`errors.disk_error`) can say which output failed.
+meanwhile. A disk error (ENOSPC, EACCES...) on the way is raised again naming the target (the
+file inside it, for a folder), not the temp, so the one-line disk error (`errors.disk_error`) says
+which output failed.
 """
 
 from __future__ import annotations
@@ -104,16 +105,28 @@ def remove_stale_temps(target: str | Path) -> list[Path]:
 
 # Failures of a write, flush or fsync: the OSError names no file (an open that fails names its own).
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO}
+# The machine's failures (disk full, no permission, read-only): worth naming by the output's real path.
+_DISK_ERRNOS = _WRITE_ERRNOS | {errno.EACCES, errno.EPERM, errno.EROFS}
 
 
 @contextlib.contextmanager
-def _naming(target: Path) -> Iterator[None]:
-    """A write-time OSError that names no file (full disk on write or fsync) is raised naming `target`."""
+def _naming(target: Path, tmp: Path) -> Iterator[None]:
+    """A disk error while writing `target` through its temp `tmp` names `target`, not the temp.
+
+    An OSError that names no file (full disk on write or fsync) gets `target`; one that names a
+    file in the temp folder gets that file's path in `target`. The user's fix is the same (free
+    space or permissions where the output lives), and the temp's name would mean nothing to them.
+    """
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno in _WRITE_ERRNOS:
+        if exc.errno not in _DISK_ERRNOS:
+            raise
+        name = None if exc.filename is None else str(exc.filename)
+        if name is None and exc.errno in _WRITE_ERRNOS:
             raise OSError(exc.errno, exc.strerror, str(target)) from exc
+        if name is not None and (name == str(tmp) or name.startswith(f"{tmp}{os.sep}")):
+            raise OSError(exc.errno, exc.strerror, str(target) + name[len(str(tmp)):]) from exc
         raise
 
 
@@ -134,7 +147,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; outputs should read like any file
     try:
-        with _naming(target):
+        with _naming(target, tmp_path):
             yield tmp_path
             os.replace(tmp_path, target)
     finally:
@@ -168,7 +181,7 @@ def atomic_dir(target: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=_prefix(target), suffix=".tmp", dir=target.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
-        with _naming(target):
+        with _naming(target, tmp):
             yield tmp
             old = None
             if target.exists():
