@@ -72,7 +72,7 @@ def _owner_gone(pid: int, started: int) -> bool:
         os.kill(pid, 0)  # no psutil, or not allowed to see it: ask the kernel whether it exists
     except ProcessLookupError:
         return True
-    except (PermissionError, OSError, AttributeError):
+    except OSError:  # EPERM: it runs, as another user
         return False
     return False
 
