@@ -9,8 +9,6 @@ reports/ui/ (CI artifacts, ignored by git).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import make_project, run_ok
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "stages", "src"]
 SCREENSHOTS = ROOT / "reports" / "ui"
 
 TINY = {
@@ -35,46 +33,14 @@ TINY = {
 }
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+_run = run_ok
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A git + DVC copy of the project with tiny params; env with a temp MLflow store."""
     repo = tmp_path_factory.mktemp("e2e") / "project"
-    repo.mkdir()
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            shutil.copy2(src, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo.parent / 'mlflow.db'}"
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "e2e"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "e2e@example.invalid"
-    env.pop("DVC_EXP_NAME", None)
-    _run(["git", "init", "-q", "-b", "main"], repo, env)
-    _run(["dvc", "init", "-q"], repo, env)
-    _run(["dvc", "config", "core.analytics", "false"], repo, env)
-    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates dvc.yaml names
-    with open(repo / ".gitignore", "a", encoding="utf-8") as fh:
-        fh.write("mlflow.db\n")
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-q", "-m", "init"], repo, env)
-    return repo, env
+    return repo, make_project(repo, TINY)
 
 
 def _runs(env: dict[str, str]) -> list:

@@ -9,6 +9,7 @@ error for JPEG), with the labels and filenames unchanged.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from mlic import dataset, images, tfrecords
+from mlic.errors import disk_error
 from mlic.tfrecords import EncodeSettings, parse_example, shard_name, worker_pool, write_split
 
 SIZE = 32
@@ -271,6 +273,61 @@ def test_ordered_map_keeps_chunk_order_with_a_pool() -> None:
             assert list(tfrecords.ordered_map(None, sorted, items, chunk=chunk)) == expected
 
 
+
+# A stage using a pool: prints "busy" once the workers are at work, then waits to be stopped.
+_POOL_STAGE = """
+import sys, time
+from mlic import tfrecords
+
+def slow(chunk):
+    time.sleep(0.2)
+    return [x * 2 for x in chunk]
+
+if __name__ == "__main__":
+    try:
+        with tfrecords.worker_pool(2) as pool:
+            results = tfrecords.ordered_map(pool, slow, list(range(400)), chunk=1, inflight_per_worker=4)
+            next(results)
+            print(" ".join(str(w.pid) for w in pool._pool), flush=True)
+            time.sleep(60)
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM", "Ctrl-C"])
+def test_workers_of_a_stopped_stage_end_quietly(tmp_path: Path, how: str) -> None:
+    """Killed or interrupted mid-work: every worker ends, and nothing but the stage's own words is
+    printed (no BrokenPipeError or KeyboardInterrupt tracebacks, no leaked-semaphore warning)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "pool_stage.py"
+    script.write_text(_POOL_STAGE, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        workers = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no workers"
+        time.sleep(0.3)  # mid-task: each worker holds a chunk it will try to send back
+        if how == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the whole foreground group
+        else:
+            proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)  # end of file: every process holding stderr has ended
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == {"kill -9": -9, "SIGTERM": -15, "Ctrl-C": 130}[how]
+    assert stderr == ""
+    for w in workers:
+        assert not w.is_running() or w.status() == psutil.STATUS_ZOMBIE, w
+
 # --- reader ---------------------------------------------------------------------------------
 
 
@@ -421,6 +478,59 @@ def test_preprocess_failure_keeps_the_previous_output(stage, preprocess_stage, t
     _corrupt_one_test_image(splits_dir, image_set)
     assert preprocess_stage.main(argv) == 2
     assert _tree(out) == before
+    assert _stray(tmp_path) == []
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_while_writing_a_shard_is_an_oserror_naming_it(image_set, tmp_path: Path) -> None:
+    """A real ENOSPC: the second shard is a link to /dev/full, which refuses every write."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shard = out / shard_name("train", 1, 3)
+    shard.symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        _write(image_set, out)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(shard)
+    assert isinstance(caught.value.__cause__, tf.errors.ResourceExhaustedError)  # what TF raised
+    assert str(disk_error(caught.value)).startswith(f"{shard}: no space left on the device; free some space")
+
+
+@pytest.mark.parametrize("error, message, code", [
+    (tf.errors.ResourceExhaustedError, "No space left on device", errno.ENOSPC),
+    (tf.errors.ResourceExhaustedError, "Disk quota exceeded", errno.EDQUOT),
+    (tf.errors.PermissionDeniedError, "Permission denied", errno.EACCES),
+    (tf.errors.PermissionDeniedError, "Read-only file system", errno.EROFS),
+    (tf.errors.DataLossError, "corrupted record at 12", None),   # not the disk: raised unchanged
+])
+def test_tensorflow_write_errors_become_the_oserror_they_were(image_set, tmp_path: Path, monkeypatch,
+                                                              error, message: str, code: int | None) -> None:
+    class Refusing:
+        def __init__(self, path: str, *args: Any) -> None:
+            raise error(None, None, f"{path}; {message}")  # how TF words a failed open or write
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", Refusing)
+    with pytest.raises(OSError if code else error) as caught:
+        _write(image_set, tmp_path / "out")
+    if code:
+        assert caught.value.errno == code and caught.value.filename == str(tmp_path / "out" / shard_name("train", 0, 3))
+        assert str(disk_error(caught.value)).startswith(f"{caught.value.filename}: ")
+
+
+def test_preprocess_on_a_full_disk_fails_in_one_line_naming_the_shard_and_leaves_nothing(
+        stage, preprocess_stage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """The disk fills while the stage writes the test shard, train and val being complete."""
+    image_set, argv, outputs, out, splits_dir = stage
+    real = tf.io.TFRecordWriter
+    monkeypatch.setattr(tf.io, "TFRecordWriter",
+                        lambda path, *a, **k: real("/dev/full" if "test-00000-" in path else path, *a, **k))
+    with caplog.at_level(logging.ERROR):
+        assert preprocess_stage.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    shard = Path(_arg(argv, "--out")) / "test-00000-of-00001.tfrecord"  # where it was going, not the temp
+    assert errors[0].startswith(f"{shard}: no space left on the device; free some space"), errors[0]
+    for path in outputs:
+        assert not (tmp_path / path).exists(), path
     assert _stray(tmp_path) == []
 
 
