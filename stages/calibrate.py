@@ -1,27 +1,36 @@
-"""Stage `calibrate`: fit one decision threshold per class on validation, report on test.
+"""Stage `calibrate`: fit a temperature and the decision thresholds on validation, report on test.
 
-Reads  params `calibrate`, `evaluate`; --predictions/{val,test}.csv written by evaluate.
-Writes --thresholds (thresholds.json keyed by class name), --metrics (test and val at the
-       fitted thresholds; test at evaluate.threshold is evaluate's `test`), --headline (its
-       headline numbers: the DVC metrics file), --per-class (test per-class table at the fitted
-       thresholds) and --fbeta-curves (validation F-beta per class against the threshold, what
-       the fit maximised), both DVC plots.
+Reads  params `calibrate`, `evaluate`; --predictions/{val,test}.csv written by evaluate; the
+       train split's manifest in --tfrecords (training prevalence: the trivial predictor).
+Writes --thresholds (thresholds.json: per class the temperature, the threshold on the scaled
+       probability and the rule that set it; what `mlic predict` and the packaged model apply),
+       --metrics (test and val at the fitted thresholds; the trivial predictor on test, calibrated
+       on validation by the same procedure; ECE and Brier score on test before and after
+       scaling; test at evaluate.threshold is evaluate's `test`), --headline (its headline numbers: the DVC
+       metrics file), --per-class (test per-class table at the fitted thresholds),
+       --fbeta-curves (validation F-beta per class against the threshold) and --reliability
+       (test reliability diagram before/after scaling), the last three DVC plots.
 Run alone: python stages/calibrate.py --predictions reports/evaluate/predictions \
-           --thresholds reports/calibrate/thresholds.json --metrics reports/calibrate/metrics.json \
-           --headline reports/calibrate/headline.json --per-class reports/calibrate/per_class_test.csv \
-           --fbeta-curves reports/calibrate/fbeta_vs_threshold.csv
+           --tfrecords data/tfrecords --thresholds reports/calibrate/thresholds.json \
+           --metrics reports/calibrate/metrics.json --headline reports/calibrate/headline.json \
+           --per-class reports/calibrate/per_class_test.csv \
+           --fbeta-curves reports/calibrate/fbeta_vs_threshold.csv \
+           --reliability reports/calibrate/reliability_test.csv
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 from pathlib import Path
 
-from mlic import metrics, thresholds
+from mlic import calibration, metrics, thresholds
 from mlic.atomic import write_csv, write_json
-from mlic.stage import Params, Stage
+from mlic.errors import InputError
 from mlic.predictions import read_predictions
+from mlic.stage import Params, Stage
+from mlic.tfrecords import Manifest
 
 log = logging.getLogger("mlic.stages.calibrate")
 
@@ -30,8 +39,8 @@ SECTIONS = ("calibrate", "evaluate")
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
-    for flag in ("--predictions", "--thresholds", "--metrics", "--headline", "--per-class",
-                 "--fbeta-curves"):
+    for flag in ("--predictions", "--tfrecords", "--thresholds", "--metrics", "--headline", "--per-class",
+                 "--fbeta-curves", "--reliability"):
         ap.add_argument(flag, required=True)
 
 
@@ -39,27 +48,44 @@ def run(args: argparse.Namespace, params: Params) -> int:
     cfg, ev = params.calibrate, params.evaluate
     val = read_predictions(Path(args.predictions) / "val.csv")
     test = read_predictions(Path(args.predictions) / "test.csv")
-    if val.classes != test.classes:
-        log.error("val and test predictions have different classes; re-run `dvc repro evaluate`")
-        return 2
-    fitted = thresholds.fit_thresholds(val.y_true, val.y_prob, beta=cfg.beta, default=cfg.default_threshold)
+    train = Manifest.read(args.tfrecords, "train")
+    if not val.classes == test.classes == train.classes:
+        raise InputError("val and test predictions and the train manifest have different classes; "
+                         "re-run `dvc repro evaluate`")
+    fit = functools.partial(calibration.fit, val.classes, temperature=cfg.temperature, strategy=cfg.strategy,
+                            beta=cfg.beta, precision_target=cfg.precision_target, min_support=cfg.min_support,
+                            default=cfg.default_threshold)
+    cal = fit(val.y_true, val.y_prob)
+    val_q, test_q = cal.probabilities(val.y_prob), cal.probabilities(test.y_prob)
+    # The trivial predictor (training prevalence as every image's score) calibrated by the same
+    # procedure on validation, so both columns of the contrast get thresholds fitted for them.
+    prior = train.prevalence
+    trivial = fit(val.y_true, metrics.prevalence_baseline(prior, len(val.filenames)))
+    trivial_q = trivial.probabilities(metrics.prevalence_baseline(prior, len(test.filenames)))
 
     report = {
-        "test_calibrated": metrics.nan_to_none(metrics.compute_metrics(test.y_true, test.y_prob, fitted)),
+        "test_calibrated": metrics.nan_to_none(metrics.compute_metrics(test.y_true, test_q, cal.thresholds)),
         # in-sample (the thresholds were fitted on it): kept in the file, never a headline
-        "val_calibrated": metrics.nan_to_none(metrics.compute_metrics(val.y_true, val.y_prob, fitted)),
+        "val_calibrated": metrics.nan_to_none(metrics.compute_metrics(val.y_true, val_q, cal.thresholds)),
+        "baseline": {"test_calibrated": metrics.nan_to_none(
+            metrics.compute_metrics(test.y_true, trivial_q, trivial.thresholds))},
+        "test_probability": calibration.probability_report(test.y_true, test.y_prob, test_q),
     }
-    # In the model's class order, so the file reads like the model's output columns.
-    write_json(args.thresholds, thresholds.thresholds_to_dict(val.classes, fitted), sort_keys=False)
+    write_json(args.thresholds, cal.to_dict(), sort_keys=False)  # class order, like the model's outputs
     write_json(args.metrics, report)
     write_json(args.headline, metrics.headline(report))
-    write_csv(args.per_class, metrics.per_class_table(test.y_true, test.y_prob, test.classes, fitted).round(6))
-    write_csv(args.fbeta_curves, thresholds.fbeta_curve_table(val.y_true, val.y_prob, val.classes,
+    table = metrics.per_class_table(test.y_true, test_q, test.classes, cal.thresholds)
+    write_csv(args.per_class, table.assign(temperature=cal.temperature, rule=cal.rules).round(6))
+    write_csv(args.fbeta_curves, thresholds.fbeta_curve_table(val.y_true, val_q, val.classes,
                                                               beta=cfg.beta).round(6))
+    write_csv(args.reliability, calibration.reliability_long(test.y_true, test.y_prob, test_q).round(6))
     default = metrics.compute_metrics(test.y_true, test.y_prob, ev.threshold)
-    c = report["test_calibrated"]
-    log.info("test macro-F1 %.3f at fitted thresholds vs %.3f at %.2f; micro-F1 %.3f vs %.3f",
-             c["macro_f1"], default["macro_f1"], ev.threshold, c["micro_f1"], default["micro_f1"])
+    c, b, pr = report["test_calibrated"], report["baseline"]["test_calibrated"], report["test_probability"]
+    log.info("test macro-F1 %.3f at fitted thresholds (%s) vs %.3f at %.2f (the trivial predictor "
+             "calibrated the same way %.3f); micro-F1 %.3f vs %.3f", c["macro_f1"], cfg.strategy, default["macro_f1"],
+             ev.threshold, b["macro_f1"], c["micro_f1"], default["micro_f1"])
+    log.info("temperature %s: test ECE %.4f -> %.4f, Brier %.4f -> %.4f", cfg.temperature, pr["ece_before"],
+             pr["ece_after"], pr["brier_before"], pr["brier_after"])
     return 0
 
 

@@ -39,7 +39,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace, params: Params) -> int:
     common, data, cfg = params.common, params.data, params.preprocess
-    settings = tfrecords.EncodeSettings(cfg.image_size, cfg.resize_mode, cfg.encoding, cfg.jpeg_quality)
+    settings = tfrecords.EncodeSettings(cfg.image_size, cfg.resize_mode, cfg.encoding, cfg.jpeg_quality,
+                                        data.max_image_pixels)
     workers = tfrecords.resolve_workers(cfg.workers)
 
     metrics: dict[str, dict] = {}
@@ -56,11 +57,11 @@ def run(args: argparse.Namespace, params: Params) -> int:
             manifest = tfrecords.write_split(
                 name, frame["filename"].tolist(), frame[classes].to_numpy(), classes,
                 Path(data.images_dir), out, settings, cfg.shard_size,
-                seed=common.seed + i, pool=pool, skip_bad_images=data.skip_bad_images)
+                seed=common.seed + i, pool=pool)
             seconds = time.perf_counter() - t0
             size = sum((out / s.file).stat().st_size for s in manifest.shards)
-            metrics[name] = {"records": manifest.count, "skipped": len(manifest.skipped),
-                             "shards": len(manifest.shards), "megabytes": round(size / 2**20, 3)}
+            metrics[name] = {"records": manifest.count, "shards": len(manifest.shards),
+                             "megabytes": round(size / 2**20, 3)}
             log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest.count,
                      len(manifest.shards), size / 2**20, manifest.count / max(seconds, 1e-9))
     log.info("preprocess done in %.1f s with %d worker(s)", time.perf_counter() - start, workers)

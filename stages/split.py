@@ -3,7 +3,8 @@
 Reads  params `common`, `data`, `split`; the labels CSV and images folder named in `data`.
 Writes --splits-dir/{train,val,test}.csv (filename + one 0/1 column per class),
        --reports-dir/summary.json (DVC metrics), prevalence.csv, labels_per_image.csv,
-       split_counts.csv (DVC plots), cooccurrence.csv and skipped.csv.
+       split_counts.csv (DVC plots), cooccurrence.csv, skipped.csv (rows skipped for a bad image)
+       and unlisted.csv (images in the folder that the CSV does not list).
 Run alone: python stages/split.py --splits-dir data/splits --reports-dir reports/data
 """
 
@@ -13,8 +14,9 @@ import argparse
 import logging
 
 import numpy as np
+import pandas as pd
 
-from mlic import labels, split
+from mlic import image_check, labels, split
 from mlic.atomic import atomic_dir, write_csv, write_json
 from mlic.stage import Params, Stage
 
@@ -31,10 +33,14 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace, params: Params) -> int:
     common, data, cfg = params.common, params.data, params.split
     table, skipped = labels.read_labels(data)
+    unlisted = image_check.unlisted_images(data.images_dir, [*table.filenames, *skipped["filename"]])
+    if unlisted:
+        log.warning("%d image(s) in %s are not in %s, so not used (listed in unlisted.csv): %s%s", len(unlisted),
+                    data.images_dir, data.labels_csv, ", ".join(unlisted[:3]), ", ..." if len(unlisted) > 3 else "")
     fractions = split.split_fractions(cfg.val_fraction, cfg.test_fraction)
     assignment = split.stratified_split(table.y, fractions, common.seed)
 
-    summary, prevalence, per_image, cooc = labels.summarize(table, n_skipped=len(skipped))
+    summary, prevalence, per_image, cooc = labels.summarize(table, len(skipped), len(unlisted))
     counts = split.split_counts(table.y, assignment, table.classes)
     gaps = split.max_prevalence_gap(table.y, assignment)
     summary["split"] = {
@@ -53,6 +59,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
         write_csv(rep / "cooccurrence.csv", cooc)
         write_csv(rep / "split_counts.csv", counts)
         write_csv(rep / "skipped.csv", skipped)
+        write_csv(rep / "unlisted.csv", pd.DataFrame({"filename": unlisted}, dtype=object))
     log.info("split %d images into %s; largest per-class prevalence gap %.4f",
              len(table.filenames), summary["split"], gaps.max())
     return 0

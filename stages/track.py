@@ -53,6 +53,7 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--per-class-default", type=Path, help="evaluate's per-class test table (figures)")
     ap.add_argument("--per-class-calibrated", type=Path, help="calibrate's per-class test table (figure)")
     ap.add_argument("--fbeta-curves", type=Path, help="calibrate's F-beta vs threshold table (figure)")
+    ap.add_argument("--reliability", type=Path, help="calibrate's reliability table, before/after scaling (figure)")
     ap.add_argument("--model", type=Path, help=".keras model (packaged and logged if tracking.log_model)")
     ap.add_argument("--meta", type=Path, help="model_meta.json, packed with the model")
     ap.add_argument("--summary", type=Path, help="train's model_summary.txt, packed with the model")
@@ -84,8 +85,8 @@ def run(args: argparse.Namespace, params: Params) -> int:
         drawn = figures.draw_all(
             Path(tmp), history=args.history, pr_curves_csv=args.pr_curves,
             per_class_default=args.per_class_default, per_class_calibrated=args.per_class_calibrated,
-            fbeta_csv=args.fbeta_curves, thresholds_json=args.thresholds, default_threshold=ev.threshold,
-            beta=cal.beta)
+            fbeta_csv=args.fbeta_curves, thresholds_json=args.thresholds, reliability_csv=args.reliability,
+            default_threshold=ev.threshold, beta=cal.beta)
         info = tracking.log_record(rec, tracking_uri=uri, experiment=cfg.experiment, package=package,
                                    extra_artifacts=drawn)
     args.note.parent.mkdir(parents=True, exist_ok=True)

@@ -281,7 +281,7 @@ def write_manifests(folder: Path, fingerprints: dict[str, str], classes: tuple[s
     folder.mkdir(parents=True, exist_ok=True)
     written = []
     for split, fp in fingerprints.items():
-        manifest = Manifest(schema_version=SCHEMA_VERSION, split=split, count=count, skipped=[],
+        manifest = Manifest(schema_version=SCHEMA_VERSION, split=split, count=count,
                             classes=list(classes), image_size=32, channels=3, resize_mode="pad",
                             encoding="png", jpeg_quality=None,
                             positives={c: i + 1 for i, c in enumerate(classes)},
@@ -305,3 +305,56 @@ def write_text(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")
     return path
+
+
+# What a copy of the project needs to run the pipeline (make_project).
+PROJECT_FILES = ("dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "stages", "src")
+
+
+def run_ok(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900):
+    """Run `cmd`; its CompletedProcess, or an AssertionError with the tail of its output."""
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def make_project(repo: Path, params: dict[str, dict[str, Any]], who: str = "e2e") -> dict[str, str]:
+    """A git + DVC copy of this project in `repo` (a new folder), each params section updated from
+    `params`, committed. Returns the environment to run `dvc` there: this venv first on PATH, an
+    MLflow store beside the repo (`../mlflow.db`), telemetry off, a throwaway git identity."""
+    import os
+    import shutil
+    import sys
+
+    repo.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        elif src.exists():
+            shutil.copy2(src, repo / name)
+    values = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, overrides in params.items():
+        values[section].update(overrides)
+    (repo / "params.yaml").write_text(yaml.safe_dump(values, sort_keys=False))
+
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo.parent / 'mlflow.db'}"
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = who
+    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = f"{who}@example.invalid"
+    env.pop("DVC_EXP_NAME", None)
+    run_ok(["git", "init", "-q", "-b", "main"], repo, env)
+    run_ok(["dvc", "init", "-q"], repo, env)
+    run_ok(["dvc", "config", "core.analytics", "false"], repo, env)
+    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates dvc.yaml names
+    with open(repo / ".gitignore", "a", encoding="utf-8") as fh:
+        fh.write("mlflow.db\n")
+    run_ok(["git", "add", "-A"], repo, env)
+    run_ok(["git", "commit", "-q", "-m", "init"], repo, env)
+    return env

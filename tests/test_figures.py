@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from mlic import figures, metrics, thresholds
+from mlic import calibration, figures, metrics, thresholds
 
 CLASSES = ["NA", "dirt road", "野原"]   # names pandas would read as missing, spaces, non-ASCII
 
@@ -34,15 +34,19 @@ def tables(tmp_path):
     thresholds.fbeta_curve_table(y, p, CLASSES).to_csv(paths["fbeta"], index=False)
     paths["thresholds"] = tmp_path / "thresholds.json"
     paths["thresholds"].write_text(json.dumps(dict(zip(CLASSES, fitted))), encoding="utf-8")
+    paths["reliability"] = tmp_path / "r.csv"
+    calibration.reliability_long(y, p, calibration.apply(p, 1.5)).to_csv(paths["reliability"], index=False)
     return paths, dict(zip(CLASSES, fitted))
 
 
-def test_draw_all_writes_four_real_pngs(tables, tmp_path):
+def test_draw_all_writes_five_real_pngs(tables, tmp_path):
     paths, fitted = tables
     drawn = figures.draw_all(tmp_path / "out", history=paths["history"], pr_curves_csv=paths["pr"],
                              per_class_default=paths["default"], per_class_calibrated=paths["calibrated"],
-                             fbeta_csv=paths["fbeta"], thresholds_json=paths["thresholds"])
-    assert sorted(drawn) == ["f1_per_class.png", "fbeta_vs_threshold.png", "learning_curves.png", "pr_curves.png"]
+                             fbeta_csv=paths["fbeta"], thresholds_json=paths["thresholds"],
+                             reliability_csv=paths["reliability"])
+    assert sorted(drawn) == ["f1_per_class.png", "fbeta_vs_threshold.png", "learning_curves.png", "pr_curves.png",
+                             "reliability.png"]
     for path in drawn.values():
         with Image.open(path) as im:
             assert im.format == "PNG" and im.width >= 400 and im.height >= 200
@@ -91,3 +95,27 @@ def test_a_failing_figure_is_reported_and_the_others_drawn(tables, tmp_path, mon
 def test_a_missing_input_is_an_error_before_drawing(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.csv: report table not found"):
         figures.draw_all(tmp_path / "o", pr_curves_csv=tmp_path / "nope.csv")
+
+
+def test_reliability_figure_shows_both_curves_with_their_ece(tables):
+    paths, _ = tables
+    table = figures._read(paths["reliability"])
+    fig = figures.reliability(table)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    before = table[table["probabilities"] == "before"]
+    ece = (before["count"] / before["count"].sum() * (before["frequency"] - before["confidence"]).abs()).sum()
+    assert labels[0] == "perfectly calibrated" and f"as trained (ECE {ece:.3f})" in labels
+    assert any(label.startswith("after temperature scaling (ECE") for label in labels)
+
+
+def test_the_fbeta_figure_reads_thresholds_json_format_2(tables, tmp_path, monkeypatch):
+    paths, fitted = tables
+    cal = calibration.Calibration(CLASSES, np.array(list(fitted.values())), np.ones(3), None, "fbeta")
+    path = tmp_path / "t2.json"
+    path.write_text(json.dumps(cal.to_dict()), encoding="utf-8")
+    seen = {}
+    draw = figures.fbeta_vs_threshold
+    monkeypatch.setattr(figures, "fbeta_vs_threshold", lambda c, t, *a: seen.setdefault("t", t) and draw(c, t, *a))
+    drawn = figures.draw_all(tmp_path / "o2", fbeta_csv=paths["fbeta"], thresholds_json=path)
+    assert list(drawn) == ["fbeta_vs_threshold.png"]
+    assert seen["t"] == fitted  # the thresholds marked, not the file's other keys

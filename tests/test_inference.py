@@ -112,3 +112,44 @@ def test_prediction_sees_the_pixels_evaluate_saw_in_the_shards(predictor, predic
     ours = Predictor(predictor.model, meta, predictor.thresholds).predict(
         [str(predict_images.images_dir / n) for n in names], batch_size=4)
     np.testing.assert_allclose(ours.probabilities, np.stack([shards[n] for n in names]), atol=1e-6)
+
+
+TEMPS = np.array([0.5, 1.0, 2.0, 3.0])
+
+
+def write_calibration(path: Path, classes: list[str], thresholds: list[float], temps: np.ndarray) -> Path:
+    from mlic.calibration import Calibration
+
+    cal = Calibration(list(classes), np.array(thresholds), temps, ["fbeta"] * len(classes), "fbeta")
+    path.write_text(json.dumps(cal.to_dict()), encoding="utf-8")
+    return path
+
+
+def test_the_temperature_of_thresholds_json_scales_every_probability(model_dir, predict_images,
+                                                                   tmp_path: Path) -> None:
+    """Probabilities = sigmoid(logit(p) / T) of the model's rounded output p, rounded; labels at the
+    thresholds on those. The conftest's plain {class: threshold} file (format 1) still loads, at T = 1."""
+    keras_path, meta_path = model_dir.models / "model.keras", model_dir.models / "model_meta.json"
+    plain = Predictor.from_files(keras_path, meta_path, model_dir.thresholds)
+    np.testing.assert_array_equal(plain.temperature, np.ones(4))
+    path = write_calibration(tmp_path / "t.json", model_dir.classes, [0.3, 0.45, 0.5, 0.6], TEMPS)
+    scaled = Predictor.from_files(keras_path, meta_path, path)
+    np.testing.assert_array_equal(scaled.temperature, TEMPS)
+
+    paths = [str(predict_images.images_dir / f) for f in predict_images.filenames]
+    p = plain.predict(paths).probabilities
+    z = np.log(np.clip(p, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(p, 1e-7, 1 - 1e-7))
+    expected = np.round(1 / (1 + np.exp(-z / TEMPS)), 6)
+    got = scaled.predict(paths, batch_size=5)
+    np.testing.assert_allclose(got.probabilities, expected, atol=1e-12)
+    assert not np.allclose(got.probabilities, p)  # the temperatures did something
+    assert got.labels == scaled.labels(expected)
+
+
+def test_a_bad_temperature_is_refused(predictor, tmp_path: Path, model_dir) -> None:
+    path = write_calibration(tmp_path / "t.json", model_dir.classes, [0.5] * 4, np.ones(4))
+    raw = json.loads(path.read_text())
+    raw["temperature"][model_dir.classes[0]] = -1.0
+    path.write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="> 0"):
+        read_thresholds(path, model_dir.classes)

@@ -316,7 +316,7 @@ def test_summarize_counts_prevalence_histogram_and_cooccurrence() -> None:
     p = cooc.set_index(["class_a", "class_b"])["p_b_given_a"]
     assert p["a", "b"] == pytest.approx(2 / 3, abs=1e-6) and p["b", "a"] == 1.0 and p["c", "a"] == 1.0
     assert metrics == {
-        "images": 4, "classes": 3, "skipped": 2, "images_without_label": 1,
+        "images": 4, "classes": 3, "skipped": 2, "unlisted_images": 0, "images_without_label": 1,
         "labels_per_image_mean": 1.5, "labels_per_image_max": 3,
         "prevalence": {"a": 0.75, "b": 0.5, "c": 0.25}, "prevalence_min": 0.25, "prevalence_max": 0.75,
     }

@@ -293,3 +293,49 @@ def test_pr_curve_table_is_the_interpolated_sklearn_curve(seed: int) -> None:
         for r, got in zip(part["recall"], part["precision"]):
             expected = precision[recall >= r - 1e-12].max()
             assert got == pytest.approx(expected, abs=1e-9)
+
+
+def paper_oracle(y: np.ndarray, p: np.ndarray, t: np.ndarray, k: int | None) -> dict[str, float]:
+    """CP/CR/CF1/OP/OR/OF1 transcribed from their definition (ML-GCN, CVPR 2019, sec. 4.2):
+    per class N_c (correct), N_p (predicted), N_g (ground truth); top-k keeps the k best scores
+    of each image that clear the threshold. Plain loops, no scikit-learn."""
+    n, c = y.shape
+    pred = np.zeros_like(y)
+    for i in range(n):
+        ranked = sorted(range(c), key=lambda j: (-p[i, j], j))
+        for j in ranked[:k] if k else ranked:
+            pred[i, j] = int(p[i, j] >= t[j])
+    nc = [(pred[:, j] * y[:, j]).sum() for j in range(c)]
+    np_ = [pred[:, j].sum() for j in range(c)]
+    ng = [y[:, j].sum() for j in range(c)]
+    cp = sum(a / b if b else 0.0 for a, b in zip(nc, np_)) / c
+    cr = sum(a / b if b else 0.0 for a, b in zip(nc, ng)) / c
+    op = sum(nc) / sum(np_) if sum(np_) else 0.0
+    or_ = sum(nc) / sum(ng) if sum(ng) else 0.0
+    suffix = f"_top{k}" if k else ""
+    f1 = lambda a, b: 2 * a * b / (a + b) if a + b else 0.0  # noqa: E731
+    return {f"cp{suffix}": cp, f"cr{suffix}": cr, f"cf1{suffix}": f1(cp, cr),
+            f"op{suffix}": op, f"or{suffix}": or_, f"of1{suffix}": f1(op, or_)}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+@pytest.mark.parametrize("thr", ["0.5", "0.2", "per_class"])
+def test_paper_metrics_follow_their_definitions(seed: int, thr: str) -> None:
+    y, p = make_case(seed, 60, 7)
+    p[:5, :] = 0.9  # ties: every score equal on a few images (top-3 takes the first columns)
+    t = np.broadcast_to(np.asarray(thresholds_for(thr, 7), dtype=float), (7,))
+    got = compute_metrics(y, p, t)
+    assert_matches(got, paper_oracle(y, p, t, None))
+    assert_matches(got, paper_oracle(y, p, t, 3))
+    # the identities the docstring states
+    assert got["cp"] == pytest.approx(got["macro_precision"]) and got["of1"] == pytest.approx(got["micro_f1"])
+    assert got["op_top3"] >= 0 and (metrics.top_k(p, metrics.predict(p, t), 3).sum(axis=1) <= 3).all()
+
+
+@pytest.mark.parametrize("name", sorted(EDGE_CASES))
+def test_paper_metrics_on_edge_cases(name: str) -> None:
+    y, p = EDGE_CASES[name]()
+    t = np.full(y.shape[1], 0.5)
+    got = compute_metrics(y, p, t)
+    assert_matches(got, paper_oracle(y, p, t, None))
+    assert_matches(got, paper_oracle(y, p, t, 3))

@@ -122,6 +122,7 @@ def test_an_int_where_a_float_is_expected_widens(tmp_path: Path) -> None:
         ("train:\n  learning_rate: 0\n", "train.learning_rate: 0.0 is out of range; allowed: > 0.0"),
         ("preprocess:\n  jpeg_quality: 100\n", "allowed: [1, 95]"),
         ("calibrate:\n  beta: -1\n", "calibrate.beta: -1.0 is out of range"),
+        ("data:\n  max_image_pixels: 0\n", "data.max_image_pixels: 0 is out of range; allowed: >= 1"),
     ],
 )
 def test_out_of_range_values_name_the_key_and_the_range(tmp_path: Path, text: str, words: str) -> None:

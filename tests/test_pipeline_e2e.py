@@ -9,8 +9,6 @@ reports/ui/ (CI artifacts, ignored by git).
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time
@@ -19,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import make_project, run_ok
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-COPY = ["dvc.yaml", "params.yaml", "pyproject.toml", ".dvcignore", ".gitignore", "stages", "src"]
 SCREENSHOTS = ROOT / "reports" / "ui"
 
 TINY = {
@@ -35,46 +33,14 @@ TINY = {
 }
 
 
-def _run(cmd: list[str], cwd: Path, env: dict[str, str], timeout: int = 900) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
+_run = run_ok
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A git + DVC copy of the project with tiny params; env with a temp MLflow store."""
     repo = tmp_path_factory.mktemp("e2e") / "project"
-    repo.mkdir()
-    for name in COPY:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        elif src.exists():
-            shutil.copy2(src, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in TINY.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{repo.parent / 'mlflow.db'}"
-    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    env["GIT_AUTHOR_NAME"] = env["GIT_COMMITTER_NAME"] = "e2e"
-    env["GIT_AUTHOR_EMAIL"] = env["GIT_COMMITTER_EMAIL"] = "e2e@example.invalid"
-    env.pop("DVC_EXP_NAME", None)
-    _run(["git", "init", "-q", "-b", "main"], repo, env)
-    _run(["dvc", "init", "-q"], repo, env)
-    _run(["dvc", "config", "core.analytics", "false"], repo, env)
-    shutil.copytree(ROOT / ".dvc" / "plots", repo / ".dvc" / "plots")  # the plot templates dvc.yaml names
-    with open(repo / ".gitignore", "a", encoding="utf-8") as fh:
-        fh.write("mlflow.db\n")
-    _run(["git", "add", "-A"], repo, env)
-    _run(["git", "commit", "-q", "-m", "init"], repo, env)
-    return repo, env
+    return repo, make_project(repo, TINY)
 
 
 def _runs(env: dict[str, str]) -> list:
@@ -140,7 +106,7 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
                  "reports/evaluate/per_class_test.csv", "reports/evaluate/predictions/test.csv",
                  "reports/calibrate/thresholds.json", "reports/calibrate/metrics.json",
                  "reports/evaluate/pr_curves.csv", "reports/calibrate/fbeta_vs_threshold.csv",
-                 ".mlic/mlflow_run.json"]:
+                 "reports/calibrate/reliability_test.csv", ".mlic/mlflow_run.json"]:
         assert (repo / path).is_file(), path
     shown = json.loads(_run(["dvc", "metrics", "show", "--json"], repo, env).stdout)
     declared = [m for rev in shown.values() for m in rev["data"]]
@@ -153,7 +119,8 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert "subset_accuracy" in json.dumps(full)
     thresholds = json.loads((repo / "reports/calibrate/thresholds.json").read_text())
     meta = json.loads((repo / "models/model_meta.json").read_text())
-    assert list(thresholds) == meta["classes"]
+    assert thresholds["format"] == 2
+    assert list(thresholds["thresholds"]) == list(thresholds["temperature"]) == meta["classes"]
 
     runs = _runs(env)
     assert len(runs) == 1
@@ -265,26 +232,28 @@ def _predict(repo: Path, env: dict[str, str], *args: str) -> subprocess.Complete
 
 
 def test_mlic_predict_agrees_with_evaluate_and_calibrate(project: tuple[Path, dict[str, str]]) -> None:
-    """`mlic predict` on the raw image files = calibrate's thresholds on evaluate's test predictions."""
+    """`mlic predict` on the raw image files = calibrate's temperature and thresholds on evaluate's
+    test predictions."""
     repo, env = project
     if not (repo / "reports/calibrate/thresholds.json").exists():
         pytest.skip("pipeline test did not run")
     import pandas as pd
 
+    from mlic.calibration import Calibration
     from mlic.metrics import predict as at_thresholds
     from mlic.predictions import read_predictions
-    from mlic.thresholds import thresholds_from_dict
 
     _predict(repo, env, "data/sample/images", "--out", "p.csv")  # default --model models
     ours = pd.read_csv(repo / "p.csv", keep_default_na=False)
     ours["filename"] = ours["filename"].str.removeprefix("data/sample/images/")
     ours = ours.set_index("filename")
     test = read_predictions(repo / "reports/evaluate/predictions/test.csv")
-    t = thresholds_from_dict(json.loads((repo / "reports/calibrate/thresholds.json").read_text()), test.classes)
-    expected = at_thresholds(test.y_prob, t)
+    cal = Calibration.from_dict(json.loads((repo / "reports/calibrate/thresholds.json").read_text()), test.classes)
+    q = cal.probabilities(test.y_prob)
+    expected = at_thresholds(q, cal.thresholds)
     rows = ours.loc[test.filenames]
     probs = rows[[f"prob_{c}" for c in test.classes]].to_numpy()
-    np.testing.assert_allclose(probs, test.y_prob, atol=1e-5)
+    np.testing.assert_allclose(probs, q, atol=1e-5)
     got = [set(x.split()) for x in rows["labels"]]
     want = [{c for c, on in zip(test.classes, row) if on} for row in expected]
     assert got == want

@@ -48,17 +48,28 @@ def _full_report() -> dict:
     y[0] = 1  # every class has a positive
     p = rng.random((40, 4))
     one = metrics.nan_to_none(metrics.compute_metrics(y, p))
-    return {"test": one, "val": one, "baseline": {"test": one, "val": one},
-            "test_calibrated": one, "val_calibrated": one}
+    return {"test": one, "val": one, "baseline": {"test": one, "val": one, "test_calibrated": one},
+            "test_calibrated": one, "val_calibrated": one,
+            "test_probability": {"ece_before": 0.02, "ece_after": 0.01, "brier_before": 0.06, "brier_after": 0.05}}
 
 
 def test_summary_keeps_the_numbers_worth_comparing_and_stays_small():
     flat, _ = record.flatten_metrics(_full_report())
     kept = sorted(k for k in flat if record.keep_summary_metric(k))
-    n_model = len(flat) // 6 - len(metrics.DATA_FACTS)   # model metrics per section
-    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE)
-    assert len(kept) == n_model + len(record.VAL_KEPT) + threshold_dependent + len(record.BASELINE_KEPT)
-    assert len(kept) <= 50                                        # room for train/ and facts under 60
+    n_model = len(_full_report()["test"]) - len(metrics.DATA_FACTS) - len(metrics.ALIASES)  # per section
+    top3 = sum(k.startswith("test/") and k.endswith("_top3") for k in flat)
+    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE) - top3
+    baseline_calibrated = [k for k in record.BASELINE_KEPT if k not in metrics.THRESHOLD_FREE]
+    assert top3 == 6
+    assert len(kept) == (n_model + len(record.VAL_KEPT) + threshold_dependent + len(record.BASELINE_KEPT)
+                         + len(baseline_calibrated) + 4)
+    assert len(kept) <= 62                                        # room for train/ and facts near 70
+    # the trivial predictor calibrated like the model: the fair contrast, its few threshold-dependent numbers
+    assert {f"baseline/test_calibrated/{k}" for k in baseline_calibrated} <= set(kept)
+    assert "baseline/test_calibrated/macro_ap" not in kept        # = baseline/test/macro_ap
+    assert {"test_probability/ece_before", "test_probability/brier_after"} <= set(kept)
+    assert not any(k.rpartition("/")[2] in metrics.ALIASES for k in kept)
+    assert "test/cf1" in kept and "test_calibrated/cf1" in kept and "test_calibrated/cf1_top3" not in kept
     assert not any(k.rpartition("/")[2] in metrics.DATA_FACTS for k in kept)
     assert "test_calibrated/macro_f1" in kept and "test_calibrated/macro_ap" not in kept
     assert not any(k.startswith(("val_calibrated/", "baseline/val/")) for k in kept)

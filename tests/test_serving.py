@@ -166,3 +166,24 @@ def test_logging_skips_mlflows_serving_check_and_keeps_the_example(model_dir, tm
         assert (local / "serving_input_example.json").is_file()
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_the_packaged_model_applies_calibrates_temperature(model_dir, predict_images, loaded,
+                                                          tmp_path: Path) -> None:
+    import mlflow.pyfunc
+
+    from mlic.calibration import Calibration
+
+    temps = np.array([0.5, 1.0, 2.0, 3.0])
+    cal = Calibration(model_dir.classes, np.full(4, 0.4), temps, ["fbeta"] * 4, "fbeta")
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text(json.dumps(cal.to_dict()), encoding="utf-8")
+    out = serving.save_packaged_model(tmp_path / "model", model_dir.models / "model.keras",
+                                      model_dir.models / "model_meta.json", thresholds)
+    frame = pd.DataFrame({"image": [b64((predict_images.images_dir / f).read_bytes())
+                                    for f in predict_images.filenames[:6]]})
+    raw = loaded.predict(frame).iloc[:, 1:].to_numpy()           # the package without a temperature
+    got = mlflow.pyfunc.load_model(str(out)).predict(frame)
+    np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), cal.probabilities(raw), atol=1e-12)
+    assert [list(x) for x in got["labels"]] == [[c for c, q in zip(model_dir.classes, row) if q >= 0.4]
+                                                for row in cal.probabilities(raw)]

@@ -107,3 +107,34 @@ def test_the_real_stages_end_in_one_line_on_stderr(tmp_path: Path, stage: str, t
     assert done.returncode == EXIT_USER_ERROR, done.stderr
     assert len(lines) == 1 and lines[0].startswith("ERROR") and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / ".mlic").exists()  # a failure is not journalled
+
+
+def test_sigterm_unwinds_like_ctrl_c_leaving_no_temp_output(tmp_path: Path) -> None:
+    """`dvc queue kill` sends SIGTERM: the half-written output is removed, one line, exit 130."""
+    import signal
+
+    write_params(tmp_path / "params.yaml")
+    script = write_text(tmp_path / "slow.py", (
+        "import time\n"
+        "from mlic.atomic import atomic_dir\n"
+        "from mlic.stage import Stage\n"
+        "def run(args, params):\n"
+        "    with atomic_dir('out') as out:\n"
+        "        (out / 'part').write_text('half')\n"
+        "        print('writing', flush=True)\n"
+        "        time.sleep(60)\n"
+        "    return 0\n"
+        "main = Stage('Slow.', ('common',), lambda ap: None, run)\n"
+        "if __name__ == '__main__':\n"
+        "    main.script()\n"))
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout.readline().strip() == "writing"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")]  # the temp folder exists
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "interrupted" in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml", "slow.py"]

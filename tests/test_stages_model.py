@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mlic import metrics, thresholds, tfrecords
+from mlic import calibration, metrics, thresholds, tfrecords
 from mlic.params import load_section
 from mlic.predictions import Predictions, read_predictions, write_predictions
 
@@ -420,18 +420,32 @@ def synthetic(n: int, seed: int, classes: list[str] = CLASSES) -> Predictions:
     return Predictions([f"img_{i:03d}.jpg" for i in range(n)], list(classes), y, p)
 
 
+CALIBRATE = {"beta": 1.0, "default_threshold": 0.5, "strategy": "fbeta", "min_support": 5,
+             "temperature": "global"}
+
+
+def write_train_manifest(folder: Path, classes: list[str], positives: list[int], count: int) -> None:
+    """A train manifest holding what calibrate reads from it: classes and positives (prevalence)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tfrecords.Manifest(schema_version=tfrecords.SCHEMA_VERSION, split="train", count=count, skipped=[],
+                       classes=list(classes), image_size=32, channels=3, resize_mode="pad", encoding="png",
+                       jpeg_quality=None, positives=dict(zip(classes, positives)), shards=[],
+                       fingerprint="0" * 64, directory=folder).write()
+
+
 @pytest.fixture
 def calibrate_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params_yaml, dvc_stages):
-    """tmp_path as the project; `run(val, test)` writes the predictions CSVs and runs the stage."""
+    """tmp_path as the project; `run(val, test, **calibrate)` writes the predictions CSVs, a train
+    manifest and params, and runs the stage."""
     monkeypatch.chdir(tmp_path)
-    params_yaml(tmp_path / "params.yaml", calibrate={"beta": 1.0, "default_threshold": 0.5},
-                evaluate={"threshold": 0.5})
     argv, outputs = dvc_stages("calibrate")
 
-    def run(val: Predictions, test: Predictions) -> int:
+    def run(val: Predictions, test: Predictions, **calibrate: Any) -> int:
+        params_yaml(tmp_path / "params.yaml", calibrate={**CALIBRATE, **calibrate}, evaluate={"threshold": 0.5})
         folder = tmp_path / _arg(argv, "--predictions")
         write_predictions(folder / "val.csv", val)
         write_predictions(folder / "test.csv", test)
+        write_train_manifest(tmp_path / _arg(argv, "--tfrecords"), test.classes, [40, 30, 20, 10], 100)
         return _load_stage("calibrate").main(argv)
 
     return run, argv, outputs
@@ -439,24 +453,33 @@ def calibrate_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, params_yaml, 
 
 def test_calibrate_fits_thresholds_on_val_and_reports_test(calibrate_run, tmp_path: Path) -> None:
     run, argv, outputs = calibrate_run
-    assert run(synthetic(80, seed=1), synthetic(60, seed=2)) == 0
+    assert run(synthetic(80, seed=1), synthetic(60, seed=2), temperature="none") == 0
     for path in outputs:
         assert (tmp_path / path).is_file(), path
     # What the stage saw: the CSVs, probabilities rounded to 6 d.p.
     val = read_predictions(tmp_path / _arg(argv, "--predictions") / "val.csv")
     test = read_predictions(tmp_path / _arg(argv, "--predictions") / "test.csv")
-    fitted = thresholds.fit_thresholds(val.y_true, val.y_prob, beta=1.0, default=0.5)
+    fitted = thresholds.fit(val.y_true, val.y_prob, "fbeta", beta=1.0, min_support=5).thresholds
+    assert (val.y_true.sum(axis=0) >= 5).all()  # no fallback: today's per-class F-beta thresholds
+    np.testing.assert_array_equal(fitted, thresholds.fit_thresholds(val.y_true, val.y_prob, beta=1.0))
 
     path = tmp_path / _arg(argv, "--thresholds")
     saved = json.loads(path.read_text(encoding="utf-8"))
-    assert list(saved) == CLASSES  # keyed by class name, in column order
-    np.testing.assert_array_equal(thresholds.thresholds_from_dict(saved, CLASSES), fitted)
+    assert saved["format"] == 2 and list(saved["thresholds"]) == CLASSES  # by class name, in column order
+    assert saved["rule"] == dict.fromkeys(CLASSES, "fbeta") and saved["temperature"] == dict.fromkeys(CLASSES, 1.0)
+    cal = calibration.Calibration.from_dict(saved, CLASSES)
+    np.testing.assert_array_equal(cal.thresholds, fitted)
     assert "wäter" in path.read_text(encoding="utf-8")  # written as UTF-8, not \u escapes
 
     report = _strict_json(tmp_path / _arg(argv, "--metrics"))
-    assert set(report) == {"test_calibrated", "val_calibrated"}  # test at 0.5 is evaluate's `test`
+    # test at 0.5 is evaluate's `test`
+    assert set(report) == {"test_calibrated", "val_calibrated", "baseline", "test_probability"}
     assert_metrics_equal(report["test_calibrated"], metrics.compute_metrics(test.y_true, test.y_prob, fitted))
     assert_metrics_equal(report["val_calibrated"], metrics.compute_metrics(val.y_true, val.y_prob, fitted))
+    # The trivial predictor calibrated the same way: a constant score per class, so its fitted
+    # F-beta threshold predicts every class for every image.
+    prior = metrics.prevalence_baseline(np.array([40, 30, 20, 10]) / 100, len(test.filenames))
+    assert_metrics_equal(report["baseline"]["test_calibrated"], metrics.compute_metrics(test.y_true, prior, 0.0))
     headline = _strict_json(tmp_path / _arg(argv, "--headline"))
     assert headline == {"test_calibrated": {k: report["test_calibrated"][k]
                                             for k in metrics.HEADLINE["test_calibrated"]}}
@@ -471,9 +494,37 @@ def test_calibrate_fits_thresholds_on_val_and_reports_test(calibrate_run, tmp_pa
     val_default = metrics.compute_metrics(val.y_true, val.y_prob, 0.5)
     assert report["val_calibrated"]["macro_f1"] >= val_default["macro_f1"]
 
-    table = pd.read_csv(tmp_path / _arg(argv, "--per-class"))
-    assert table["class"].tolist() == CLASSES
+    table = pd.read_csv(tmp_path / _arg(argv, "--per-class"), keep_default_na=False)
+    assert table["class"].tolist() == CLASSES and table["rule"].tolist() == ["fbeta"] * 4
     np.testing.assert_allclose(table["threshold"], fitted, atol=1e-6)
+    # No temperature: nothing changes, and the reliability table says so.
+    assert report["test_probability"]["ece_before"] == report["test_probability"]["ece_after"]
+    rel = pd.read_csv(tmp_path / _arg(argv, "--reliability"))
+    assert list(rel.columns) == ["probabilities", "bin", "lower", "upper", "confidence", "frequency", "count"]
+    assert (rel.groupby("probabilities")["count"].sum() == test.y_true.size).all()
+
+
+def test_calibrate_applies_the_temperature_before_fitting_thresholds(calibrate_run, tmp_path: Path) -> None:
+    """Thresholds live on the scaled probabilities, and test is scored on those."""
+    run, argv, outputs = calibrate_run
+    assert run(synthetic(80, seed=1), synthetic(60, seed=2), temperature="global", strategy="global") == 0
+    val = read_predictions(tmp_path / _arg(argv, "--predictions") / "val.csv")
+    test = read_predictions(tmp_path / _arg(argv, "--predictions") / "test.csv")
+    t = calibration.fit_temperature(val.y_true, val.y_prob)
+    assert abs(t - 1) > 0.05  # the synthetic scores are not calibrated: a real temperature
+    cal = calibration.Calibration.from_dict(
+        json.loads((tmp_path / _arg(argv, "--thresholds")).read_text(encoding="utf-8")), CLASSES)
+    np.testing.assert_allclose(cal.temperature, t)
+    scaled = calibration.apply(val.y_prob, t)
+    assert len(set(cal.thresholds)) == 1 and cal.rules == ["global"] * 4
+    assert cal.thresholds[0] == thresholds.fit_global(val.y_true, scaled)
+    report = _strict_json(tmp_path / _arg(argv, "--metrics"))
+    q = calibration.apply(test.y_prob, t)
+    assert_metrics_equal(report["test_calibrated"], metrics.compute_metrics(test.y_true, q, cal.thresholds))
+    pr = report["test_probability"]
+    assert pr["brier_before"] == pytest.approx(calibration.brier(test.y_true, test.y_prob))
+    assert pr["brier_after"] == pytest.approx(calibration.brier(test.y_true, q))
+    assert pr["ece_after"] == pytest.approx(calibration.ece(test.y_true, q))
 
 
 def test_calibrate_refuses_val_and_test_with_different_classes(calibrate_run, tmp_path: Path, caplog) -> None:

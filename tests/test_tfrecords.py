@@ -9,6 +9,7 @@ error for JPEG), with the labels and filenames unchanged.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -23,6 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from mlic import dataset, images, tfrecords
+from mlic.errors import disk_error
 from mlic.tfrecords import EncodeSettings, parse_example, shard_name, worker_pool, write_split
 
 SIZE = 32
@@ -36,12 +38,12 @@ JPEG_MEAN_ERROR, JPEG_IMAGE_MEAN_ERROR, JPEG_MAX_ERROR = 3.0, 7.0, 96
 
 
 def _write(image_set, out: Path, settings: EncodeSettings = JPEG, shard_size: int = SHARD_SIZE, seed: int = 5,
-           rows: np.ndarray | None = None, pool: Any = None, skip: bool = False) -> dict:
+           rows: np.ndarray | None = None, pool: Any = None) -> dict:
     """write_split of `rows` (default: all) of the set as split `train` into `out`."""
     rows = np.arange(len(image_set.filenames)) if rows is None else rows
     out.mkdir(parents=True, exist_ok=True)
     return write_split("train", [image_set.filenames[i] for i in rows], image_set.y[rows], image_set.classes,
-                       image_set.images_dir, out, settings, shard_size, seed, pool=pool, skip_bad_images=skip)
+                       image_set.images_dir, out, settings, shard_size, seed, pool=pool)
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -177,7 +179,7 @@ def test_manifest_describes_the_split(image_set, jpeg_out) -> None:
     assert manifest.classes == image_set.classes  # column order of the labels
     assert (manifest.image_size, manifest.channels) == (SIZE, 3)
     assert (manifest.resize_mode, manifest.encoding, manifest.jpeg_quality) == ("pad", "jpeg", 92)
-    assert manifest.skipped == []
+    assert "skipped" not in manifest.to_dict()  # split skips bad images; preprocess skips none
     assert manifest.positives == dict(zip(image_set.classes, image_set.y.sum(axis=0).tolist()))
     assert [s.file for s in manifest.shards] == [shard_name("train", i, 3) for i in range(3)]
     assert sum(s.records for s in manifest.shards) == manifest.count
@@ -238,28 +240,22 @@ def _with_truncated_image(make_set, root: Path, n: int = 14):
     return image_set, bad
 
 
-def test_corrupt_image_is_an_error_naming_the_file(make_set, tmp_path: Path) -> None:
-    image_set, bad = _with_truncated_image(make_set, tmp_path / "set")
-    with pytest.raises(ValueError) as err:
-        _write(image_set, tmp_path / "out", shard_size=4)
-    message = str(err.value)
-    assert str(image_set.images_dir / bad) in message
-    assert "cannot be decoded" in message and "set data.skip_bad_images: true" in message
-
-
 @pytest.mark.parametrize("workers", [1, 2])
-def test_corrupt_image_is_skipped_and_listed_when_skipping(make_set, tmp_path: Path, workers: int) -> None:
+def test_an_image_that_no_longer_decodes_is_a_user_error_saying_to_rerun_split(make_set, tmp_path: Path,
+                                                                              workers: int) -> None:
     image_set, bad = _with_truncated_image(make_set, tmp_path / "set")
-    with worker_pool(workers) as pool:
-        manifest = _write(image_set, tmp_path / "out", shard_size=4, pool=pool, skip=True)
-    assert manifest.count == len(image_set.filenames) - 1
-    assert [s["filename"] for s in manifest.skipped] == [bad]
-    assert manifest.skipped[0]["reason"].startswith("OSError: image file is truncated")
-    assert sum(s.records for s in manifest.shards) == manifest.count
-    kept = [i for i, f in enumerate(image_set.filenames) if f != bad]
-    assert manifest.positives == dict(zip(image_set.classes, image_set.y[kept].sum(axis=0).tolist()))
-    names = [r["filename"].decode() for r in _records(tmp_path / "out")]
-    assert bad not in names and len(names) == manifest.count
+    with worker_pool(workers) as pool, pytest.raises(images.ImageError) as err:
+        _write(image_set, tmp_path / "out", shard_size=4, pool=pool)
+    message = str(err.value)
+    assert str(image_set.images_dir / bad) in message and "\n" not in message
+    assert "cannot be decoded (OSError: image file is truncated" in message
+    assert "run `dvc repro split`" in message
+
+
+def test_max_pixels_reaches_the_workers(make_set, tmp_path: Path) -> None:
+    image_set = make_set(tmp_path / "set", n=6, seed=2, min_size=20, max_size=30)
+    with pytest.raises(images.ImageError, match=r"too many pixels|more than the limit of 100"):
+        _write(image_set, tmp_path / "out", settings=dataclasses.replace(JPEG, max_pixels=100), shard_size=4)
 
 
 @pytest.mark.parametrize("workers, expected", [(0, os.cpu_count() or 1), (1, 1), (3, 3)])
@@ -276,6 +272,61 @@ def test_ordered_map_keeps_chunk_order_with_a_pool() -> None:
             assert list(tfrecords.ordered_map(pool, sorted, items, chunk=chunk, inflight_per_worker=1)) == expected
             assert list(tfrecords.ordered_map(None, sorted, items, chunk=chunk)) == expected
 
+
+
+# A stage using a pool: prints "busy" once the workers are at work, then waits to be stopped.
+_POOL_STAGE = """
+import sys, time
+from mlic import tfrecords
+
+def slow(chunk):
+    time.sleep(0.2)
+    return [x * 2 for x in chunk]
+
+if __name__ == "__main__":
+    try:
+        with tfrecords.worker_pool(2) as pool:
+            results = tfrecords.ordered_map(pool, slow, list(range(400)), chunk=1, inflight_per_worker=4)
+            next(results)
+            print(" ".join(str(w.pid) for w in pool._pool), flush=True)
+            time.sleep(60)
+    except KeyboardInterrupt:
+        sys.exit(130)
+"""
+
+
+@pytest.mark.parametrize("how", ["kill -9", "SIGTERM", "Ctrl-C"])
+def test_workers_of_a_stopped_stage_end_quietly(tmp_path: Path, how: str) -> None:
+    """Killed or interrupted mid-work: every worker ends, and nothing but the stage's own words is
+    printed (no BrokenPipeError or KeyboardInterrupt tracebacks, no leaked-semaphore warning)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    script = tmp_path / "pool_stage.py"
+    script.write_text(_POOL_STAGE, encoding="utf-8")
+    proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        workers = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]
+        assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no workers"
+        time.sleep(0.3)  # mid-task: each worker holds a chunk it will try to send back
+        if how == "Ctrl-C":
+            os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the whole foreground group
+        else:
+            proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)  # end of file: every process holding stderr has ended
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == {"kill -9": -9, "SIGTERM": -15, "Ctrl-C": 130}[how]
+    assert stderr == ""
+    for w in workers:
+        assert not w.is_running() or w.status() == psutil.STATUS_ZOMBIE, w
 
 # --- reader ---------------------------------------------------------------------------------
 
@@ -453,17 +504,82 @@ def test_preprocess_failure_keeps_the_previous_output(stage, preprocess_stage, t
     assert _stray(tmp_path) == []
 
 
-def test_preprocess_skips_and_lists_corrupt_images_when_asked(stage, preprocess_stage, params_yaml,
-                                                              tmp_path: Path) -> None:
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_full_disk_while_writing_a_shard_is_an_oserror_naming_it(image_set, tmp_path: Path) -> None:
+    """A real ENOSPC: the second shard is a link to /dev/full, which refuses every write."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shard = out / shard_name("train", 1, 3)
+    shard.symlink_to("/dev/full")
+    with pytest.raises(OSError) as caught:
+        _write(image_set, out)
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(shard)
+    assert isinstance(caught.value.__cause__, tf.errors.ResourceExhaustedError)  # what TF raised
+    assert str(disk_error(caught.value)).startswith(f"{shard}: no space left on the device; free some space")
+
+
+@pytest.mark.parametrize("error, message, code", [
+    (tf.errors.ResourceExhaustedError, "No space left on device", errno.ENOSPC),
+    (tf.errors.ResourceExhaustedError, "Disk quota exceeded", errno.EDQUOT),
+    (tf.errors.PermissionDeniedError, "Permission denied", errno.EACCES),
+    (tf.errors.PermissionDeniedError, "Read-only file system", errno.EROFS),
+    (tf.errors.DataLossError, "corrupted record at 12", None),   # not the disk: raised unchanged
+])
+def test_tensorflow_write_errors_become_the_oserror_they_were(image_set, tmp_path: Path, monkeypatch,
+                                                              error, message: str, code: int | None) -> None:
+    class Refusing:
+        def __init__(self, path: str, *args: Any) -> None:
+            raise error(None, None, f"{path}; {message}")  # how TF words a failed open or write
+
+    monkeypatch.setattr(tf.io, "TFRecordWriter", Refusing)
+    with pytest.raises(OSError if code else error) as caught:
+        _write(image_set, tmp_path / "out")
+    if code:
+        assert caught.value.errno == code and caught.value.filename == str(tmp_path / "out" / shard_name("train", 0, 3))
+        assert str(disk_error(caught.value)).startswith(f"{caught.value.filename}: ")
+
+
+def test_preprocess_on_a_full_disk_fails_in_one_line_naming_the_shard_and_leaves_nothing(
+        stage, preprocess_stage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    """The disk fills while the stage writes the test shard, train and val being complete."""
+    image_set, argv, outputs, out, splits_dir = stage
+    real = tf.io.TFRecordWriter
+    monkeypatch.setattr(tf.io, "TFRecordWriter",
+                        lambda path, *a, **k: real("/dev/full" if "test-00000-" in path else path, *a, **k))
+    with caplog.at_level(logging.ERROR):
+        assert preprocess_stage.main(argv) == 2
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "\n" not in errors[0], errors
+    shard = Path(_arg(argv, "--out")) / "test-00000-of-00001.tfrecord"  # where it was going, not the temp
+    assert errors[0].startswith(f"{shard}: no space left on the device; free some space"), errors[0]
+    for path in outputs:
+        assert not (tmp_path / path).exists(), path
+    assert _stray(tmp_path) == []
+
+
+def test_an_image_broken_after_split_is_named_then_skipped_by_split_and_every_count_agrees(
+        stage, preprocess_stage, split_stage, dvc_stages, params_yaml, tmp_path: Path, caplog) -> None:
     image_set, argv, outputs, out, splits_dir = stage
     bad = _corrupt_one_test_image(splits_dir, image_set)
     params_yaml(tmp_path / "params.yaml", data=image_set.data_section(skip_bad_images=True))
+    with caplog.at_level(logging.ERROR):
+        assert preprocess_stage.main(argv) == 2  # preprocess never skips: the split CSVs would lie
+    assert f"{image_set.images_dir / bad}: cannot be decoded" in caplog.text
+    assert "run `dvc repro split`" in caplog.text
+
+    assert split_stage.main(dvc_stages("split")[0]) == 0  # what `dvc repro` does next: split skips it
+    reports = tmp_path / _arg(dvc_stages("split")[0], "--reports-dir")
+    skipped = pd.read_csv(reports / "skipped.csv")
+    assert skipped["filename"].tolist() == [bad] and "cannot be decoded" in skipped["reason"][0]
     assert preprocess_stage.main(argv) == 0
-    manifest = tfrecords.Manifest.read(out, "test")
-    assert [s["filename"] for s in manifest.skipped] == [bad]
     metrics = json.loads((tmp_path / _arg(argv, "--metrics")).read_text())
-    assert metrics["test"]["skipped"] == 1
-    assert metrics["test"]["records"] == manifest.count == len(pd.read_csv(splits_dir / "test.csv")) - 1
+    summary = json.loads((reports / "summary.json").read_text())
+    for split in ("train", "val", "test"):
+        frame = pd.read_csv(splits_dir / f"{split}.csv")
+        assert bad not in frame["filename"].tolist()
+        assert metrics[split]["records"] == tfrecords.Manifest.read(out, split).count == len(frame)
+        assert summary["split"][split] == len(frame)
+    assert sum(metrics[s]["records"] for s in metrics) == summary["images"] == 29 and summary["skipped"] == 1
 
 
 def test_preprocess_stage_output_is_the_same_for_any_worker_count(stage, preprocess_stage, params_yaml,

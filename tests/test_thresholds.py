@@ -7,7 +7,8 @@ import pytest
 from sklearn.metrics import f1_score, fbeta_score
 
 from mlic import thresholds
-from mlic.thresholds import fit_thresholds, thresholds_from_dict, thresholds_to_dict
+from mlic.thresholds import (RULE_DEFAULT, RULE_FEW_POSITIVES, RULE_UNREACHABLE, STRATEGIES, fit, fit_global,
+                             fit_thresholds, thresholds_from_dict, thresholds_to_dict)
 
 # Hand-built class: sorted scores with labels 1 1 0 1 0 0.
 KNOWN_Y = np.array([1, 1, 0, 1, 0, 0])
@@ -182,3 +183,97 @@ def test_fbeta_curve_table_matches_sklearn_at_every_threshold(beta: float) -> No
         j = "abc".index(row[1])
         pred = (p[:, j] >= row.threshold).astype(int)
         assert row.f_beta == pytest.approx(fbeta_score(y[:, j], pred, beta=beta, zero_division=0), abs=1e-12)
+
+
+# --- strategies (thresholds.fit) -----------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "target, expected",
+    [
+        (0.75, 0.55),   # precision 3/4 at 0.6: the lowest threshold reaching the target (most recall)
+        (0.8, 0.75),    # 2/2 at 0.8; 0.6 gives 3/4 < 0.8
+        (1.0, 0.75),    # 0.9 and 0.8 both give precision 1: the one with more recall (0.8)
+        (0.5, 0.55),    # 0.5 and 0.4 reach it too, but add no recall: the highest with all 3 found
+    ],
+)
+def test_precision_strategy_takes_the_most_recall_reaching_the_target(target: float, expected: float) -> None:
+    y = np.array([[1], [1], [0], [1], [0], [0]])
+    p = np.array([[0.9], [0.8], [0.7], [0.6], [0.5], [0.4]])
+    got = fit(y, p, "precision", precision_target=target, min_support=1)
+    assert got.rules == ["precision"]
+    assert got.thresholds[0] == pytest.approx(expected)
+
+
+def test_an_unreachable_precision_target_falls_back_to_the_global_threshold() -> None:
+    y = np.array([[0, 1], [1, 1], [0, 0], [1, 0]])
+    p = np.array([[0.9, 0.8], [0.8, 0.7], [0.7, 0.2], [0.6, 0.1]])
+    got = fit(y, p, "precision", precision_target=0.9, min_support=1)
+    assert got.rules == [RULE_UNREACHABLE, "precision"]
+    assert got.thresholds[0] == got.global_threshold == fit_global(y, p)
+
+
+def test_global_strategy_is_one_threshold_maximising_macro_f1() -> None:
+    y = np.array([[1, 1], [1, 1], [0, 0], [0, 0]])
+    p = np.array([[0.9, 0.6], [0.8, 0.4], [0.3, 0.35], [0.2, 0.1]])
+    # at 0.4 both classes are perfect (macro F1 1); the midpoint to the next lower score, 0.35
+    got = fit(y, p, "global")
+    np.testing.assert_allclose(got.thresholds, [0.375, 0.375])
+    assert got.rules == ["global", "global"]
+    # brute force over a fine grid agrees: nothing beats macro F1 1 and 0.375 reaches it
+    from sklearn.metrics import f1_score
+    assert f1_score(y, (p >= 0.375).astype(int), average="macro") == 1.0
+
+
+def test_global_threshold_matches_a_brute_force_search() -> None:
+    from sklearn.metrics import fbeta_score
+
+    rng = np.random.default_rng(4)
+    y = (rng.random((60, 4)) < [0.5, 0.3, 0.2, 0.1]).astype(int)
+    y[0] = 1
+    p = np.round(np.clip(0.35 * y + 0.65 * rng.random((60, 4)), 0, 1), 3)
+    t = fit_global(y, p, beta=2.0)
+    score = lambda th: fbeta_score(y, (p >= th).astype(int), beta=2.0, average="macro", zero_division=0)  # noqa: E731
+    best = max(score(c) for c in np.unique(p))
+    assert score(t) == pytest.approx(best, abs=1e-12)
+
+
+def test_fbeta_strategy_with_enough_support_is_the_per_class_fit() -> None:
+    rng = np.random.default_rng(0)
+    y = (rng.random((80, 3)) < [0.5, 0.4, 0.3]).astype(int)
+    p = np.clip(0.3 * y + 0.7 * rng.random((80, 3)), 0, 1)
+    got = fit(y, p, "fbeta", beta=2.0, min_support=5)
+    np.testing.assert_array_equal(got.thresholds, fit_thresholds(y, p, beta=2.0))
+    assert got.rules == ["fbeta"] * 3
+
+
+def test_a_class_with_one_positive_gets_the_global_threshold_not_an_overfit_one() -> None:
+    """The issue's case: one validation positive scored 0.027, below most negatives."""
+    rng = np.random.default_rng(1)
+    n = 200
+    y = (rng.random((n, 3)) < [0.5, 0.3, 0.0]).astype(int)
+    p = np.clip(0.45 * y + 0.55 * rng.random((n, 3)), 0, 1)
+    p[:, 2] = 0.03 + 0.4 * rng.random(n)
+    y[0, 2], p[0, 2] = 1, 0.027
+    own = fit(y, p, "fbeta", min_support=1)
+    assert own.thresholds[2] < 0.03 and own.rules[2] == "fbeta"   # what the old rule did: fires on every image
+    robust = fit(y, p, "fbeta", min_support=5)
+    assert robust.rules == ["fbeta", "fbeta", RULE_FEW_POSITIVES]
+    assert robust.thresholds[2] == robust.global_threshold == fit_global(y, p) > 0.2
+    np.testing.assert_array_equal(robust.thresholds[:2], own.thresholds[:2])
+
+
+def test_no_positive_anywhere_gives_the_default() -> None:
+    y = np.zeros((5, 2), int)
+    p = np.random.default_rng(0).random((5, 2))
+    for strategy in STRATEGIES:
+        got = fit(y, p, strategy, default=0.4)
+        np.testing.assert_array_equal(got.thresholds, [0.4, 0.4])
+        assert got.rules == [RULE_DEFAULT] * 2
+    assert fit_global(y, p) is None
+
+
+@pytest.mark.parametrize("kwargs, words", [({"strategy": "median"}, "strategy"), ({"beta": 0.0}, "beta"),
+                                           ({"precision_target": 0.0}, "precision_target")])
+def test_fit_refuses_bad_settings(kwargs: dict, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        fit(np.array([[1], [0]]), np.array([[0.6], [0.2]]), **kwargs)

@@ -336,6 +336,30 @@ def test_a_missing_passed_file_fails_before_any_run(tracked, monkeypatch, tmp_pa
     assert not (tmp_path / "o.json").exists()
 
 
+def test_an_unwritable_artifact_folder_is_one_line_and_a_failed_run(tracked, monkeypatch, tmp_path, caplog):
+    """Root writes anywhere, so the folder's refusal is injected where MLflow creates it."""
+    import errno
+
+    from mlflow.store.artifact import local_artifact_repo
+
+    project, uri, client, _ = tracked
+    monkeypatch.chdir(project)
+
+    def refuse(root, name=None):
+        target = os.path.join(root, name) if name else root
+        raise PermissionError(errno.EACCES, "Permission denied", target)
+
+    monkeypatch.setattr(local_artifact_repo, "mkdir", refuse)
+    params = write_text(tmp_path / "params.yaml", "tracking:\n  experiment: mlic-unwritable\n")
+    argv = ["--params", str(params), "--artifacts", "dvc.lock", "--note", str(tmp_path / "o.json")]
+    assert _load_stage().main(argv) == 2
+    (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert "permission denied" in error and "mlruns" in error and "\n" not in error
+    runs = client.search_runs([client.get_experiment_by_name("mlic-unwritable").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not (tmp_path / "o.json").exists()
+
+
 # --------------------------------------------------------------------------- tracking store
 @pytest.mark.parametrize(
     "env, params_uri, expected",

@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from mlic.atomic import require_files
+from mlic.calibration import threshold_mapping
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,10 @@ CURVE_PANELS = (
     ("F1 at 0.5", [("f1", "train"), ("val_f1", "validation")]),
     ("Learning rate", [("learning_rate", "learning rate")]),
 )
+
+
+# Report-table columns that hold text; every other column is read as numbers.
+TEXT_COLUMNS = ("class", "rule", "probabilities")
 
 
 def _grid(n: int, title: str, panel_w: float = 2.6, panel_h: float = 2.2) -> tuple[Figure, list]:
@@ -130,12 +135,35 @@ def fbeta_vs_threshold(curves: pd.DataFrame, thresholds: Mapping[str, float], de
     return fig
 
 
+def reliability(table: pd.DataFrame) -> Figure:
+    """Test reliability diagram: observed frequency against mean predicted probability per bin,
+    before and after temperature scaling, the diagonal being perfect calibration; ECE in the legend."""
+    fig = Figure(figsize=(5.2, 4.6), dpi=DPI)
+    fig.subplots_adjust(left=0.14, right=0.97, bottom=0.12, top=0.9)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="perfectly calibrated")
+    for name, label in (("before", "as trained"), ("after", "after temperature scaling")):
+        part = table[table["probabilities"] == name]
+        if part.empty:
+            continue
+        ece = float((part["count"] / part["count"].sum() * (part["frequency"] - part["confidence"]).abs()).sum())
+        ax.plot(part["confidence"], part["frequency"], marker="o", markersize=3,
+                label=f"{label} (ECE {ece:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("mean predicted probability in the bin")
+    ax.set_ylabel("observed frequency of the label")
+    ax.set_title("Reliability on test (all image x class pairs)")
+    ax.legend(loc="upper left", fontsize="small")
+    return fig
+
+
 def _read(path: Path) -> pd.DataFrame:
     """A report table: `class` stays text (pandas would read a class called `NA` as missing),
     every other column is a number, an empty cell (an undefined AP, say) NaN."""
     frame = pd.read_csv(path, dtype={"class": str}, keep_default_na=False)
     for column in frame.columns:
-        if column != "class":
+        if column not in TEXT_COLUMNS:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     return frame
 
@@ -156,15 +184,18 @@ def save(fig: Figure, path: Path) -> Path:
 def draw_all(out_dir: Path, *, history: Path | None = None, pr_curves_csv: Path | None = None,
              per_class_default: Path | None = None, per_class_calibrated: Path | None = None,
              fbeta_csv: Path | None = None, thresholds_json: Path | None = None,
-             default_threshold: float = 0.5, beta: float | None = None) -> dict[str, Path]:
+             reliability_csv: Path | None = None, default_threshold: float = 0.5,
+             beta: float | None = None) -> dict[str, Path]:
     """Draw every figure whose inputs were given into `out_dir`; {file name: path}.
 
     A given input that does not exist is an error (FileNotFoundError, before anything is drawn).
     """
     require_files(((path, "report table") for path in (history, pr_curves_csv, per_class_default,
-                                                        per_class_calibrated, fbeta_csv, thresholds_json)),
+                                                        per_class_calibrated, fbeta_csv, thresholds_json,
+                                                        reliability_csv)),
                   files_only=True)
-    thresholds = json.loads(Path(thresholds_json).read_text(encoding="utf-8")) if thresholds_json else {}
+    thresholds = (threshold_mapping(json.loads(Path(thresholds_json).read_text(encoding="utf-8")))
+                  if thresholds_json else {})
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn: dict[str, Path] = {}
@@ -190,4 +221,6 @@ def draw_all(out_dir: Path, *, history: Path | None = None, pr_curves_csv: Path 
     if fbeta_csv is not None:
         add("fbeta_vs_threshold.png", lambda: fbeta_vs_threshold(_read(fbeta_csv), thresholds,
                                                                  default_threshold, beta))
+    if reliability_csv is not None:
+        add("reliability.png", lambda: reliability(_read(reliability_csv)))
     return drawn

@@ -1,12 +1,14 @@
 """Predict labels for image files: the one prediction path behind `mlic predict` and the MLflow model.
 
-A `Predictor` is a trained Keras model plus its `ModelMeta` and calibrated thresholds. Images
+A `Predictor` is a trained Keras model plus its `ModelMeta` and calibrate's product
+(`calibration.Calibration`: per class a temperature and a threshold). Images
 (paths or file bytes) go through `images.prepare`, the function preprocess used, and
 `tfrecords.decode_pixels`, the TFRecord reader's decoder, inside a tf.data pipeline that works in
 parallel threads and feeds the model whole batches. Probabilities
-are rounded as evaluate rounds them (`predictions.round_probabilities`) and a class is predicted
-when its probability is >= its threshold (`metrics.predict`), so labels here equal calibrate's
-labels on evaluate's predictions. An image that cannot be read is reported with its reason;
+are rounded as evaluate rounds them (`predictions.round_probabilities`), scaled by the class's
+temperature and rounded again (`calibration.apply`, as calibrate scaled evaluate's predictions),
+and a class is predicted when that probability is >= its threshold (`metrics.predict`), so
+probabilities and labels here equal calibrate's on evaluate's predictions. An image that cannot be read is reported with its reason;
 the others are still predicted.
 """
 
@@ -23,13 +25,13 @@ import pandas as pd
 from PIL import Image
 
 from mlic import images
+from mlic import calibration
 from mlic.atomic import read_json
 from mlic.errors import InputError
 from mlic.metrics import predict as apply_thresholds
 from mlic.model_meta import ModelMeta
 from mlic.predictions import round_probabilities
 from mlic.tfrecords import decode_pixels
-from mlic.thresholds import thresholds_from_dict
 
 log = logging.getLogger(__name__)
 
@@ -50,13 +52,18 @@ class Result:
     errors: dict[int, str]        # input position -> why that image could not be read
 
 
-def read_thresholds(path: str | Path, classes: Sequence[str]) -> np.ndarray:
-    """Calibrate's `thresholds.json` ({class: threshold}) as an array in `classes` order."""
-    mapping = read_json(path, "thresholds", "run `dvc repro calibrate`")
+def read_calibration(path: str | Path, classes: Sequence[str]) -> calibration.Calibration:
+    """Calibrate's `thresholds.json` (either format) for the model's `classes`."""
+    raw = read_json(path, "thresholds", "run `dvc repro calibrate`")
     try:
-        return thresholds_from_dict(mapping, classes)
-    except ValueError as exc:
+        return calibration.Calibration.from_dict(raw, classes)
+    except (ValueError, TypeError, KeyError) as exc:
         raise InputError(f"{path}: {exc}; re-run `dvc repro calibrate`") from None
+
+
+def read_thresholds(path: str | Path, classes: Sequence[str]) -> np.ndarray:
+    """The thresholds of `thresholds.json` as an array in `classes` order."""
+    return read_calibration(path, classes).thresholds
 
 
 def output_frame(classes: Sequence[str], labels: list[list[str]], probabilities: np.ndarray) -> pd.DataFrame:
@@ -70,7 +77,8 @@ def output_frame(classes: Sequence[str], labels: list[list[str]], probabilities:
 class Predictor:
     """A trained model with its input contract and decision thresholds."""
 
-    def __init__(self, model: Any, meta: ModelMeta, thresholds: np.ndarray | float):
+    def __init__(self, model: Any, meta: ModelMeta, thresholds: np.ndarray | float,
+                 temperature: np.ndarray | float = 1.0):
         n_out = int(model.output_shape[-1])
         if n_out != len(meta.classes):
             raise InputError(f"the model has {n_out} outputs but its metadata lists {len(meta.classes)} "
@@ -78,6 +86,9 @@ class Predictor:
         self.model = model
         self.meta = meta
         self.thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (n_out,)).copy()
+        self.temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (n_out,)).copy()
+        if not (np.isfinite(self.temperature).all() and (self.temperature > 0).all()):
+            raise InputError(f"temperatures must be finite and > 0; got {self.temperature.tolist()}")
 
     @property
     def classes(self) -> list[str]:
@@ -89,7 +100,8 @@ class Predictor:
         from mlic.model import load_model  # TensorFlow only once a model is loaded
 
         meta = ModelMeta.read(meta_path)
-        return cls(load_model(keras_path), meta, read_thresholds(thresholds_path, meta.classes))
+        cal = read_calibration(thresholds_path, meta.classes)
+        return cls(load_model(keras_path), meta, cal.thresholds, cal.temperature)
 
     def labels(self, probabilities: np.ndarray) -> list[list[str]]:
         """Class names whose (rounded) probability is >= their threshold, per row."""
@@ -99,9 +111,10 @@ class Predictor:
         return [[c for c, keep in zip(self.meta.classes, row) if keep] for row in on]
 
     def predict_arrays(self, pixels: np.ndarray) -> np.ndarray:
-        """Rounded probabilities for a batch of model inputs, uint8 or float (n, s, s, 3) RGB 0..255."""
+        """Calibrated, rounded probabilities for a batch of model inputs, uint8 or float (n, s, s, 3)
+        RGB 0..255: the model's output rounded as evaluate saved it, then temperature-scaled."""
         out = self.model(np.asarray(pixels, dtype=np.float32), training=False)
-        return round_probabilities(np.asarray(out))
+        return calibration.apply(round_probabilities(np.asarray(out)), self.temperature)
 
     def predict(self, sources: Sequence[images.ImageSource], batch_size: int = 64,
                 on_batch: Callable[[int], None] | None = None) -> Result:

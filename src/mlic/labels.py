@@ -6,8 +6,11 @@
 
 Everything is checked before any work is done, and every problem found is reported at once,
 each naming the file, line and column and saying what to do. Rows with no label are valid
-("none of the classes") and are counted. Missing or unreadable images stop the run unless
-``skip_bad_images`` is set; then they are skipped and listed, never silently dropped.
+("none of the classes") and are counted. Missing or unreadable images (every listed image is
+decoded in full, `image_check`) stop the run unless ``skip_bad_images`` is set; then they are
+skipped and listed, never silently dropped. Class names that differ only in case (``Cat`` and
+``cat``) are almost always one class spelt two ways: they are an error unless ``data.classes``
+says which classes are meant.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 import pandas as pd
-from PIL import Image, UnidentifiedImageError
 
+from mlic import image_check
 from mlic.errors import UserError
 from mlic.params import Data
 
@@ -48,15 +51,23 @@ class Problem:
 
 
 class LabelError(UserError, ValueError):
-    """The labels CSV or the images it names cannot be used; lists every problem found."""
+    """The labels CSV or the images it names cannot be used; lists every problem found.
 
-    def __init__(self, problems: list[Problem]):
+    One problem is one line (file:line, column: what is wrong; what to do); several are a count
+    line and then one line each. `hint` is advice for them all (e.g. the skip_bad_images switch).
+    """
+
+    def __init__(self, problems: list[Problem], hint: str | None = None):
         self.problems = problems
+        self.hint = hint
+        if len(problems) == 1:
+            super().__init__(f"{problems[0]}" + (f" ({hint})" if hint else ""))
+            return
         shown = "\n".join(f"  - {p}" for p in problems[:MAX_REPORTED_PROBLEMS])
         more = len(problems) - MAX_REPORTED_PROBLEMS
         tail = f"\n  ... and {more} more" if more > 0 else ""
-        noun = "problem" if len(problems) == 1 else "problems"
-        super().__init__(f"{len(problems)} {noun} in the labels:\n{shown}{tail}")
+        advice = f" ({hint})" if hint else ""
+        super().__init__(f"{len(problems)} problems in the labels{advice}:\n{shown}{tail}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,13 +213,16 @@ def read_labels(spec: Data) -> tuple[LabelTable, pd.DataFrame]:
         raise LabelError(problems + [Problem(str(images_dir), None, None, "the images folder does not exist; "
                                              "check data.images_dir in params.yaml")])
     # Images are checked even when the CSV has problems, so one run reports everything.
-    bad = _bad_images(images_dir, filenames, [i for i in range(len(rows)) if i not in unsafe])
+    safe = [i for i in range(len(rows)) if i not in unsafe]
+    reasons = image_check.check_images(images_dir, [filenames[i] for i in safe], spec.max_image_pixels)
+    bad = [(i, reason) for i, reason in zip(safe, reasons) if reason is not None]
+    hint = None
     if bad and not spec.skip_bad_images:
         problems += [Problem(src, lines[i], spec.filename_column, reason) for i, reason in bad]
-        problems.append(Problem(src, None, None, "set data.skip_bad_images: true to skip rows with missing "
-                                "or unreadable images (they are then listed in the skipped report)"))
+        hint = ("to skip rows whose image is missing or unusable instead, set data.skip_bad_images: true; "
+                "they are then listed in reports/data/skipped.csv")
     if problems:
-        raise LabelError(problems)
+        raise LabelError(problems, hint)
     if bad:
         log.warning("skipped %d rows with missing or unreadable images", len(bad))
     skipped = pd.DataFrame({"line": [lines[i] for i, _ in bad], "filename": [filenames[i] for i, _ in bad],
@@ -233,12 +247,36 @@ def read_labels(spec: Data) -> tuple[LabelTable, pd.DataFrame]:
     return table, skipped
 
 
+CASE_FIX = "list the classes you mean in data.classes (listing both spellings keeps them apart)"
+
+
+def _case_note(name: str, names: list[str], where: str) -> str:
+    """"<where> has 'Cat': case matters" when `name` equals one of `names` but for case, else ""."""
+    near = [n for n in names if n != name and n.casefold() == name.casefold()]
+    return f"{where} has {near[0]!r}: case matters" if near else ""
+
+
+def _lines_text(lines: list[int], limit: int = 3) -> str:
+    shown = ", ".join(str(n) for n in lines[:limit])
+    more = f" and {len(lines) - limit} more" if len(lines) > limit else ""
+    return f"line{'s' if len(lines) > 1 else ''} {shown}{more}"
+
+
+def _case_collisions(spellings: dict[str, list[int]]) -> list[list[tuple[str, list[int]]]]:
+    """Groups of 2+ names equal but for case, from {name: lines it appears on}, in order of appearance."""
+    groups: dict[str, list[tuple[str, list[int]]]] = {}
+    for name, lines in sorted(spellings.items(), key=lambda kv: (kv[1][0], kv[0])):
+        groups.setdefault(name.casefold(), []).append((name, lines))
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def _onehot_rows(src, header, rows, spec, problems):
     candidates = [h for h in header if h != spec.filename_column]
     if spec.classes is not None:
         missing = [c for c in spec.classes if c not in header]
         if missing:
-            raise LabelError([Problem(src, 1, c, "this class from data.classes has no column; add the column "
+            raise LabelError([Problem(src, 1, c, "this class from data.classes has no column" +
+                                      _case_note(c, candidates, "; the header") + "; add the column "
                                       "or remove the class from data.classes") for c in missing])
         classes = list(spec.classes)
         ignored = [c for c in candidates if c not in classes]
@@ -246,6 +284,10 @@ def _onehot_rows(src, header, rows, spec, problems):
             log.warning("%s: columns not in data.classes are ignored: %s", src, ", ".join(ignored))
     else:
         classes = candidates
+        for group in _case_collisions({c: [i] for i, c in enumerate(candidates)}):  # header order
+            names = " and ".join(repr(name) for name, _ in group)
+            problems.append(Problem(src, 1, group[1][0], f"columns {names} differ only in case; merge them into "
+                                    f"one column, or {CASE_FIX}"))
     if not classes:
         raise LabelError([Problem(src, 1, None, "no class columns after the filename column; with format onehot "
                                   "each class needs a 0/1 column (or set data.format: tags)")])
@@ -289,13 +331,22 @@ def _tag_rows(src, header, rows, spec, problems):
         classes = list(spec.classes)
     else:
         classes = sorted({t for tags in tag_lists for t in tags})
+        seen: dict[str, list[int]] = {}
+        for (line, _), tags in zip(rows, tag_lists):
+            for t in dict.fromkeys(tags):
+                seen.setdefault(t, []).append(line)
+        for group in _case_collisions(seen):
+            names = " and ".join(f"{name!r} ({_lines_text(lines)})" for name, lines in group)
+            problems.append(Problem(src, group[1][1][0], spec.tags_column,
+                                    f"tags {names} differ only in case; write the class one way, or {CASE_FIX}"))
     pos = {c: i for i, c in enumerate(classes)}
     ys = []
     for (line, _), tags in zip(rows, tag_lists):
         row = [0] * len(classes)
         for t in tags:
             if t not in pos:
-                problems.append(Problem(src, line, spec.tags_column, f"unknown tag {t!r} (not in data.classes); "
+                problems.append(Problem(src, line, spec.tags_column, f"unknown tag {t!r} (not in data.classes"
+                                        f"{_case_note(t, classes, ', which')}); "
                                         "fix the tag or add it to data.classes"))
             else:
                 row[pos[t]] = 1
@@ -305,30 +356,11 @@ def _tag_rows(src, header, rows, spec, problems):
     return classes, ys
 
 
-def _bad_images(images_dir: Path, filenames: list[str], rows: list[int]) -> list[tuple[int, str]]:
-    """(row index, reason) for each of `rows` whose image is missing, unreadable or outside the folder."""
-    root = images_dir.resolve()
-    bad: list[tuple[int, str]] = []
-    for i in rows:
-        path = images_dir / filenames[i]
-        reason = None
-        if not path.resolve().is_relative_to(root):  # a symlink pointing elsewhere
-            reason = f"{filenames[i]!r} resolves outside the images folder; copy the image into it"
-        elif not path.is_file():
-            reason = f"image {path} does not exist; fix the filename or add the image"
-        else:
-            try:
-                with Image.open(path) as im:
-                    im.size  # the header is parsed here; pixels are decoded in preprocess
-            except (UnidentifiedImageError, OSError) as exc:
-                reason = f"image {path} cannot be read ({exc.__class__.__name__}); replace or remove it"
-        if reason is not None:
-            bad.append((i, reason))
-    return bad
-
-
-def summarize(table: LabelTable, n_skipped: int = 0) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+def summarize(table: LabelTable, n_skipped: int = 0, n_unlisted: int = 0
+              ) -> tuple[dict, pd.DataFrame, pd.DataFrame, pd.DataFrame]:
     """Data summary: metrics dict, per-class prevalence, labels-per-image histogram, co-occurrence.
+
+    `n_skipped`: rows skipped for a bad image; `n_unlisted`: images in the folder the CSV does not list.
 
     Co-occurrence is returned long (class_a, class_b, count, p_b_given_a) so DVC can plot it.
     """
@@ -351,6 +383,7 @@ def summarize(table: LabelTable, n_skipped: int = 0) -> tuple[dict, pd.DataFrame
         "images": int(n),
         "classes": int(k),
         "skipped": int(n_skipped),
+        "unlisted_images": int(n_unlisted),
         "images_without_label": int((per_image == 0).sum()),
         "labels_per_image_mean": round(float(per_image.mean()), 6) if n else 0.0,
         "labels_per_image_max": int(per_image.max()) if n else 0,

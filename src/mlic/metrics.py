@@ -16,6 +16,11 @@ Edge-case rules (decided once, here):
   `n_classes_undefined_roc_auc`. `micro_ap` is NaN when `y_true` has no positive at all.
 - Ranking metrics keep scikit-learn's conventions: an image with no true label adds 0 to
   `coverage_error` and `ranking_loss`, and 1 to `lrap`.
+- The figures multi-label papers report (Chen et al., ML-GCN, CVPR 2019, and those after it):
+  CP/CR are the per-class precision/recall averaged (= macro_precision/recall), CF1 their
+  harmonic mean (not macro_f1, the mean of per-class F1s); OP/OR/OF1 count over all labels
+  (= micro). The `_top3` variants predict at most the 3 highest-scoring labels per image, each
+  only if it also clears its threshold (ties broken by column order).
 - At least 2 classes: with one class the problem is binary and scikit-learn rejects the
   samples averages and ranking metrics.
 NaN is the only non-finite value returned; `nan_to_none` makes a dict strict-JSON safe.
@@ -40,6 +45,10 @@ LOWER_IS_BETTER = ("hamming_loss", "coverage_error", "ranking_loss", "loss")
 # scored on the same split, so they are reported with the data, never compared as metrics.
 DATA_FACTS = ("n_samples", "n_classes", "n_classes_undefined_ap", "n_classes_undefined_roc_auc",
               "n_samples_without_labels", "mean_labels_true")
+# Paper names of `compute_metrics` that equal another key (kept in the reports under the name
+# papers use; a run's summary holds the value once, under the key on the right).
+ALIASES = {"cp": "macro_precision", "cr": "macro_recall", "op": "micro_precision",
+           "or": "micro_recall", "of1": "micro_f1"}
 # Keys of `compute_metrics` that rank probabilities and ignore the thresholds: equal at any
 # threshold, so a calibrated report repeats them unchanged.
 THRESHOLD_FREE = ("macro_ap", "micro_ap", "macro_roc_auc", "coverage_error", "ranking_loss", "lrap")
@@ -155,6 +164,26 @@ def _per_class_ap_auc(y_true: np.ndarray, y_prob: np.ndarray) -> tuple[np.ndarra
     return ap, auc
 
 
+def top_k(y_prob: np.ndarray, y_pred: np.ndarray, k: int) -> np.ndarray:
+    """`y_pred` keeping, per image, only labels among its `k` highest scores (stable on ties)."""
+    order = np.argsort(-np.asarray(y_prob, dtype=np.float64), axis=1, kind="stable")
+    keep = np.zeros_like(y_pred)
+    np.put_along_axis(keep, order[:, :k], 1, axis=1)
+    return y_pred * keep
+
+
+def paper_metrics(y_true: np.ndarray, y_pred: np.ndarray, suffix: str = "") -> dict[str, float]:
+    """CP, CR, CF1, OP, OR, OF1 (see the module docstring) of a 0/1 prediction."""
+    from sklearn import metrics as skm  # not at import: `track` and `mlic predict` use the names only
+
+    out = {}
+    for prefix, average in (("c", "macro"), ("o", "micro")):
+        p, r, _, _ = skm.precision_recall_fscore_support(y_true, y_pred, average=average, zero_division=0)
+        out.update({f"{prefix}p{suffix}": float(p), f"{prefix}r{suffix}": float(r),
+                    f"{prefix}f1{suffix}": float(2 * p * r / (p + r)) if p + r > 0 else 0.0})
+    return out
+
+
 def _mean_or_nan(values: np.ndarray) -> float:
     """Mean of the non-NaN values, NaN (without a warning) if there are none."""
     defined = values[~np.isnan(values)]
@@ -183,6 +212,8 @@ def compute_metrics(
         out[f"{average}_recall"] = r
         out[f"{average}_f1"] = f
     out["samples_jaccard"] = skm.jaccard_score(y_true, y_pred, average="samples", zero_division=0)
+    out.update(paper_metrics(y_true, y_pred))
+    out.update(paper_metrics(y_true, top_k(y_prob, y_pred, 3), "_top3"))
 
     ap, auc = _per_class_ap_auc(y_true, y_prob)
     out["macro_ap"] = _mean_or_nan(ap)

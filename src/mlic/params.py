@@ -65,6 +65,7 @@ class Data:
     delimiter: str = " "
     classes: list[str] | None = None
     skip_bad_images: bool = False
+    max_image_pixels: int = _in(100_000_000, 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +137,13 @@ class Evaluate:
 
 @dataclasses.dataclass(frozen=True)
 class Calibrate:
+    # the same names as thresholds.STRATEGIES and calibration.TEMPERATURE_MODES (a test keeps them equal)
+    strategy: Literal["fbeta", "precision", "global"] = "fbeta"
     beta: float = _in(1.0, 0.0, lo_open=True)
+    precision_target: float = _in(0.8, 0.0, 1.0, lo_open=True)
+    min_support: int = _in(10, 1)
     default_threshold: float = _in(0.5, 0.0, 1.0)
+    temperature: Literal["none", "global", "per_class"] = "global"
 
 
 @dataclasses.dataclass(frozen=True)

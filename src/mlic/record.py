@@ -48,7 +48,7 @@ from typing import Any
 from mlic import journal
 from mlic.atomic import read_json, require_files
 from mlic.errors import InputError, MissingInput
-from mlic.metrics import DATA_FACTS, THRESHOLD_FREE
+from mlic.metrics import ALIASES, DATA_FACTS, THRESHOLD_FREE
 from mlic.model_meta import ModelMeta
 from mlic.params import flatten, read_params_file
 from mlic.split import SPLITS
@@ -74,10 +74,15 @@ BASELINE_KEPT = ("macro_f1", "macro_ap", "subset_accuracy", "hamming_loss")
 # thresholds is in-sample.
 SUMMARY_RULES = """\
 - facts about the data (n_samples, n_classes, ...) are not metrics of a model: dropped;
+- the papers' names for a value kept under another name (cp = macro_precision, ...): dropped;
+  their top-3 figures (`*_top3`) are kept on `test/` at the default threshold only;
 - `test/` keeps every metric; `val/` the threshold-free ones plus macro/micro F1;
 - `test_calibrated/` only the threshold-dependent ones (the rest equal `test/`);
   `val_calibrated/` none (in-sample: the thresholds were fitted on it);
-- `baseline/test/` a few for contrast, `baseline/val/` none."""
+- `baseline/test/` a few for contrast, `baseline/test_calibrated/` the threshold-dependent few
+  (the trivial predictor through calibrate's temperature and thresholds: the fair contrast to
+  `test_calibrated/`), `baseline/val/` none;
+- `test_probability/` (ECE and Brier score before and after temperature scaling) all four."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,14 +170,16 @@ def flatten_metrics(obj: Mapping[str, Any], prefix: str = "") -> tuple[dict[str,
 def keep_summary_metric(name: str) -> bool:
     """Whether a flattened metric belongs in the run's summary (`SUMMARY_RULES`)."""
     section, _, key = name.rpartition("/")
-    if key in DATA_FACTS:
+    if key in DATA_FACTS or key in ALIASES or (key.endswith("_top3") and section != "test"):
         return False
+    if section.startswith("baseline/"):
+        if section == "baseline/test_calibrated":
+            return key in BASELINE_KEPT and key not in THRESHOLD_FREE
+        return section == "baseline/test" and key in BASELINE_KEPT
     if section.endswith("_calibrated"):
         return section == "test_calibrated" and key not in THRESHOLD_FREE
     if section == "val":
         return key in VAL_KEPT
-    if section.startswith("baseline/"):
-        return section == "baseline/test" and key in BASELINE_KEPT
     return True
 
 
@@ -237,7 +244,7 @@ def read_datasets(manifests_dir: Path, project_root: Path) -> list[DatasetInput]
     for path in sorted(paths, key=lambda p: (order.get(p.name[: -len(MANIFEST_SUFFIX)], len(order)), p.name)):
         m = Manifest.read(manifests_dir, path.name[: -len(MANIFEST_SUFFIX)])
         columns = {"image": "binary", "filename": "string", "labels": "long"}
-        profile = {"records": m.count, "skipped": len(m.skipped), "shards": len(m.shards),
+        profile = {"records": m.count, "shards": len(m.shards),
                    "image": f"{m.encoding} {m.image_size}x{m.image_size} ({m.resize_mode})",
                    "labels": f"multi-hot, {len(m.classes)} classes in this order", "classes": m.classes,
                    "prevalence": {c: round(float(p), 6) for c, p in zip(m.classes, m.prevalence)},

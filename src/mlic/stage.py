@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import signal
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -37,6 +38,10 @@ log = logging.getLogger("mlic")
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130  # the shell's code for Ctrl-C
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def setup_logging() -> None:
@@ -82,6 +87,7 @@ class Stage:
     def __call__(self, argv: list[str] | None = None) -> int:
         args = self.parser().parse_args(argv)
         setup_logging()
+        journal.take_facts()  # a run starts with no facts (an earlier in-process run may have noted some)
         try:
             raw = read_params_file(args.params)
             # Every section present is validated, not only this stage's: a typo anywhere in the
@@ -104,9 +110,12 @@ class Stage:
         """Run as a command (argv from `dvc.yaml`) and exit with its code; a success is journalled
         under `name` (default: the script's file name)."""
         started = journal.process_start()
+        # SIGTERM (`dvc queue kill`, a scheduler's timeout) unwinds like Ctrl-C, so the temp outputs
+        # of `atomic.py` are removed on the way out instead of being left behind.
+        signal.signal(signal.SIGTERM, _interrupt)
         try:
             code = self(None)
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM turned into it: one line, no traceback
+        except KeyboardInterrupt:  # one line, no traceback
             log.error("interrupted; no output was replaced (they are written atomically). Re-run to continue")
             sys.exit(EXIT_INTERRUPTED)
         if code == 0:

@@ -17,12 +17,17 @@ import collections
 import contextlib
 import itertools
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import multiprocessing
+import multiprocessing.pool
 import os
+import signal
+import sys
 from collections.abc import Callable, Iterable, Iterator
+from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +48,8 @@ KEY_WIDTH = "image/width"
 KEY_LABEL = "image/class/label"
 
 MANIFEST_SUFFIX = ".manifest.json"
-SCHEMA_VERSION = 1
+# 2: no `skipped` list any more (split decodes every image first, so preprocess skips none)
+SCHEMA_VERSION = 2
 
 
 def shard_name(split: str, index: int, count: int) -> str:
@@ -112,25 +118,75 @@ def parse_example(serialized: Any, n_classes: int) -> dict[str, Any]:
 
 @dataclasses.dataclass(frozen=True)
 class EncodeSettings:
-    """How images become records (the `preprocess` section of params.yaml)."""
+    """How images become records (the `preprocess` section of params.yaml, and data.max_image_pixels)."""
 
     image_size: int
     resize_mode: str
     encoding: str
     jpeg_quality: int
+    max_pixels: int | None = None   # data.max_image_pixels; None: PIL's own limit
 
 
 def _prepare_one(task: tuple[str, EncodeSettings]) -> tuple[bytes | None, str | None]:
     """Worker: encoded bytes, or the reason the image failed (never raises across processes)."""
     path, s = task
     try:
-        return images.prepare(path, s.image_size, s.resize_mode, s.encoding, s.jpeg_quality), None
+        return images.prepare(path, s.image_size, s.resize_mode, s.encoding, s.jpeg_quality, s.max_pixels), None
     except Exception as exc:  # noqa: BLE001 - reported with the file name by the parent
-        return None, f"{exc.__class__.__name__}: {exc}"
+        return None, " ".join(f"{exc.__class__.__name__}: {exc}".split())
 
 
 def _prepare_chunk(tasks: list[tuple[str, EncodeSettings]]) -> list[tuple[bytes | None, str | None]]:
     return [_prepare_one(t) for t in tasks]
+
+
+def _ignore_sigint() -> None:
+    """Pool initializer: Ctrl-C reaches the whole process group, but the parent handles it (leaving
+    `worker_pool` terminates the workers), so the workers do not each print a KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+class _QuietWorker(SpawnProcess):
+    """A pool worker that ends without a word when the stage that started it is gone.
+
+    A stage killed outright (`kill -9`, SIGTERM) leaves its workers with broken pipes. An idle one
+    reads end-of-file and leaves quietly (multiprocessing's own rule); a busy one would get
+    BrokenPipeError sending its result and print two tracebacks. Here that error ends it
+    silently when the parent is gone: the result has nobody to go to. (Ending it by SIGPIPE
+    instead would be simpler but can kill it holding the result pipe's lock, and a second
+    worker then waits for that lock for ever.) With the parent alive the error is raised as usual.
+    """
+
+    def run(self) -> None:
+        try:
+            super().run()
+        except (BrokenPipeError, ConnectionResetError, EOFError):
+            parent = multiprocessing.parent_process()
+            if parent is None or parent.is_alive():
+                raise
+
+
+# The resource tracker removes the pool's semaphores when a killed stage could not, and warns
+# "There appear to be 6 leaked semaphore objects to clean up at shutdown": after `kill -9`, that
+# is expected, not a leak to report. The tracker takes its warning filters from -W options.
+_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+
+
+def _start_resource_tracker() -> None:
+    """Start multiprocessing's resource tracker (if it does not run yet) without that warning."""
+    from multiprocessing import resource_tracker
+
+    sys.warnoptions.append(_TRACKER_QUIET)
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        sys.warnoptions.remove(_TRACKER_QUIET)
+
+
+class _QuietPool(multiprocessing.pool.Pool):
+    @staticmethod
+    def Process(ctx: Any, *args: Any, **kwds: Any) -> _QuietWorker:  # how Pool makes its workers
+        return _QuietWorker(*args, **kwds)
 
 
 @contextlib.contextmanager
@@ -138,12 +194,15 @@ def worker_pool(workers: int) -> Iterator[Any]:
     """A process pool for image work, or None to work in this process when `workers` <= 1.
 
     spawn, not fork: the parent has TensorFlow loaded and forking a multi-threaded process is
-    unsafe. Create it once per stage: each spawned worker pays a second or so of imports.
+    unsafe. Create it once per stage: each spawned worker pays a second or so of imports. The
+    workers end quietly when the stage fails, is interrupted or killed (`_QuietWorker`).
     """
     if workers <= 1:
         yield None
         return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+    if os.name == "posix":
+        _start_resource_tracker()
+    with _QuietPool(workers, initializer=_ignore_sigint, context=multiprocessing.get_context("spawn")) as pool:
         yield pool
 
 
@@ -187,14 +246,44 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+# strerror text -> errno for the write failures that are the machine's, not the code's.
+_ERRNO_BY_TEXT = {os.strerror(code): code for code in
+                  (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO)}
+
+
+@contextlib.contextmanager
+def _writing(path: Path) -> Iterator[None]:
+    """Writing `path`, a full disk or a refused write is raised as an OSError naming `path`.
+
+    TensorFlow's writer reports it as a `tf.errors.OpError` ("<path>; No space left on device"),
+    and Python's write() as an OSError without a file name: either way `errors.disk_error` could
+    not say which file failed, or would not recognise the error at all.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno in _ERRNO_BY_TEXT.values():
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
+    except Exception as exc:
+        tf = sys.modules.get("tensorflow")
+        code = _ERRNO_BY_TEXT.get(str(getattr(exc, "message", "")).rsplit("; ", 1)[-1].strip())
+        if tf is None or not isinstance(exc, tf.errors.OpError) or code is None:
+            raise
+        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
 def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[str], images_dir: Path,
-                out_dir: Path, settings: EncodeSettings, shard_size: int, seed: int, pool: Any = None,
-                skip_bad_images: bool = False) -> "Manifest":
+                out_dir: Path, settings: EncodeSettings, shard_size: int, seed: int, pool: Any = None) -> "Manifest":
     """Write one split's shards and manifest into `out_dir`; return the manifest.
 
-    `pool` comes from `worker_pool` (None works in this process). The caller makes `out_dir` atomic (a temp folder renamed into place), so shards are written
-    straight into it. Raises ValueError naming the file when an image cannot be decoded and
-    `skip_bad_images` is false; otherwise such images are skipped and listed in the manifest.
+    `pool` comes from `worker_pool` (None works in this process). The caller makes `out_dir`
+    atomic (a temp folder renamed into place), so shards are written straight into it.
+
+    Every image is expected to decode: `split` decoded each one the same way and skipped (or
+    refused) the bad ones, so the split CSVs, the manifests and reports/data/skipped.csv agree.
+    An image that fails here changed after `split` ran: `images.ImageError` names it and says to
+    re-run split; nothing is skipped here.
     """
     n = len(filenames)
     order = record_order(filenames, seed)
@@ -205,35 +294,28 @@ def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[s
     import tensorflow as tf  # after the workers have their first images: the import takes ~3 s
     image_format = "jpeg" if settings.encoding == "jpeg" else "png"
 
-    shards, skipped, kept = [], [], []
+    shards = []
     for s, group in enumerate(groups):
         path = out_dir / shard_name(split, s, n_shards)
-        count = 0
-        with tf.io.TFRecordWriter(str(path)) as writer:
+        with _writing(path), tf.io.TFRecordWriter(str(path)) as writer:
             for i in group:
                 encoded, error = next(results)
                 if error is not None:
-                    if not skip_bad_images:
-                        raise InputError(
-                            f"{images_dir / filenames[i]}: cannot be decoded ({error}); replace or remove the "
-                            "image, or set data.skip_bad_images: true to skip it")
-                    skipped.append({"filename": filenames[i], "reason": error})
-                    continue
+                    raise images.ImageError(
+                        f"{images_dir / filenames[i]}: cannot be decoded ({error}), though split could decode "
+                        "it: the file changed since; run `dvc repro split` (which checks every image again), "
+                        "then preprocess")
                 ids = np.flatnonzero(y[i]).tolist()
                 writer.write(serialize_example(encoded, image_format, filenames[i],
                                                settings.image_size, settings.image_size, ids))
-                kept.append(i)
-                count += 1
-        shards.append({"file": path.name, "records": count, "sha256": _sha256(path)})
-    if skipped:
-        log.warning("%s: skipped %d images that could not be decoded", split, len(skipped))
+        shards.append({"file": path.name, "records": len(group), "sha256": _sha256(path)})
 
     manifest = Manifest(
-        schema_version=SCHEMA_VERSION, split=split, count=len(kept), skipped=skipped,
+        schema_version=SCHEMA_VERSION, split=split, count=n,
         classes=list(classes), image_size=settings.image_size, channels=3,
         resize_mode=settings.resize_mode, encoding=settings.encoding,
         jpeg_quality=settings.jpeg_quality if settings.encoding == "jpeg" else None,
-        positives={c: int(v) for c, v in zip(classes, y[kept].sum(axis=0))},
+        positives={c: int(v) for c, v in zip(classes, np.asarray(y).sum(axis=0))},
         shards=[Shard(**s) for s in shards], fingerprint="", directory=Path(out_dir),
     )
     manifest = dataclasses.replace(manifest, fingerprint=fingerprint(manifest.to_dict()))
@@ -265,7 +347,6 @@ class Manifest:
     schema_version: int
     split: str
     count: int
-    skipped: list[dict[str, str]]   # {"filename", "reason"} of images that could not be decoded
     classes: list[str]              # label column order
     image_size: int
     channels: int
@@ -296,7 +377,7 @@ class Manifest:
     def write(self) -> Path:
         """Write `<directory>/<split>.manifest.json` (sorted keys: stable bytes)."""
         path = self.directory / f"{self.split}{MANIFEST_SUFFIX}"
-        with open(path, "w", encoding="utf-8") as fh:
+        with _writing(path), open(path, "w", encoding="utf-8") as fh:
             json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
             fh.write("\n")
         return path
