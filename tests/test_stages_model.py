@@ -427,7 +427,7 @@ CALIBRATE = {"beta": 1.0, "default_threshold": 0.5, "strategy": "fbeta", "min_su
 def write_train_manifest(folder: Path, classes: list[str], positives: list[int], count: int) -> None:
     """A train manifest holding what calibrate reads from it: classes and positives (prevalence)."""
     folder.mkdir(parents=True, exist_ok=True)
-    tfrecords.Manifest(schema_version=tfrecords.SCHEMA_VERSION, split="train", count=count, skipped=[],
+    tfrecords.Manifest(schema_version=tfrecords.SCHEMA_VERSION, split="train", count=count,
                        classes=list(classes), image_size=32, channels=3, resize_mode="pad", encoding="png",
                        jpeg_quality=None, positives=dict(zip(classes, positives)), shards=[],
                        fingerprint="0" * 64, directory=folder).write()
