@@ -23,7 +23,7 @@ import pandas as pd
 
 from mlic import model as mlic_model
 from mlic.metrics import greater_is_better
-from mlic.params import Train
+from mlic.params import ParamsError, Train
 from mlic.resume import Resume, State, assign
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,7 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     logged = ["loss", *(m.name for m in mlic_model.make_metrics(n_classes))]
     known = sorted(logged + [f"val_{name}" for name in logged])
     if cfg.monitor not in known:
-        raise ValueError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
+        raise ParamsError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
                          f"choose one of {', '.join(known)}")
     loss = mlic_model.make_loss(pos_weight)
     steps = max(1, math.ceil(n_train / cfg.batch_size))
@@ -170,7 +170,7 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
 
     history = pd.DataFrame(rows)
     if cfg.monitor not in history:
-        raise ValueError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
+        raise ParamsError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
                          f"choose one of {', '.join(sorted(history.columns))}")
     values = history[cfg.monitor].to_numpy()
     idx = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
