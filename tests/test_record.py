@@ -56,20 +56,22 @@ def _full_report() -> dict:
 def test_summary_keeps_the_numbers_worth_comparing_and_stays_small():
     flat, _ = record.flatten_metrics(_full_report())
     kept = sorted(k for k in flat if record.keep_summary_metric(k))
-    n_model = len(_full_report()["test"]) - len(metrics.DATA_FACTS) - len(metrics.ALIASES)  # per section
     top3 = sum(k.startswith("test/") and k.endswith("_top3") for k in flat)
-    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE) - top3
+    assert top3 == 6 and set(record.TOP3_KEPT) < {k.partition("/")[2] for k in flat if k.endswith("_top3")}
+    n_model = (len(_full_report()["test"]) - len(metrics.DATA_FACTS) - len(metrics.ALIASES)
+               - (top3 - len(record.TOP3_KEPT)))  # per section
+    threshold_dependent = n_model - len(metrics.THRESHOLD_FREE) - len(record.TOP3_KEPT)
     baseline_calibrated = [k for k in record.BASELINE_KEPT if k not in metrics.THRESHOLD_FREE]
-    assert top3 == 6
     assert len(kept) == (n_model + len(record.VAL_KEPT) + threshold_dependent + len(record.BASELINE_KEPT)
                          + len(baseline_calibrated) + 4)
-    assert len(kept) <= 62                                        # room for train/ and facts near 70
+    assert len(kept) <= 56                                        # room for train/ and facts under 60
     # the trivial predictor calibrated like the model: the fair contrast, its few threshold-dependent numbers
     assert {f"baseline/test_calibrated/{k}" for k in baseline_calibrated} <= set(kept)
     assert "baseline/test_calibrated/macro_ap" not in kept        # = baseline/test/macro_ap
     assert {"test_probability/ece_before", "test_probability/brier_after"} <= set(kept)
     assert not any(k.rpartition("/")[2] in metrics.ALIASES for k in kept)
     assert "test/cf1" in kept and "test_calibrated/cf1" in kept and "test_calibrated/cf1_top3" not in kept
+    assert "test/of1_top3" in kept and "test/cp_top3" not in kept
     assert not any(k.rpartition("/")[2] in metrics.DATA_FACTS for k in kept)
     assert "test_calibrated/macro_f1" in kept and "test_calibrated/macro_ap" not in kept
     assert not any(k.startswith(("val_calibrated/", "baseline/val/")) for k in kept)

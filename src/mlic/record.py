@@ -68,6 +68,8 @@ PREVIEW_SUFFIX = {".lock": ".yaml"}
 # Which summary metrics a run holds (see keep_summary_metric). Validation is for choosing a
 # model, so it keeps what ranks models independently of any threshold, plus F1 at the default.
 VAL_KEPT = (*THRESHOLD_FREE, "macro_f1", "micro_f1")
+# The papers' top-3 figures a run keeps (on test/): the two F1s; their P/R parts stay in the JSON.
+TOP3_KEPT = ("cf1_top3", "of1_top3")
 # The trivial predictor is a contrast, not a candidate: a few numbers on test say what ours are worth.
 BASELINE_KEPT = ("macro_f1", "macro_ap", "subset_accuracy", "hamming_loss")
 # A calibrated report repeats the ranking metrics unchanged; validation at its own fitted
@@ -75,7 +77,7 @@ BASELINE_KEPT = ("macro_f1", "macro_ap", "subset_accuracy", "hamming_loss")
 SUMMARY_RULES = """\
 - facts about the data (n_samples, n_classes, ...) are not metrics of a model: dropped;
 - the papers' names for a value kept under another name (cp = macro_precision, ...): dropped;
-  their top-3 figures (`*_top3`) are kept on `test/` at the default threshold only;
+  of their top-3 figures, CF1 and OF1 are kept, on `test/` at the default threshold only;
 - `test/` keeps every metric; `val/` the threshold-free ones plus macro/micro F1;
 - `test_calibrated/` only the threshold-dependent ones (the rest equal `test/`);
   `val_calibrated/` none (in-sample: the thresholds were fitted on it);
@@ -170,7 +172,7 @@ def flatten_metrics(obj: Mapping[str, Any], prefix: str = "") -> tuple[dict[str,
 def keep_summary_metric(name: str) -> bool:
     """Whether a flattened metric belongs in the run's summary (`SUMMARY_RULES`)."""
     section, _, key = name.rpartition("/")
-    if key in DATA_FACTS or key in ALIASES or (key.endswith("_top3") and section != "test"):
+    if key in DATA_FACTS or key in ALIASES or (key.endswith("_top3") and (section != "test" or key not in TOP3_KEPT)):
         return False
     if section.startswith("baseline/"):
         if section == "baseline/test_calibrated":
