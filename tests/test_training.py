@@ -181,3 +181,29 @@ def test_two_phase_fine_tuning_of_a_pretrained_backbone(tfr, tmp_path: Path, mon
     assert bns and not any(layer.trainable for layer in bns)
     assert [layer for layer in backbone.layers if layer.trainable] == [
         layer for layer in top if not isinstance(layer, keras.layers.BatchNormalization)]
+
+
+def test_phase_2_starts_from_the_best_phase_1_weights(tfr, tmp_path: Path, monkeypatch) -> None:
+    """The monitor's direction is reversed (the highest training loss is 'best') so the best
+    phase-1 epoch is the first, not the last: phase 2 must start from that epoch's weights."""
+    _, k = tfr
+    weights = tmp_path / "backbone.weights.h5"
+    mm.build_backbone("mobilenet_v2", (SIZE, SIZE, 3)).save_weights(weights)
+    model = mm.build_model("mobilenet_v2", k, SIZE, weights=weights, seed=SEED)
+    checkpoint = tmp_path / "best.keras"
+    at_phase2: dict[str, bool] = {}
+    unfreeze = mm.unfreeze_top
+
+    def spy(m: keras.Model, n_layers: int) -> int:
+        best = keras.models.load_model(checkpoint, compile=False)
+        at_phase2["equal"] = all(np.array_equal(a, b) for a, b in zip(m.get_weights(), best.get_weights(), strict=True))
+        return unfreeze(m, n_layers)
+
+    monkeypatch.setattr(mm, "unfreeze_top", spy)
+    monkeypatch.setattr(training, "monitor_mode", lambda monitor: "max")
+    cfg = config(backbone="mobilenet_v2", weights=str(weights), lr_schedule="constant", monitor="loss",
+                 epochs=3, learning_rate=0.01, finetune_epochs=1, finetune_layers=5, finetune_learning_rate=0.001)
+    _, result, _ = run_fit(tfr, cfg, checkpoint, model=model, pretrained=True)
+    phase1 = result.history[result.history["phase"] == "head"]
+    assert int(phase1["loss"].to_numpy().argmax()) == 0  # the 'best' phase-1 epoch is not the last
+    assert at_phase2 == {"equal": True}

@@ -145,6 +145,10 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
         if phase == "head":
             mlic_model.freeze_backbone(model)
         elif phase == "finetune":
+            if done == 0 and checkpoint.is_file():
+                # From the best phase-1 epoch, not the last: fine-tuning an overfit head wastes phase 2.
+                model.load_weights(str(checkpoint))
+                log.info("phase 2 starts from the best phase-1 weights (%s)", checkpoint.name)
             n = mlic_model.unfreeze_top(model, cfg.finetune_layers)
             log.info("phase 2: %d backbone layers trainable (BatchNorm frozen)", n)
         _compile(model, learning_rate(cfg.lr_schedule, lr0, epochs * steps), loss, n_classes, jit_compile)
