@@ -76,7 +76,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     tf.config.set_logical_device_configuration(
         cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
     )
-    from mlic import model as mm
+    from mlic import devices, losses, model as mm
 
     devices.set_seed(0)
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
@@ -89,7 +89,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     with strategy.scope():
         model = mm.build_model("simple_cnn", 3, 32, augmentation=mm.Augmentation(), width=8)
         model.compile(optimizer="adam", loss=losses.make_loss("weighted_bce", pos_weight=np.ones(3)),
-                      metrics=losses.make_metrics(3)))
+                      metrics=losses.make_metrics(3))
     history = model.fit(ds, epochs=1, verbose=0)
     loss = history.history["loss"][-1]
     assert np.isfinite(loss), loss

@@ -102,10 +102,11 @@ def test_pool_head(pool, width):
     np.testing.assert_allclose(pooled, np.concatenate(expected, axis=-1), rtol=1e-5, atol=1e-6)
 
 
-def test_resnet_small_keeps_full_resolution_in_the_stem_and_ends_at_a_sixteenth():
+def test_resnet_small_keeps_full_resolution_in_the_stem_and_downsamples_by_its_strides():
     backbone = mm.build_backbone("resnet_small", (64, 64, 3), width=8)
     assert backbone.get_layer("stem_conv").output.shape == (None, 64, 64, 8)
-    assert backbone.output.shape == (None, 4, 4, 64)
+    side = 64 // int(np.prod(mm.RESNET_SMALL_STRIDES))
+    assert backbone.output.shape == (None, side, side, 64)
     adds = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Add)]
     assert len(adds) == sum(mm.RESNET_SMALL_BLOCKS)
     # each block starts as the identity on its residual branch (zero-initialised last BN gamma)

@@ -135,8 +135,9 @@ def _basic_block(x, filters: int, stride: int, name: str):
     return keras.layers.ReLU(name=f"{name}_out")(y)
 
 
-# Basic blocks per stage of resnet_small (stages of width, 2w, 4w, 8w filters, each halving the side).
+# resnet_small: basic blocks per stage (stages of width, 2w, 4w, 8w filters) and each stage's stride.
 RESNET_SMALL_BLOCKS = (1, 1, 1, 1)
+RESNET_SMALL_STRIDES = (1, 2, 2, 2)
 
 
 def _resnet_small(input_shape: tuple[int, int, int], width: int) -> keras.Model:
@@ -144,17 +145,19 @@ def _resnet_small(input_shape: tuple[int, int, int], width: int) -> keras.Model:
 
     Stem: one 3x3 Conv-BN-ReLU at full resolution, no strided 7x7 and no max-pool: ImageNet
     ResNets divide the side by 4 before the first block, which leaves an object of 10 % of a
-    96 px image about 2 pixels wide. Then four stages (width, 2w, 4w, 8w filters) whose first
-    block halves the side with a strided convolution: the feature map is 1/16 of the input side,
-    like simple_cnn's, at about a third of simple_cnn's multiply-adds at the same input size.
+    96 px image about 2 pixels wide. Then four stages (width, 2w, 4w, 8w filters); the first
+    block of a stage with stride 2 halves the side with a strided convolution. With the default
+    strides (1, 2, 2, 2) the first stage works at full resolution and the feature map is 1/8 of
+    the input side, at about simple_cnn's multiply-adds for the same input size.
     """
     inputs = keras.Input(shape=input_shape, name="backbone_input")
     x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = keras.layers.BatchNormalization(name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
-    for i, (n_blocks, filters) in enumerate(zip(RESNET_SMALL_BLOCKS, (width, 2 * width, 4 * width, 8 * width)), 1):
+    filters = (width, 2 * width, 4 * width, 8 * width)
+    for i, (n_blocks, f, stride) in enumerate(zip(RESNET_SMALL_BLOCKS, filters, RESNET_SMALL_STRIDES), 1):
         for j in range(n_blocks):
-            x = _basic_block(x, filters, 2 if j == 0 else 1, name=f"stage{i}_block{j + 1}")
+            x = _basic_block(x, f, stride if j == 0 else 1, name=f"stage{i}_block{j + 1}")
     return keras.Model(inputs, x, name=BACKBONE_NAME)
 
 
