@@ -93,7 +93,7 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     image_size: int = _in(64, 8)
-    resize_mode: Literal["squash", "pad", "crop"] = "pad"
+    resize_mode: Literal["squash", "pad", "crop"] = "squash"
     encoding: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = _in(92, 1, 95)
     shard_size: int = _in(512, 1)
@@ -109,8 +109,8 @@ class Train:
     width: int = _in(16, 1)
     pool: Literal["avg", "max", "avgmax"] = "avg"  # == model.POOLS
     weights: str | None = None
-    batch_size: int = _in(32, 1)
-    epochs: int = _in(40, 1)
+    batch_size: int = _in(16, 1)
+    epochs: int = _in(60, 1)
     learning_rate: float = _in(0.003, 0.0, lo_open=True)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     dropout: float = _in(0.3, 0.0, 1.0, hi_open=True)
