@@ -25,7 +25,7 @@ from mlic.console import quiet_tensorflow
 if __name__ == "__main__":  # before the imports below load TensorFlow; tests calling main() keep pytest's stderr
     quiet_tensorflow()
 
-from mlic import dataset, journal, model as mlic_model, model_file, resume, store, training
+from mlic import dataset, devices as mlic_devices, journal, losses, model as mlic_model, model_file, resume, store, training
 from mlic.atomic import atomic_path, write_csv, write_json
 from mlic.model_meta import ModelMeta
 from mlic.stage import Params, Stage
@@ -49,8 +49,8 @@ def run(args: argparse.Namespace, params: Params) -> int:
     # Say so now, in one line (TrackingUnavailable), rather than after a long training.
     store.check_store(store.resolve_tracking_uri(params.tracking.uri, Path.cwd()))
 
-    mlic_model.set_seed(common.seed, cfg.deterministic_ops)
-    devices = mlic_model.configure_devices(cfg.mixed_precision, cfg.jit_compile)
+    mlic_devices.set_seed(common.seed, cfg.deterministic_ops)
+    devices = mlic_devices.configure_devices(cfg.mixed_precision, cfg.jit_compile)
     train_m, val_m = Manifest.read(args.tfrecords, "train"), Manifest.read(args.tfrecords, "val")
     classes, size = train_m.classes, train_m.image_size
     if (val_m.classes, val_m.image_size, val_m.resize_mode) != (classes, size, train_m.resize_mode):
@@ -69,14 +69,15 @@ def run(args: argparse.Namespace, params: Params) -> int:
     with devices.strategy.scope():
         model = mlic_model.build_model(
             cfg.backbone, len(classes), size, weights=cfg.weights, dropout=cfg.dropout, seed=common.seed,
+            width=cfg.width, pool=cfg.pool,
             augmentation=mlic_model.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom,
                                                  cfg.augment_contrast))
-        pos_weight = mlic_model.positive_weights(train_m.prevalence, cfg.max_pos_weight) if cfg.pos_weight else None
+        loss = losses.loss_from_params(cfg, train_m.prevalence)
         with atomic_path(args.model) as tmp:
             ckpt = tmp.with_suffix(".keras")  # Keras insists on the extension
             try:
                 result = training.fit(model, train_epochs, val_ds, cfg=cfg, n_classes=len(classes),
-                                      n_train=train_m.count, checkpoint=ckpt, pos_weight=pos_weight,
+                                      n_train=train_m.count, checkpoint=ckpt, loss=loss,
                                       jit_compile=devices.jit_compile, pretrained=pretrained, resume=saved)
                 model_file.make_deterministic(ckpt)  # same weights, same bytes: DVC skips what follows
                 ckpt.replace(tmp)

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from sklearn.metrics import f1_score
 
+from mlic import losses
 from mlic import model as mm
 
 SIZE = 32
@@ -32,7 +27,8 @@ def compiled_cnn(pos_weight=None, augmentation=None, seed: int = 0) -> keras.Mod
     model = mm.build_model(
         "simple_cnn", N_CLASSES, SIZE, augmentation=augmentation, seed=seed, width=8
     )
-    model.compile(optimizer="adam", loss=mm.make_loss(pos_weight), metrics=mm.make_metrics(N_CLASSES))
+    model.compile(optimizer="adam", loss=losses.make_loss("bce" if pos_weight is None else "weighted_bce", pos_weight=pos_weight),
+                  metrics=losses.make_metrics(N_CLASSES))
     return model
 
 
@@ -62,6 +58,8 @@ def test_every_backbone_builds_and_outputs_probabilities(name):
         ({"n_classes": 0}, "n_classes"),
         ({"dropout": 1.0}, "dropout"),
         ({"backbone": "vgg16", "image_size": 16}, "at least 32 px"),
+        ({"backbone": "resnet_small", "weights": "imagenet"}, "trained from scratch"),
+        ({"pool": "mean"}, "unknown pool"),
     ],
 )
 def test_build_model_rejects_bad_arguments(kwargs, message):
@@ -79,11 +77,76 @@ def test_head_stays_float32_under_mixed_precision(float32_policy):
     assert model.predict(images(2), verbose=0).dtype == np.float32
 
 
+# The keras.applications backbones that normalise inside themselves: the model adds no layer and
+# the backbone's own first layers do what keras' preprocess_input would (identity here) expect.
+SELF_NORMALISING = ["mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0", "efficientnetv2_b0", "convnext_tiny"]
+
+
+@pytest.mark.parametrize("name", SELF_NORMALISING)
+def test_self_normalising_backbones_take_raw_pixels(name):
+    assert mm.build_preprocessing(name) is None
+    backbone = mm.build_backbone(name, (SIZE, SIZE, 3))
+    first = [type(layer).__name__ for layer in backbone.layers[1:3]]
+    assert "Rescaling" in first or "Normalization" in first, first
+
+
+@pytest.mark.parametrize("pool, width", [("avg", 64), ("max", 64), ("avgmax", 128)])
+def test_pool_head(pool, width):
+    model = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8, pool=pool)
+    assert model.get_layer("pool").output.shape == (None, width)  # simple_cnn width 8 ends with 64 channels
+    feature_map = model.get_layer("backbone").predict(images(2) / 255.0, verbose=0)  # simple_cnn: x/255 first
+    pooled = keras.Model(model.input, model.get_layer("pool").output).predict(images(2), verbose=0)
+    expected = {"avg": [feature_map.mean((1, 2))], "max": [feature_map.max((1, 2))],
+                "avgmax": [feature_map.mean((1, 2)), feature_map.max((1, 2))]}[pool]
+    np.testing.assert_allclose(pooled, np.concatenate(expected, axis=-1), rtol=1e-5, atol=1e-6)
+
+
+def test_resnet_small_keeps_full_resolution_in_the_stem_and_downsamples_by_its_strides():
+    backbone = mm.build_backbone("resnet_small", (64, 64, 3), width=8)
+    assert backbone.get_layer("stem_conv").output.shape == (None, 64, 64, 8)
+    side = 64 // int(np.prod(mm.RESNET_SMALL_STRIDES))
+    assert backbone.output.shape == (None, side, side, 64)
+    adds = [layer for layer in backbone.layers if isinstance(layer, keras.layers.Add)]
+    assert len(adds) == sum(mm.RESNET_SMALL_BLOCKS)
+    # each block starts as the identity on its residual branch (zero-initialised last BN gamma)
+    for add in adds:
+        bn = backbone.get_layer(add.name.replace("_add", "_bn2"))
+        assert not np.any(keras.ops.convert_to_numpy(bn.gamma))
+
+
+@pytest.mark.parametrize("name", ["resnet_small", "mobilenet_v3_small", "efficientnetv2_b0"])
+def test_new_backbones_train_save_and_load(tmp_path, name):
+    x, y = images(16), labels(16)
+    model = mm.build_model(name, N_CLASSES, SIZE, augmentation=mm.Augmentation(), width=8, pool="avgmax")
+    model.compile(optimizer="adam", loss=losses.make_loss("asl"), metrics=losses.make_metrics(N_CLASSES))
+    history = model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+    assert np.isfinite(history.history["loss"][-1])
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = mm.load_model(path)
+    assert loaded.get_layer(mm.BACKBONE_NAME).name == "backbone"
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-5, atol=1e-6)
+
+
+def test_fine_tuning_finds_the_backbone_of_a_renamed_application():
+    # EfficientNetV2 is built under its own name (its block layout is looked up by it) and renamed.
+    model = mm.build_model("efficientnetv2_b0", N_CLASSES, SIZE)
+    mm.freeze_backbone(model)
+    assert not model.get_layer("backbone").trainable
+    assert mm.unfreeze_top(model, 5) > 0
+
+
 # --------------------------------------------------------------------------- preprocessing
 KERAS_PREPROCESS = {
     "simple_cnn": lambda x: x / 255.0,
+    "resnet_small": lambda x: x / 255.0,
     "mobilenet_v2": keras.applications.mobilenet_v2.preprocess_input,
+    # these four normalise inside the backbone: their preprocess_input is the identity
+    "mobilenet_v3_small": keras.applications.mobilenet_v3.preprocess_input,
+    "mobilenet_v3_large": keras.applications.mobilenet_v3.preprocess_input,
     "efficientnet_b0": keras.applications.efficientnet.preprocess_input,
+    "efficientnetv2_b0": keras.applications.efficientnet_v2.preprocess_input,
+    "convnext_tiny": keras.applications.convnext.preprocess_input,
     "resnet50": keras.applications.resnet50.preprocess_input,
     "resnet50_v2": keras.applications.resnet_v2.preprocess_input,
     "vgg16": keras.applications.vgg16.preprocess_input,
@@ -126,10 +189,10 @@ def test_fit_save_load_gives_identical_predictions(tmp_path):
 
     path = tmp_path / "model.keras"
     model.save(path)
-    loaded = keras.models.load_model(path)  # no custom_objects: importing mlic.model registers them
+    loaded = keras.models.load_model(path)  # no custom_objects: importing mlic.losses/model registers them
 
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
-    assert isinstance(loaded.loss, mm.WeightedBinaryCrossentropy)
+    assert isinstance(loaded.loss, losses.WeightedBinaryCrossentropy)
     assert loaded.loss.pos_weight == [1.0, 2.0, 3.0]
 
 
@@ -227,7 +290,7 @@ def test_frozen_batchnorm_keeps_its_statistics_while_fine_tuning():
     # features, so its gradients (and Adam steps) are too small to see.
     model = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8)
     mm.unfreeze_top(model, 10_000)
-    model.compile(optimizer="adam", loss=mm.make_loss())
+    model.compile(optimizer="adam", loss=losses.make_loss())
     backbone = model.get_layer("backbone")
     bns = _bn_layers(backbone)
     before = [keras.ops.convert_to_numpy(bn.moving_mean).copy() for bn in bns]
@@ -314,163 +377,6 @@ def test_imagenet_download_failure_is_wrapped_with_advice(monkeypatch):
     assert "URL fetch failure" in str(info.value)
 
 
-# --------------------------------------------------------------------------- loss
-def test_unweighted_loss_equals_keras_binary_crossentropy():
-    rng = np.random.default_rng(0)
-    y_true = labels(16, 5)
-    y_pred = rng.random((16, 5)).astype("float32")
-    y_pred[0, :2] = [0.0, 1.0]  # exact 0/1 must stay finite (clipping)
-    ours = float(mm.make_loss(None)(y_true, y_pred))
-    keras_bce = float(keras.losses.BinaryCrossentropy()(y_true, y_pred))
-    assert np.isfinite(ours)
-    assert ours == pytest.approx(keras_bce, rel=1e-6)
-
-
-def test_unweighted_loss_equals_keras_bce_inside_a_model():
-    # In a model Keras recovers the logits behind the sigmoid; the custom loss must too.
-    x, y = images(16), labels(16)
-    model = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8)
-    model.compile(loss=mm.make_loss(None))
-    ours = model.evaluate(x, y, batch_size=16, verbose=0)
-    model.compile(loss=keras.losses.BinaryCrossentropy())
-    assert ours == pytest.approx(model.evaluate(x, y, batch_size=16, verbose=0), rel=1e-6)
-
-
-def test_weighted_loss_matches_the_formula():
-    y_true = np.array([[1, 0, 1], [0, 1, 0]], dtype="float32")
-    y_pred = np.array([[0.9, 0.2, 0.3], [0.4, 0.6, 0.1]], dtype="float32")
-    w = np.array([2.0, 1.0, 5.0], dtype="float32")
-    per_class = -(w * y_true * np.log(y_pred) + (1 - y_true) * np.log(1 - y_pred))
-    expected = per_class.mean(axis=1).mean()
-    assert float(mm.make_loss(w)(y_true, y_pred)) == pytest.approx(expected, rel=1e-5)
-
-
-def test_weighted_loss_serialises():
-    loss = mm.make_loss(np.array([1.5, 3.0]))
-    clone = keras.losses.deserialize(keras.losses.serialize(loss))
-    assert isinstance(clone, mm.WeightedBinaryCrossentropy)
-    assert clone.get_config() == loss.get_config()
-
-
-@pytest.mark.parametrize(
-    "prevalence, expected",
-    [
-        ([0.5, 0.1, 0.25], [1.0, 9.0, 3.0]),
-        ([0.01, 0.0], [10.0, 10.0]),  # rare or absent classes are capped
-        ([0.9, 1.0], [1 / 9, 0.1]),  # common classes are down-weighted, floor 1/max_weight
-    ],
-)
-def test_positive_weights(prevalence, expected):
-    weights = mm.positive_weights(np.array(prevalence), max_weight=10.0)
-    np.testing.assert_allclose(weights, expected, rtol=1e-6)
-
-
-@pytest.mark.parametrize("prevalence", [[-0.1], [1.5], [[0.5]], [np.nan]])
-def test_positive_weights_rejects_non_fractions(prevalence):
-    with pytest.raises(ValueError):
-        mm.positive_weights(np.array(prevalence))
-
-
-# --------------------------------------------------------------------------- metrics
-def test_metrics_give_binary_accuracy_and_macro_f1():
-    y_true = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 1]], dtype="float32")
-    y_pred = np.array(
-        [[0.9, 0.2, 0.4], [0.6, 0.7, 0.8], [0.3, 0.55, 0.1], [0.1, 0.45, 0.95]], dtype="float32"
-    )
-    metrics = {m.name: m for m in mm.make_metrics(3)}
-    assert list(metrics) == ["binary_accuracy", "auc_pr", "f1"]
-    for metric in metrics.values():
-        metric.update_state(y_true, y_pred)
-
-    hard = (y_pred >= 0.5).astype("float32")
-    assert float(metrics["binary_accuracy"].result()) == pytest.approx((hard == y_true).mean())
-    assert float(metrics["binary_accuracy"].result()) == pytest.approx(9 / 12)
-    expected_f1 = f1_score(y_true, hard, average="macro")
-    assert float(metrics["f1"].result()) == pytest.approx(expected_f1, abs=1e-6)
-    assert 0.0 <= float(metrics["auc_pr"].result()) <= 1.0
-
-
-# --------------------------------------------------------------------------- devices, seeds
-def test_configure_devices_auto_on_cpu(float32_policy):
-    config = mm.configure_devices()
-    assert config.gpus == len(tf.config.list_physical_devices("GPU"))
-    if config.gpus == 0:
-        assert not config.mixed_precision and not config.jit_compile
-        assert not isinstance(config.strategy, tf.distribute.MirroredStrategy)
-    assert keras.mixed_precision.global_policy().name == (
-        "mixed_float16" if config.mixed_precision else "float32"
-    )
-
-
-def test_configure_devices_forced_switches(float32_policy):
-    config = mm.configure_devices(mixed_precision="on", jit_compile="off")
-    assert config.mixed_precision and not config.jit_compile
-    assert keras.mixed_precision.global_policy().name == "mixed_float16"
-    mm.configure_devices(mixed_precision="off")
-    assert keras.mixed_precision.global_policy().name == "float32"
-    # Unquoted on/off in YAML arrive as booleans.
-    assert mm.configure_devices(mixed_precision=False, jit_compile=True).jit_compile is True
-    with pytest.raises(ValueError, match="auto"):
-        mm.configure_devices(mixed_precision="yes")
-
-
-def test_make_strategy_is_default_for_one_device():
-    assert mm.make_strategy(0) is tf.distribute.get_strategy()
-    assert mm.make_strategy(1) is tf.distribute.get_strategy()
-
-
-def test_set_seed_reproduces_initial_weights(monkeypatch):
-    calls = []
-    # Op determinism is process-wide and irreversible: record the call instead of making it.
-    monkeypatch.setattr(tf.config.experimental, "enable_op_determinism", lambda: calls.append(1))
-    mm.set_seed(7, deterministic_ops=True)
-    first = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8).get_weights()
-    mm.set_seed(7)
-    second = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8).get_weights()
-    assert calls == [1]
-    for a, b in zip(first, second):
-        np.testing.assert_array_equal(a, b)
-
-
-MIRRORED_SCRIPT = textwrap.dedent(
-    """
-    import numpy as np
-    import tensorflow as tf
-
-    # Must run before TF initialises its devices, hence a fresh process.
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
-    )
-    from mlic import model as mm
-
-    mm.set_seed(0)
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    assert strategy.num_replicas_in_sync == 2
-    per_replica = 4
-    global_batch = per_replica * strategy.num_replicas_in_sync
-    x = np.random.default_rng(0).uniform(0, 255, (32, 32, 32, 3)).astype("float32")
-    y = (np.random.default_rng(1).random((32, 3)) < 0.4).astype("float32")
-    ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
-    with strategy.scope():
-        model = mm.build_model("simple_cnn", 3, 32, augmentation=mm.Augmentation(), width=8)
-        model.compile(optimizer="adam", loss=mm.make_loss(np.ones(3)), metrics=mm.make_metrics(3))
-    history = model.fit(ds, epochs=1, verbose=0)
-    loss = history.history["loss"][-1]
-    assert np.isfinite(loss), loss
-    print("LOSS", loss)
-    """
-)
-
-
-def test_mirrored_strategy_trains_on_two_logical_cpus():
-    result = subprocess.run(
-        [sys.executable, "-c", MIRRORED_SCRIPT], capture_output=True, text=True, timeout=240
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "LOSS" in result.stdout
-
-
 def test_summary_text_does_not_depend_on_the_terminal(monkeypatch) -> None:
     """train writes it as a DVC output: a terminal and CI must write the same bytes."""
     model = mm.build_model("simple_cnn", 3, 32, augmentation=None, seed=0)
@@ -488,3 +394,11 @@ def test_the_backbone_choices_of_params_are_exactly_the_built_ones() -> None:
     from mlic.params import Train
 
     assert set(typing.get_args(typing.get_type_hints(Train)["backbone"])) == set(mm.BACKBONES)
+
+
+def test_the_pool_choices_of_params_are_exactly_the_built_ones() -> None:
+    import typing
+
+    from mlic.params import Train
+
+    assert set(typing.get_args(typing.get_type_hints(Train)["pool"])) == set(mm.POOLS)

@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 
 import mlic.model  # noqa: F401 - registers the custom objects load_model needs
-from mlic import dataset, resume, tfrecords, training
+from mlic import dataset, devices, resume, tfrecords, training
 from mlic import model as mm
 from mlic.params import Train
 from mlic.tfrecords import EncodeSettings, write_split
@@ -56,7 +56,7 @@ def config(**overrides) -> Train:
 
 
 def build(cfg: Train, k: int) -> keras.Model:
-    mm.set_seed(SEED)
+    devices.set_seed(SEED)
     aug = mm.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast)
     return mm.build_model("simple_cnn", k, SIZE, dropout=cfg.dropout, seed=SEED, width=8, augmentation=aug)
 

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import mlic.model  # noqa: F401 - registers the custom objects load_model needs
-from mlic import dataset, tfrecords, training
+from mlic import dataset, devices, tfrecords, training
 from mlic import model as mm
 from mlic.params import Train
 from mlic.tfrecords import EncodeSettings, write_split
@@ -49,7 +49,7 @@ def config(**overrides) -> Train:
 
 def run_fit(tfr, cfg: Train, checkpoint: Path, model: keras.Model | None = None, pretrained: bool = False):
     folder, k = tfr
-    mm.set_seed(SEED)
+    devices.set_seed(SEED)
     if model is None:
         model = mm.build_model("simple_cnn", k, SIZE, dropout=cfg.dropout, seed=SEED, width=8)
     train_epochs = functools.partial(dataset.make_dataset, tfrecords.Manifest.read(folder, "train"), cfg.batch_size,

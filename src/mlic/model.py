@@ -1,14 +1,17 @@
-"""The model for the `train` stage: augmentation + preprocessing + backbone + sigmoid head.
+"""The model for the `train` stage: augmentation + preprocessing + backbone + pooled sigmoid head.
 
 The saved `.keras` model takes raw RGB images, float32 in 0..255, shape (H, W, 3), and returns
 one sigmoid probability per class. Each backbone's own `preprocess_input` convention lives
-inside the model as a registered layer, so callers can never preprocess twice.
+inside the model (a registered layer, or the backbone's own first layers), so callers can never
+preprocess twice.
 
 Layer layout (names are used by `freeze_backbone` / `unfreeze_top` and by tests):
     image -> augmentation (training only) -> preprocess -> backbone -> pool -> dropout -> probabilities
 
-Importing this module registers every custom object (package "mlic"), so
-`keras.models.load_model(path)` needs no `custom_objects`.
+Importing this module registers every custom layer (package "mlic"), so
+`keras.models.load_model(path, compile=False)` needs no `custom_objects`; the losses a
+checkpoint was compiled with are registered by `mlic.losses` (see there). Seeds and devices
+live in `mlic.devices`.
 """
 
 from __future__ import annotations
@@ -21,14 +24,14 @@ from typing import Callable
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 log = logging.getLogger(__name__)
 
 BACKBONE_NAME = "backbone"
-# simple_cnn filters in its first block (then x2 per block). 16 learnt the built-in sample as
-# well as 24 or 32 (val AUC-PR ~0.40 after 12 epochs on 1,500 images at 96 px for all three)
-# while training 2-4x faster on 2 CPU cores: cost grows with width squared.
+# From-scratch backbones' filters in their first block (then x2 per block). For simple_cnn 16
+# learnt the built-in sample as well as 24 or 32 (val AUC-PR ~0.40 after 12 epochs on 1,500
+# images at 96 px for all three) while training 2-4x faster on 2 CPU cores: cost grows with
+# width squared. `train.width` sets it.
 SIMPLE_CNN_WIDTH = 16
 AUGMENTATION_NAME = "augmentation"
 
@@ -78,24 +81,17 @@ class ImagenetPreprocessing(keras.layers.Layer):
 # --------------------------------------------------------------------------- backbones
 @dataclass(frozen=True)
 class BackboneSpec:
-    """How to build one backbone: its keras.applications constructor and input convention."""
+    """How to build one backbone: its constructor and input convention.
 
-    factory: Callable[..., keras.Model] | None  # None: simple_cnn, built here
+    factory: a keras.applications constructor (pretrained: include_top / weights / input_shape),
+    or, when `from_scratch`, a function here taking (input_shape, width).
+    """
+
+    factory: Callable[..., keras.Model]
     # An ImagenetPreprocessing mode, "unit" (Rescaling 1/255) or None (the backbone normalises itself).
     preprocess: str | None
     min_size: int = 32
-
-
-BACKBONES: dict[str, BackboneSpec] = {
-    "simple_cnn": BackboneSpec(None, "unit"),
-    "mobilenet_v2": BackboneSpec(keras.applications.MobileNetV2, "tf"),
-    # EfficientNet has Rescaling + Normalization as its first layers; its preprocess_input is a no-op.
-    "efficientnet_b0": BackboneSpec(keras.applications.EfficientNetB0, None),
-    "resnet50": BackboneSpec(keras.applications.ResNet50, "caffe"),
-    "resnet50_v2": BackboneSpec(keras.applications.ResNet50V2, "tf"),
-    "vgg16": BackboneSpec(keras.applications.VGG16, "caffe"),
-    "vgg19": BackboneSpec(keras.applications.VGG19, "caffe"),
-}
+    from_scratch: bool = False
 
 
 def _simple_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
@@ -114,6 +110,76 @@ def _simple_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
             x = keras.layers.ReLU(name=f"block{i}_relu{j}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
     return keras.Model(inputs, x, name=BACKBONE_NAME)
+
+
+def _basic_block(x, filters: int, stride: int, name: str):
+    """ResNet basic block: two 3x3 Conv-BN, identity (or projection) shortcut, ReLU after the sum.
+
+    The last BatchNorm starts at gamma 0, so each block starts as the identity and a from-scratch
+    network trains like a shallower one first (Goyal et al. 2017). A downsampling shortcut
+    average-pools before its 1x1 convolution rather than striding it (ResNet-D, He et al. 2019),
+    so it sees every pixel: a stride-2 1x1 conv drops three of every four, small objects included.
+    """
+    shortcut = x
+    y = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name=f"{name}_conv1")(x)
+    y = keras.layers.BatchNormalization(name=f"{name}_bn1")(y)
+    y = keras.layers.ReLU(name=f"{name}_relu1")(y)
+    y = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"{name}_conv2")(y)
+    y = keras.layers.BatchNormalization(gamma_initializer="zeros", name=f"{name}_bn2")(y)
+    if stride != 1 or x.shape[-1] != filters:
+        if stride != 1:
+            shortcut = keras.layers.AveragePooling2D(stride, padding="same", name=f"{name}_down_pool")(shortcut)
+        shortcut = keras.layers.Conv2D(filters, 1, use_bias=False, name=f"{name}_down_conv")(shortcut)
+        shortcut = keras.layers.BatchNormalization(name=f"{name}_down_bn")(shortcut)
+    y = keras.layers.Add(name=f"{name}_add")([shortcut, y])
+    return keras.layers.ReLU(name=f"{name}_out")(y)
+
+
+# resnet_small: basic blocks per stage (stages of width, 2w, 4w, 8w filters) and each stage's stride.
+RESNET_SMALL_BLOCKS = (1, 1, 1, 1)
+RESNET_SMALL_STRIDES = (1, 2, 2, 2)
+
+
+def _resnet_small(input_shape: tuple[int, int, int], width: int) -> keras.Model:
+    """A small ResNet with BatchNorm for training from scratch on a CPU (ResNet-10-like).
+
+    Stem: one 3x3 Conv-BN-ReLU at full resolution, no strided 7x7 and no max-pool: ImageNet
+    ResNets divide the side by 4 before the first block, which leaves an object of 10 % of a
+    96 px image about 2 pixels wide. Then four stages (width, 2w, 4w, 8w filters); the first
+    block of a stage with stride 2 halves the side with a strided convolution. With the default
+    strides (1, 2, 2, 2) the first stage works at full resolution and the feature map is 1/8 of
+    the input side, at about simple_cnn's multiply-adds for the same input size.
+    """
+    inputs = keras.Input(shape=input_shape, name="backbone_input")
+    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    filters = (width, 2 * width, 4 * width, 8 * width)
+    for i, (n_blocks, f, stride) in enumerate(zip(RESNET_SMALL_BLOCKS, filters, RESNET_SMALL_STRIDES), 1):
+        for j in range(n_blocks):
+            x = _basic_block(x, f, stride if j == 0 else 1, name=f"stage{i}_block{j + 1}")
+    return keras.Model(inputs, x, name=BACKBONE_NAME)
+
+
+# The one list of backbones; params.py's `train.backbone` Literal equals its keys (a test checks).
+BACKBONES: dict[str, BackboneSpec] = {
+    # From scratch, CPU-friendly.
+    "simple_cnn": BackboneSpec(_simple_cnn, "unit", from_scratch=True),
+    "resnet_small": BackboneSpec(_resnet_small, "unit", from_scratch=True),
+    # keras.applications, pretrained on ImageNet when weights ask for it.
+    "mobilenet_v2": BackboneSpec(keras.applications.MobileNetV2, "tf"),
+    # These four have their preprocessing as their own first layers (Rescaling, Normalization)
+    # and a no-op preprocess_input, so nothing is added in front of them.
+    "mobilenet_v3_small": BackboneSpec(keras.applications.MobileNetV3Small, None),
+    "mobilenet_v3_large": BackboneSpec(keras.applications.MobileNetV3Large, None),
+    "efficientnet_b0": BackboneSpec(keras.applications.EfficientNetB0, None),
+    "efficientnetv2_b0": BackboneSpec(keras.applications.EfficientNetV2B0, None),
+    "convnext_tiny": BackboneSpec(keras.applications.ConvNeXtTiny, None),
+    "resnet50": BackboneSpec(keras.applications.ResNet50, "caffe"),
+    "resnet50_v2": BackboneSpec(keras.applications.ResNet50V2, "tf"),
+    "vgg16": BackboneSpec(keras.applications.VGG16, "caffe"),
+    "vgg19": BackboneSpec(keras.applications.VGG19, "caffe"),
+}
 
 
 def _fold_efficientnet_imagenet_std(backbone: keras.Model) -> None:
@@ -171,34 +237,34 @@ def build_backbone(
     """Build the feature extractor named `name` (no top, no pooling), named "backbone".
 
     weights: None (random init) | "imagenet" (download into ~/.keras/models) | a local file path.
-    width: simple_cnn only, filters of its first block.
+    width: from-scratch backbones only, filters of the first block (then x2 per block).
     """
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
     spec = BACKBONES[name]
     if min(input_shape[:2]) < spec.min_size:
         raise ValueError(f"{name} needs images of at least {spec.min_size} px, got {input_shape}")
-    if spec.factory is None:
+    if spec.from_scratch:
         if weights is not None:
             raise ValueError(f"{name} is trained from scratch: weights must be None, got {weights!r}")
-        return _simple_cnn(input_shape, width)
+        return spec.factory(input_shape, width)
 
     if weights == "imagenet":
         try:
-            return spec.factory(
-                include_top=False, weights="imagenet", input_shape=input_shape, name=BACKBONE_NAME
-            )
+            backbone = spec.factory(include_top=False, weights="imagenet", input_shape=input_shape)
         except Exception as err:  # keras raises a plain Exception ("URL fetch failure") offline
             raise RuntimeError(
                 f"could not get ImageNet weights for {name}: {err}. Offline? Put the file from "
                 "the URL above into ~/.keras/models (or $KERAS_HOME/models; building this model "
                 "once on a connected machine does it), or set weights to a local file path."
             ) from err
-
-    backbone = spec.factory(include_top=False, weights=None, input_shape=input_shape, name=BACKBONE_NAME)
-    if weights is not None:
+    else:
+        backbone = spec.factory(include_top=False, weights=None, input_shape=input_shape)
+    # Renamed after building: EfficientNetV2 looks its block layout up by the `name` argument.
+    backbone.name = BACKBONE_NAME
+    if weights not in (None, "imagenet"):
         load_backbone_weights(backbone, weights)
-        if name.startswith("efficientnet"):
+        if name == "efficientnet_b0":
             _fold_efficientnet_imagenet_std(backbone)
         log.info("loaded %s weights from %s", name, weights)
     return backbone
@@ -267,6 +333,32 @@ def build_preprocessing(backbone: str) -> keras.layers.Layer | None:
     return ImagenetPreprocessing(mode, dtype="float32", name="preprocess")
 
 
+POOLS = ("avg", "max", "avgmax")  # params' train.pool Literal equals this (a test keeps it)
+
+
+def build_pool(pool: str):
+    """The head's pooling of the backbone's feature map into one vector, as a callable on it.
+
+    avg: global average (the usual head; every position votes, so an object filling 2 % of the
+    map is 2 % of the vector). max: global max (a feature fires if the object is *anywhere*:
+    presence, which is what a multi-label answer is, whatever the object's size). avgmax: both,
+    concatenated (twice the features into the Dense layer). The output layer is named "pool".
+    """
+    if pool == "avg":
+        return keras.layers.GlobalAveragePooling2D(name="pool")
+    if pool == "max":
+        return keras.layers.GlobalMaxPooling2D(name="pool")
+    if pool != "avgmax":
+        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
+
+    def avgmax(x):
+        return keras.layers.Concatenate(name="pool")([
+            keras.layers.GlobalAveragePooling2D(name="pool_avg")(x),
+            keras.layers.GlobalMaxPooling2D(name="pool_max")(x),
+        ])
+    return avgmax
+
+
 def build_model(
     backbone: str,
     n_classes: int,
@@ -277,12 +369,14 @@ def build_model(
     augmentation: Augmentation | None = None,
     seed: int = 0,
     width: int = SIMPLE_CNN_WIDTH,
+    pool: str = "avg",
 ) -> keras.Model:
     """Build the full model: raw 0..255 RGB in, `n_classes` sigmoid probabilities out.
 
     augmentation: None or an all-off Augmentation means no augmentation block.
-    width: simple_cnn only. The head is GAP -> Dropout -> Dense(sigmoid) in float32 so the
-    output stays float32 under a mixed_float16 policy.
+    width: from-scratch backbones only. pool: one of POOLS (see `build_pool`). The head is
+    pool -> Dropout -> Dense(sigmoid) in float32 so the output stays float32 under a
+    mixed_float16 policy.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
@@ -290,6 +384,8 @@ def build_model(
         raise ValueError(f"n_classes must be >= 1, got {n_classes}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    if pool not in POOLS:
+        raise ValueError(f"unknown pool {pool!r}; choose one of {', '.join(POOLS)}")
     h, w = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     input_shape = (h, w, 3)
 
@@ -302,7 +398,7 @@ def build_model(
     if preprocess is not None:
         x = preprocess(x)
     x = build_backbone(backbone, input_shape, weights=weights, width=width)(x)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = build_pool(pool)(x)
     x = keras.layers.Dropout(dropout, seed=_derive_seed(seed, 5), name="dropout")(x)
     outputs = keras.layers.Dense(
         n_classes, activation="sigmoid", dtype="float32", name="probabilities"
@@ -375,140 +471,3 @@ def unfreeze_top(model: keras.Model, n_layers: int) -> int:
         layer.trainable = i >= cut and not isinstance(layer, keras.layers.BatchNormalization)
         n_trainable += layer.trainable
     return n_trainable
-
-
-# --------------------------------------------------------------------------- loss
-@keras.saving.register_keras_serializable(package="mlic")
-class WeightedBinaryCrossentropy(keras.losses.Loss):
-    """Mean over classes of -(w_k y log p + (1 - y) log(1 - p)), p a sigmoid probability.
-
-    pos_weight None means w_k = 1, i.e. `keras.losses.BinaryCrossentropy()`. Each log term is
-    computed by `keras.ops.binary_crossentropy`, which clips p to [eps, 1 - eps] and, inside a
-    model, recovers the logits behind a sigmoid output for exact log-probabilities.
-    """
-
-    def __init__(
-        self,
-        pos_weight: np.ndarray | list[float] | None = None,
-        name: str = "weighted_binary_crossentropy",
-        reduction: str = "sum_over_batch_size",
-        dtype: str | None = None,
-    ):
-        super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.pos_weight = None if pos_weight is None else [float(v) for v in np.ravel(pos_weight)]
-
-    def call(self, y_true, y_pred):
-        y_pred = keras.ops.convert_to_tensor(y_pred)
-        y_true = keras.ops.cast(y_true, y_pred.dtype)
-        if self.pos_weight is None:
-            return keras.ops.mean(keras.ops.binary_crossentropy(y_true, y_pred), axis=-1)
-        w = keras.ops.convert_to_tensor(self.pos_weight, dtype=y_pred.dtype)
-        neg_log_p = keras.ops.binary_crossentropy(keras.ops.ones_like(y_pred), y_pred)
-        neg_log_1mp = keras.ops.binary_crossentropy(keras.ops.zeros_like(y_pred), y_pred)
-        per_class = w * y_true * neg_log_p + (1.0 - y_true) * neg_log_1mp
-        return keras.ops.mean(per_class, axis=-1)
-
-    def get_config(self) -> dict:
-        return {**super().get_config(), "pos_weight": self.pos_weight}
-
-
-def make_loss(pos_weight: np.ndarray | None = None) -> keras.losses.Loss:
-    """Binary cross-entropy, with positives of class k weighted by pos_weight[k] if given."""
-    return WeightedBinaryCrossentropy(pos_weight)
-
-
-def positive_weights(train_prevalence: np.ndarray, max_weight: float = 10.0) -> np.ndarray:
-    """w_k = (1 - p_k) / p_k, clipped to [1/max_weight, max_weight].
-
-    Balances each class's positives against its negatives; the clip keeps a class with a
-    handful of positives (or none) from dominating the loss.
-    """
-    p = np.asarray(train_prevalence, dtype=np.float64)
-    if p.ndim != 1 or np.any((p < 0) | (p > 1)) or np.any(np.isnan(p)):
-        raise ValueError("train_prevalence must be a 1-D array of fractions in [0, 1]")
-    if max_weight < 1:
-        raise ValueError(f"max_weight must be >= 1, got {max_weight}")
-    with np.errstate(divide="ignore"):
-        w = (1.0 - p) / p  # p = 0 gives inf, clipped below
-    return np.clip(w, 1.0 / max_weight, max_weight).astype(np.float32)
-
-
-# --------------------------------------------------------------------------- metrics
-def make_metrics(n_classes: int) -> list[keras.metrics.Metric]:
-    """Per-epoch metrics for a multi-label sigmoid head (fresh objects on every call).
-
-    Not the string "accuracy": Keras 3 maps it to CategoricalAccuracy on this head.
-    F1Score needs an explicit threshold, else it takes the argmax (single-label).
-    """
-    return [
-        keras.metrics.BinaryAccuracy(name="binary_accuracy", threshold=0.5),
-        keras.metrics.AUC(curve="PR", multi_label=True, num_labels=n_classes, name="auc_pr"),
-        keras.metrics.F1Score(average="macro", threshold=0.5, name="f1"),
-    ]
-
-
-# --------------------------------------------------------------------------- devices, seeds
-@dataclass(frozen=True)
-class DeviceConfig:
-    """What `configure_devices` resolved: pass jit_compile to `compile`, build in strategy.scope()."""
-
-    gpus: int
-    mixed_precision: bool
-    jit_compile: bool
-    strategy: tf.distribute.Strategy
-
-
-def _resolve_switch(value: str | bool, name: str, default: bool) -> bool:
-    # YAML 1.1 (PyYAML) reads unquoted on/off as booleans, so accept True/False as on/off.
-    if isinstance(value, bool):
-        return value
-    if value == "auto":
-        return default
-    if value in ("on", "off"):
-        return value == "on"
-    raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {value!r}")
-
-
-def make_strategy(n_gpus: int) -> tf.distribute.Strategy:
-    """MirroredStrategy over the first `n_gpus` GPUs when more than one, else the default."""
-    if n_gpus > 1:
-        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(n_gpus)])
-    return tf.distribute.get_strategy()
-
-
-def configure_devices(
-    mixed_precision: str | bool = "auto", jit_compile: str | bool = "auto"
-) -> DeviceConfig:
-    """Resolve mixed precision / XLA ("auto": on when a GPU is visible) and pick a strategy.
-
-    Each switch is "auto", "on" or "off" (True/False also accepted).
-
-    Sets the global Keras dtype policy, so call it before building the model. Note Keras turns
-    jit_compile off (with a warning) for models containing RandomRotation/RandomZoom, and when
-    op determinism is enabled: those ops have no XLA kernel.
-    """
-    gpus = len(tf.config.list_physical_devices("GPU"))
-    mp = _resolve_switch(mixed_precision, "mixed_precision", gpus > 0)
-    jit = _resolve_switch(jit_compile, "jit_compile", gpus > 0)
-    # Set the policy both ways so a second call in one process never inherits the first.
-    keras.mixed_precision.set_global_policy("mixed_float16" if mp else "float32")
-    config = DeviceConfig(gpus=gpus, mixed_precision=mp, jit_compile=jit, strategy=make_strategy(gpus))
-    log.info(
-        "devices: %d GPU(s), mixed_precision=%s, jit_compile=%s, strategy=%s",
-        gpus, mp, jit, type(config.strategy).__name__,
-    )
-    return config
-
-
-def set_seed(seed: int, deterministic_ops: bool = False) -> None:
-    """Seed Python, NumPy and TensorFlow; optionally force deterministic TF kernels.
-
-    Still nondeterministic without `deterministic_ops`: some multi-threaded CPU kernels and
-    many GPU kernels (cuDNN autotuning, atomic adds) sum floats in a varying order, so reruns
-    agree only to rounding. Even with it, results change with the hardware, TF/Keras versions,
-    the MirroredStrategy replica count, and any tf.data stage run with `deterministic=False`.
-    Op determinism also turns XLA off and makes some GPU ops slower or raise.
-    """
-    keras.utils.set_random_seed(seed)
-    if deterministic_ops:
-        tf.config.experimental.enable_op_determinism()

@@ -93,7 +93,7 @@ class Split:
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
     image_size: int = _in(64, 8)
-    resize_mode: Literal["squash", "pad", "crop"] = "pad"
+    resize_mode: Literal["squash", "pad", "crop"] = "squash"
     encoding: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = _in(92, 1, 95)
     shard_size: int = _in(512, 1)
@@ -103,16 +103,25 @@ class Preprocess:
 @dataclasses.dataclass(frozen=True)
 class Train:
     # the same names as model.BACKBONES (a contract test keeps them equal)
-    backbone: Literal["simple_cnn", "mobilenet_v2", "efficientnet_b0", "resnet50", "resnet50_v2", "vgg16",
-                      "vgg19"] = "simple_cnn"
+    backbone: Literal["simple_cnn", "resnet_small", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+                      "efficientnet_b0", "efficientnetv2_b0", "convnext_tiny", "resnet50", "resnet50_v2",
+                      "vgg16", "vgg19"] = "simple_cnn"
+    width: int = _in(16, 1)
+    pool: Literal["avg", "max", "avgmax"] = "avg"  # == model.POOLS
     weights: str | None = None
-    batch_size: int = _in(32, 1)
-    epochs: int = _in(40, 1)
+    batch_size: int = _in(16, 1)
+    epochs: int = _in(60, 1)
     learning_rate: float = _in(0.003, 0.0, lo_open=True)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     dropout: float = _in(0.3, 0.0, 1.0, hi_open=True)
-    pos_weight: bool = False
+    loss: Literal["bce", "weighted_bce", "focal", "asl"] = "bce"  # == losses.LOSSES
     max_pos_weight: float = _in(10.0, 1.0)
+    focal_gamma: float = _in(2.0, 0.0)
+    focal_alpha: float = _in(0.25, 0.0, 1.0)
+    focal_class_balancing: bool = False
+    asl_gamma_neg: float = _in(4.0, 0.0)
+    asl_gamma_pos: float = _in(0.0, 0.0)
+    asl_margin: float = _in(0.05, 0.0, 1.0, hi_open=True)
     finetune_epochs: int = _in(0, 0)
     finetune_layers: int = _in(20, 0)
     finetune_learning_rate: float = _in(0.0001, 0.0, lo_open=True)

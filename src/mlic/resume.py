@@ -49,7 +49,7 @@ _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 
 # The modules whose code decides what an epoch does: a state saved by other code is not resumed
 # (DVC re-runs train when they change; finishing with the old code's epochs would not reproduce).
-CODE = ("dataset", "model", "resume", "tfrecords", "training")
+CODE = ("dataset", "devices", "losses", "model", "resume", "tfrecords", "training")
 
 
 def code_fingerprint() -> str:

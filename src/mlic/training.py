@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from mlic import model as mlic_model
+from mlic import losses, model as mlic_model
 from mlic.metrics import greater_is_better
 from mlic.params import ParamsError, Train
 from mlic.resume import Resume, State, assign
@@ -62,7 +62,7 @@ class TrainResult:
 
 def _compile(model: keras.Model, lr: Any, loss: keras.losses.Loss, n_classes: int, jit: bool) -> None:
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss,
-                  metrics=mlic_model.make_metrics(n_classes), jit_compile=jit)
+                  metrics=losses.make_metrics(n_classes), jit_compile=jit)
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -100,23 +100,24 @@ def _plain(value: Any) -> Any:
 
 
 def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cfg: Train, n_classes: int,
-        n_train: int, checkpoint: Path, pos_weight: np.ndarray | None = None, jit_compile: bool = False,
+        n_train: int, checkpoint: Path, loss: keras.losses.Loss | None = None, jit_compile: bool = False,
         pretrained: bool = False, resume: Resume | None = None) -> TrainResult:
     """Train `model`; the best epoch's model is saved at `checkpoint` (a `.keras` path).
 
     `train_epochs(epochs=range(a, b))` gives the training batches of epochs a..b-1, one epoch after
     another, each epoch's order fixed by its number (`dataset.make_dataset(epochs=...)`).
     `pretrained`: freeze the backbone for phase 1, then run `cfg.finetune_epochs` with the top
-    `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`.
+    `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`. `loss`: None is plain BCE;
+    the stage passes `losses.loss_from_params(cfg, prevalence)`.
     `resume`: save the state after every epoch there, and first continue from a saved state.
     """
     # Check the monitor now, not after a whole phase of training: the names Keras will log.
-    logged = ["loss", *(m.name for m in mlic_model.make_metrics(n_classes))]
+    logged = ["loss", *(m.name for m in losses.make_metrics(n_classes))]
     known = sorted(logged + [f"val_{name}" for name in logged])
     if cfg.monitor not in known:
         raise ParamsError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
                          f"choose one of {', '.join(known)}")
-    loss = mlic_model.make_loss(pos_weight)
+    loss = loss if loss is not None else losses.make_loss("bce")
     steps = max(1, math.ceil(n_train / cfg.batch_size))
     mode = monitor_mode(cfg.monitor)
     best = keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=cfg.monitor, mode=mode,

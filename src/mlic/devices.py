@@ -1,0 +1,79 @@
+"""Where training runs and how repeatably: seeds, op determinism, mixed precision, XLA and the
+distribution strategy. `train` calls `set_seed` then `configure_devices` before building the model.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import keras
+import tensorflow as tf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """What `configure_devices` resolved: pass jit_compile to `compile`, build in strategy.scope()."""
+
+    gpus: int
+    mixed_precision: bool
+    jit_compile: bool
+    strategy: tf.distribute.Strategy
+
+
+def _resolve_switch(value: str | bool, name: str, default: bool) -> bool:
+    # YAML 1.1 (PyYAML) reads unquoted on/off as booleans, so accept True/False as on/off.
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return default
+    if value in ("on", "off"):
+        return value == "on"
+    raise ValueError(f"{name} must be 'auto', 'on' or 'off', got {value!r}")
+
+
+def make_strategy(n_gpus: int) -> tf.distribute.Strategy:
+    """MirroredStrategy over the first `n_gpus` GPUs when more than one, else the default."""
+    if n_gpus > 1:
+        return tf.distribute.MirroredStrategy([f"/gpu:{i}" for i in range(n_gpus)])
+    return tf.distribute.get_strategy()
+
+
+def configure_devices(
+    mixed_precision: str | bool = "auto", jit_compile: str | bool = "auto"
+) -> DeviceConfig:
+    """Resolve mixed precision / XLA ("auto": on when a GPU is visible) and pick a strategy.
+
+    Each switch is "auto", "on" or "off" (True/False also accepted).
+
+    Sets the global Keras dtype policy, so call it before building the model. Note Keras turns
+    jit_compile off (with a warning) for models containing RandomRotation/RandomZoom, and when
+    op determinism is enabled: those ops have no XLA kernel.
+    """
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    mp = _resolve_switch(mixed_precision, "mixed_precision", gpus > 0)
+    jit = _resolve_switch(jit_compile, "jit_compile", gpus > 0)
+    # Set the policy both ways so a second call in one process never inherits the first.
+    keras.mixed_precision.set_global_policy("mixed_float16" if mp else "float32")
+    config = DeviceConfig(gpus=gpus, mixed_precision=mp, jit_compile=jit, strategy=make_strategy(gpus))
+    log.info(
+        "devices: %d GPU(s), mixed_precision=%s, jit_compile=%s, strategy=%s",
+        gpus, mp, jit, type(config.strategy).__name__,
+    )
+    return config
+
+
+def set_seed(seed: int, deterministic_ops: bool = False) -> None:
+    """Seed Python, NumPy and TensorFlow; optionally force deterministic TF kernels.
+
+    Still nondeterministic without `deterministic_ops`: some multi-threaded CPU kernels and
+    many GPU kernels (cuDNN autotuning, atomic adds) sum floats in a varying order, so reruns
+    agree only to rounding. Even with it, results change with the hardware, TF/Keras versions,
+    the MirroredStrategy replica count, and any tf.data stage run with `deterministic=False`.
+    Op determinism also turns XLA off and makes some GPU ops slower or raise.
+    """
+    keras.utils.set_random_seed(seed)
+    if deterministic_ops:
+        tf.config.experimental.enable_op_determinism()
