@@ -29,7 +29,7 @@ def test_given_keys_override_and_the_rest_keep_defaults(tmp_path: Path) -> None:
     path = _write(tmp_path, "preprocess:\n  image_size: 64\n  encoding: png\n")
     got = load_section("preprocess", path)
     assert (got.image_size, got.encoding) == (64, "png")
-    assert (got.resize_mode, got.shard_size) == ("pad", 512)
+    assert (got.resize_mode, got.shard_size) == ("squash", 512)
 
 
 def test_project_params_yaml_loads_every_section() -> None:
