@@ -110,7 +110,7 @@ class Train:
     pool: Literal["avg", "max", "avgmax"] = "avg"  # == model.POOLS
     weights: str | None = None
     batch_size: int = _in(16, 1)
-    epochs: int = _in(60, 1)
+    epochs: int = _in(80, 1)
     learning_rate: float = _in(0.003, 0.0, lo_open=True)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     dropout: float = _in(0.3, 0.0, 1.0, hi_open=True)
@@ -126,7 +126,7 @@ class Train:
     finetune_layers: int = _in(20, 0)
     finetune_learning_rate: float = _in(0.0001, 0.0, lo_open=True)
     monitor: str = "val_auc_pr"
-    early_stopping_patience: int = _in(8, 0)
+    early_stopping_patience: int = _in(12, 0)
     augment_flip: bool = True
     augment_rotation: float = _in(0.05, 0.0, 1.0)
     augment_zoom: float = _in(0.1, 0.0, 1.0, hi_open=True)
