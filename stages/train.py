@@ -25,7 +25,7 @@ from mlic.console import quiet_tensorflow
 if __name__ == "__main__":  # before the imports below load TensorFlow; tests calling main() keep pytest's stderr
     quiet_tensorflow()
 
-from mlic import dataset, devices as mlic_devices, journal, losses, model as mlic_model, model_file, resume, store, training
+from mlic import augment, dataset, devices as mlic_devices, journal, losses, model as mlic_model, model_file, resume, store, training
 from mlic.atomic import atomic_path, write_csv, write_json
 from mlic.model_meta import ModelMeta
 from mlic.stage import Params, Stage
@@ -49,15 +49,16 @@ def run(args: argparse.Namespace, params: Params) -> int:
     # Say so now, in one line (TrackingUnavailable), rather than after a long training.
     store.check_store(store.resolve_tracking_uri(params.tracking.uri, Path.cwd()))
 
-    mlic_devices.set_seed(common.seed, cfg.deterministic_ops)
-    devices = mlic_devices.configure_devices(cfg.mixed_precision, cfg.jit_compile)
+    mlic_devices.set_seed(common.seed)
+    devices = mlic_devices.configure_devices(cfg.mixed_precision, cfg.jit_compile, cfg.deterministic_ops)
     train_m, val_m = Manifest.read(args.tfrecords, "train"), Manifest.read(args.tfrecords, "val")
     classes, size = train_m.classes, train_m.image_size
     if (val_m.classes, val_m.image_size, val_m.resize_mode) != (classes, size, train_m.resize_mode):
         log.error("train and val shards disagree on classes, image size or resize mode; "
                   "re-run `dvc repro preprocess`")
         return 2
-    train_epochs = functools.partial(dataset.make_dataset, train_m, cfg.batch_size, shuffle=True,
+    aug = augment.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast)
+    train_epochs = functools.partial(dataset.make_dataset, train_m, cfg.batch_size, shuffle=True, augment=aug,
                                      seed=common.seed, shuffle_buffer=cfg.shuffle_buffer)  # epochs=range(a, b)
     val_ds = dataset.make_dataset(val_m, cfg.batch_size)
     pretrained = cfg.weights is not None
@@ -69,9 +70,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
     with devices.strategy.scope():
         model = mlic_model.build_model(
             cfg.backbone, len(classes), size, weights=cfg.weights, dropout=cfg.dropout, seed=common.seed,
-            width=cfg.width, pool=cfg.pool,
-            augmentation=mlic_model.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom,
-                                                 cfg.augment_contrast))
+            width=cfg.width, pool=cfg.pool)
         loss = losses.loss_from_params(cfg, train_m.prevalence)
         with atomic_path(args.model) as tmp:
             ckpt = tmp.with_suffix(".keras")  # Keras insists on the extension
@@ -98,11 +97,23 @@ def run(args: argparse.Namespace, params: Params) -> int:
     })
     if saved is not None:
         saved.clear()
+    # What ran, not what was asked for: MLflow tags train.jit_compile etc. (params hold the requests).
     journal.note(fit_seconds=round(result.seconds, 1),
-                 images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1))
+                 images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1),
+                 jit_compile=_on(result.jit_compile), mixed_precision=_on(devices.mixed_precision),
+                 deterministic_ops=_on(devices.deterministic_ops), devices=_devices_text(devices))
     log.info("best %s %.4f at epoch %d; %d epochs in %.0f s", cfg.monitor, result.best_value,
              result.best_epoch, len(result.history), result.seconds)
     return 0
+
+
+def _on(flag: bool) -> str:
+    return "on" if flag else "off"
+
+
+def _devices_text(devices: mlic_devices.DeviceConfig) -> str:
+    replicas = devices.strategy.num_replicas_in_sync
+    return f"{devices.gpus} GPU" + (f", {replicas} replicas" if replicas > 1 else "") if devices.gpus else "CPU"
 
 
 # `tracking` is read only to check the store before training: it shapes no output, so it is not

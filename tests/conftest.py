@@ -246,7 +246,7 @@ def make_model_dir(root: Path, backbone: str = "simple_cnn", image_size: int = 3
     from mlic.model_meta import ModelMeta
 
     keras.utils.set_random_seed(0)
-    model = mlic_model.build_model(backbone, len(classes), image_size, augmentation=None, seed=0)
+    model = mlic_model.build_model(backbone, len(classes), image_size, seed=0)
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
     model.save(models / "model.keras")

@@ -87,7 +87,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
     y = (np.random.default_rng(1).random((32, 3)) < 0.4).astype("float32")
     ds = tf.data.Dataset.from_tensor_slices((x, y)).batch(global_batch)
     with strategy.scope():
-        model = mm.build_model("simple_cnn", 3, 32, augmentation=mm.Augmentation(), width=8)
+        model = mm.build_model("simple_cnn", 3, 32, width=8)
         model.compile(optimizer="adam", loss=losses.make_loss("weighted_bce", pos_weight=np.ones(3)),
                       metrics=losses.make_metrics(3))
     history = model.fit(ds, epochs=1, verbose=0)
@@ -104,3 +104,93 @@ def test_mirrored_strategy_trains_on_two_logical_cpus():
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOSS" in result.stdout
+
+
+@pytest.mark.parametrize("value, gpus, jit, expected", [
+    ("auto", 0, False, True),    # CPU: the same params and data give the same metrics
+    ("auto", 1, False, False),   # GPU: deterministic kernels cost speed
+    ("auto", 0, True, False),    # XLA asked for: determinism would silently cancel it
+    (True, 1, True, True), (False, 0, False, False),
+])
+def test_resolve_determinism(value, gpus, jit, expected):
+    assert devices.resolve_determinism(value, gpus, jit) is expected
+
+
+def test_resolve_determinism_rejects_other_values():
+    with pytest.raises(ValueError, match="auto"):
+        devices.resolve_determinism("on-ish", 0, False)
+
+
+# A real training.fit on CPU in a fresh process (op determinism is process-wide and cannot be
+# undone). XLA compiles on CPU too: its HLO dump folder proves the step really went through XLA.
+XLA_SCRIPT = textwrap.dedent(
+    """
+    import dataclasses, json, os, sys, tempfile
+    from pathlib import Path
+    import numpy as np
+    import tensorflow as tf
+    from mlic import devices, losses, model as mm, training
+    from mlic.params import Train
+
+    mixed, jit, deterministic = sys.argv[1], sys.argv[2], sys.argv[3]
+    deterministic = {"true": True, "false": False}.get(deterministic, deterministic)
+    devices.set_seed(0)
+    config = devices.configure_devices(mixed, jit, deterministic)
+    x = np.random.default_rng(0).uniform(0, 255, (32, 32, 32, 3)).astype("float32")
+    y = (np.random.default_rng(1).random((32, 3)) < 0.4).astype("float32")
+
+    def train_epochs(epochs):
+        return tf.data.Dataset.from_tensor_slices((x, y)).batch(8).repeat(len(epochs))
+
+    val = tf.data.Dataset.from_tensor_slices((x, y)).batch(8)
+    cfg = dataclasses.replace(Train(), epochs=1, batch_size=8, early_stopping_patience=0)
+    with config.strategy.scope():
+        model = mm.build_model("simple_cnn", 3, 32, width=8)
+    out = Path(tempfile.mkdtemp()) / "best.keras"
+    result = training.fit(model, train_epochs, val, cfg=cfg, n_classes=3, n_train=32, checkpoint=out,
+                          jit_compile=config.jit_compile)
+    probs = model(x[:2], training=False)
+    print("RESULT", json.dumps({"requested": config.jit_compile, "effective": result.jit_compile,
+                                "deterministic": config.deterministic_ops, "mixed": config.mixed_precision,
+                                "out_dtype": probs.dtype.name, "body": model.get_layer("backbone").layers[1].compute_dtype, "head": model.get_layer("probabilities").compute_dtype,
+                                "loss": float(result.history["loss"].iloc[-1])}))
+    """
+)
+
+
+def _run_xla_script(tmp_path, *args: str) -> tuple[dict, list]:
+    dump = tmp_path / "xla-dump"
+    env = {**__import__("os").environ, "TF_XLA_FLAGS": "", "XLA_FLAGS": f"--xla_dump_to={dump}",
+           "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run([sys.executable, "-c", XLA_SCRIPT, *args], capture_output=True, text=True,
+                            timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
+    import json
+
+    return json.loads(line[len("RESULT "):]), sorted(dump.glob("*")) if dump.exists() else []
+
+
+@pytest.mark.slow
+def test_requested_xla_really_compiles_on_cpu_and_determinism_auto_steps_aside(tmp_path):
+    report, dumped = _run_xla_script(tmp_path, "off", "on", "auto")
+    assert report["requested"] and report["effective"], report
+    assert report["deterministic"] is False, report      # auto stepped aside for the requested XLA
+    assert dumped, "jit_compile on, yet XLA compiled nothing"
+    assert np.isfinite(report["loss"])
+
+
+@pytest.mark.slow
+def test_forced_determinism_turns_requested_xla_off_and_says_so(tmp_path):
+    report, dumped = _run_xla_script(tmp_path, "off", "on", "true")
+    assert report["requested"] and not report["effective"] and report["deterministic"], report
+    assert not dumped
+
+
+@pytest.mark.slow
+def test_mixed_precision_under_xla_keeps_the_head_float32(tmp_path):
+    report, dumped = _run_xla_script(tmp_path, "on", "on", "auto")
+    assert report["mixed"] and report["effective"] and dumped, report
+    assert report["body"] == "float16", report                       # the backbone really is mixed
+    assert report["out_dtype"] == "float32" and report["head"] == "float32", report
+    assert np.isfinite(report["loss"])

@@ -208,7 +208,7 @@ LOADER = textwrap.dedent(
 @pytest.mark.parametrize("kind", losses.LOSSES)
 def test_a_model_trained_with_each_loss_saves_and_loads_in_a_fresh_process(tmp_path, kind):
     x, y = images(32), labels(32)
-    model = mm.build_model("simple_cnn", N_CLASSES, SIZE, augmentation=None, width=8)
+    model = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8)
     pos_weight = np.array([1.0, 2.0, 3.0]) if kind == "weighted_bce" else None
     loss = losses.make_loss(kind, pos_weight=pos_weight)
     model.compile(optimizer="adam", loss=loss, metrics=losses.make_metrics(N_CLASSES))

@@ -24,6 +24,7 @@ import pandas as pd
 import pytest
 
 import mlic.model  # noqa: F401 - registers the custom objects load_model needs
+from mlic.augment import Augmentation
 from mlic import dataset, devices, resume, tfrecords, training
 from mlic import model as mm
 from mlic.params import Train
@@ -57,8 +58,7 @@ def config(**overrides) -> Train:
 
 def build(cfg: Train, k: int) -> keras.Model:
     devices.set_seed(SEED)
-    aug = mm.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast)
-    return mm.build_model("simple_cnn", k, SIZE, dropout=cfg.dropout, seed=SEED, width=8, augmentation=aug)
+    return mm.build_model("simple_cnn", k, SIZE, dropout=cfg.dropout, seed=SEED, width=8)
 
 
 def run(tfr, cfg: Train, checkpoint: Path, saved: resume.Resume | None, kill_after: int | None = None,
@@ -67,7 +67,9 @@ def run(tfr, cfg: Train, checkpoint: Path, saved: resume.Resume | None, kill_aft
     folder, k = tfr
     model = build(cfg, k)
     train_epochs = functools.partial(dataset.make_dataset, tfrecords.Manifest.read(folder, "train"), cfg.batch_size,
-                                     shuffle=True, seed=SEED, shuffle_buffer=cfg.shuffle_buffer)
+                                     shuffle=True, seed=SEED, shuffle_buffer=cfg.shuffle_buffer,
+                                     augment=Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom,
+                                                          cfg.augment_contrast))
     val_ds = dataset.make_dataset(tfrecords.Manifest.read(folder, "val"), cfg.batch_size)
     if kill_after is not None:
         record = training.EpochRecorder.on_epoch_end

@@ -24,6 +24,7 @@ import tensorflow as tf
 from PIL import Image
 
 from mlic import dataset, images, tfrecords
+from mlic.augment import Augmentation
 from mlic.errors import disk_error
 from mlic.tfrecords import EncodeSettings, parse_example, shard_name, worker_pool, write_split
 
@@ -417,6 +418,30 @@ def test_each_epoch_order_depends_on_the_seed_and_epoch_alone(jpeg_out) -> None:
     repeated = dataset.make_dataset(manifest, 8, shuffle=True, seed=4, shuffle_buffer=64, with_filenames=True,
                                     epochs=range(1, 2), repeat=True)
     assert _filenames(repeated.take(2 * n // 8)) == four[n:3 * n]
+
+
+def test_augmented_epochs_depend_on_seed_epoch_and_batch_alone(jpeg_out) -> None:
+    """Training batches are augmented in tf.data, each by (seed, epoch, batch index): epoch k gets
+    the same images started at k (resumed) or not, another seed differs, labels are untouched."""
+    out, _ = jpeg_out
+    manifest = tfrecords.Manifest.read(out, "train")
+    aug = Augmentation()
+
+    def batches(epochs: range, seed: int = 4, augment: Augmentation | None = aug) -> list[tuple[np.ndarray, np.ndarray]]:
+        ds = dataset.make_dataset(manifest, 8, shuffle=True, seed=seed, shuffle_buffer=64, epochs=epochs,
+                                  augment=augment)
+        return [(x.numpy(), y.numpy()) for x, y in ds]
+
+    two, plain = batches(range(2)), batches(range(2), augment=None)
+    per_epoch = len(two) // 2
+    assert len(two) == len(plain) and all(np.array_equal(a, b) for (_, a), (_, b) in zip(two, plain))  # same labels
+    assert all(x.min() >= 0 and x.max() <= 255 and x.dtype == np.float32 for x, _ in two)
+    assert not any(np.array_equal(a, b) for (a, _), (b, _) in zip(two, plain))  # every batch augmented
+    for (a, _), (b, _) in zip(batches(range(1, 2)), two[per_epoch:]):    # resumed at epoch 1
+        np.testing.assert_array_equal(a, b)
+    other_seed = batches(range(1), seed=5, augment=aug)
+    other_plain = batches(range(1), seed=5, augment=None)
+    assert not np.array_equal(other_seed[0][0], other_plain[0][0])
 
 
 def test_reader_errors_say_to_run_preprocess(jpeg_out, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ The reader reads the shards, batches the serialized records, parses and decodes 
 in parallel, then prefetches. Evaluation datasets are unshuffled and order-deterministic, so
 predictions line up with filenames; training shuffles shard order and records with the one seed,
 epoch by epoch (`epoch_seeds`), so a resumed training reads what an uninterrupted one would.
+Training augmentation runs here too, per batch, seeded by (seed, epoch, batch) (`augment.py`): on
+the CPU beside the accelerator's step, and out of the model, which stays XLA-compilable.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 import tensorflow as tf
 
+from mlic.augment import Augmentation, augment_batch, batch_seed
 from mlic.tfrecords import Manifest, parse_example
 
 AUTOTUNE = tf.data.AUTOTUNE
@@ -30,7 +33,7 @@ def epoch_seeds(seed: int, epoch: tf.Tensor) -> tf.Tensor:
 def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, shuffle_buffer: int = 2048, epochs: range | None = None,
                  repeat: bool = False, with_filenames: bool = False, drop_remainder: bool = False,
-                 deterministic: bool = True) -> tf.data.Dataset:
+                 deterministic: bool = True, augment: Augmentation | None = None) -> tf.data.Dataset:
     """Batches of (images float32 0..255 [B,H,W,3], multi-hot labels float32 [B,k]) of one split.
 
     The dataset is the passes `epochs` (default one pass, epoch 0) one after another, or with
@@ -41,6 +44,8 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
 
     With `with_filenames` the element is (images, labels, filenames) for evaluation. Images
     stay 0..255: the model applies its backbone's own preprocessing, so it cannot happen twice.
+    `augment` (training): each batch augmented with the stateless seed of (seed, epoch, batch index),
+    so batch b of epoch e gets the same transforms in any process, resumed or not.
     """
     n_classes = len(manifest.classes)
     size = int(manifest.image_size)
@@ -62,8 +67,10 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
         )
         if shuffle:
             ds = ds.shuffle(shuffle_buffer, seed=seeds[1])
-        # Batched within the pass, so a batch never straddles two epochs.
-        return ds.batch(batch_size, drop_remainder=drop_remainder)
+        # Batched within the pass, so a batch never straddles two epochs; numbered within it, so
+        # augmentation can seed each batch by (epoch, batch index).
+        batches = ds.batch(batch_size, drop_remainder=drop_remainder).enumerate()
+        return batches.map(lambda index, records: (tf.cast(epoch, tf.int64), index, records))
 
     def _parse_one(serialized: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
         ex = parse_example(serialized, n_classes)
@@ -73,9 +80,13 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
     one_signature = (tf.TensorSpec((size, size, 3), tf.uint8), tf.TensorSpec((n_classes,), tf.float32),
                      tf.TensorSpec((), tf.string))
 
-    def _parse_batch(serialized: tf.Tensor) -> tuple[Any, ...]:
+    augmenting = augment is not None and augment.active
+
+    def _parse_batch(epoch: tf.Tensor, index: tf.Tensor, serialized: tf.Tensor) -> tuple[Any, ...]:
         images, labels, filenames = tf.map_fn(_parse_one, serialized, fn_output_signature=one_signature)
         images = tf.cast(images, tf.float32)  # one cast per batch
+        if augmenting:
+            images = augment_batch(images, batch_seed(seed, epoch, index), augment)
         return (images, labels, filenames) if with_filenames else (images, labels)
 
     # Batch the serialized records first (in `one_pass`), then parse and decode one batch per map

@@ -1,5 +1,9 @@
 """Where training runs and how repeatably: seeds, op determinism, mixed precision, XLA and the
 distribution strategy. `train` calls `set_seed` then `configure_devices` before building the model.
+
+What was requested and what runs can differ: Keras compiles without XLA (with only a warning)
+when op determinism is on or a layer has no XLA kernel, so `effective_jit` reads it back from the
+compiled model, and `train` logs and records that, not the request.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ class DeviceConfig:
     mixed_precision: bool
     jit_compile: bool
     strategy: tf.distribute.Strategy
+    deterministic_ops: bool = False
 
 
 def _resolve_switch(value: str | bool, name: str, default: bool) -> bool:
@@ -41,28 +46,53 @@ def make_strategy(n_gpus: int) -> tf.distribute.Strategy:
     return tf.distribute.get_strategy()
 
 
+def resolve_determinism(value: str | bool, gpus: int, jit: bool) -> bool:
+    """`deterministic_ops`: "auto" is on for a CPU-only run that did not ask for XLA, else off.
+
+    On a GPU deterministic kernels cost speed (and some ops raise), and Keras turns XLA off
+    whenever op determinism is on, so "auto" never lets it silently cancel a requested XLA.
+    """
+    if isinstance(value, bool):
+        return value
+    if value == "auto":
+        return gpus == 0 and not jit
+    raise ValueError(f"deterministic_ops must be 'auto', true or false, got {value!r}")
+
+
 def configure_devices(
-    mixed_precision: str | bool = "auto", jit_compile: str | bool = "auto"
+    mixed_precision: str | bool = "auto", jit_compile: str | bool = "auto",
+    deterministic_ops: str | bool = False,
 ) -> DeviceConfig:
-    """Resolve mixed precision / XLA ("auto": on when a GPU is visible) and pick a strategy.
+    """Resolve mixed precision / XLA ("auto": on when a GPU is visible), op determinism
+    (`resolve_determinism`, then enabled process-wide) and pick a strategy.
 
-    Each switch is "auto", "on" or "off" (True/False also accepted).
-
-    Sets the global Keras dtype policy, so call it before building the model. Note Keras turns
-    jit_compile off (with a warning) for models containing RandomRotation/RandomZoom, and when
-    op determinism is enabled: those ops have no XLA kernel.
+    Each switch is "auto", "on" or "off" (True/False also accepted). Sets the global Keras dtype
+    policy, so call it before building the model. With op determinism on Keras compiles without
+    XLA whatever `jit_compile` says (a warning is logged here; `effective_jit` tells afterwards).
     """
     gpus = len(tf.config.list_physical_devices("GPU"))
     mp = _resolve_switch(mixed_precision, "mixed_precision", gpus > 0)
     jit = _resolve_switch(jit_compile, "jit_compile", gpus > 0)
+    deterministic = resolve_determinism(deterministic_ops, gpus, jit)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+        if jit:
+            log.warning("jit_compile is on but deterministic_ops is too: Keras will run without XLA "
+                        "(set train.deterministic_ops: auto or false for XLA)")
     # Set the policy both ways so a second call in one process never inherits the first.
     keras.mixed_precision.set_global_policy("mixed_float16" if mp else "float32")
-    config = DeviceConfig(gpus=gpus, mixed_precision=mp, jit_compile=jit, strategy=make_strategy(gpus))
+    config = DeviceConfig(gpus=gpus, mixed_precision=mp, jit_compile=jit, strategy=make_strategy(gpus),
+                          deterministic_ops=deterministic)
     log.info(
-        "devices: %d GPU(s), mixed_precision=%s, jit_compile=%s, strategy=%s",
-        gpus, mp, jit, type(config.strategy).__name__,
+        "devices: %d GPU(s), mixed_precision=%s, jit_compile requested=%s, deterministic_ops=%s, strategy=%s",
+        gpus, mp, jit, deterministic, type(config.strategy).__name__,
     )
     return config
+
+
+def effective_jit(model: keras.Model) -> bool:
+    """Whether `model` (compiled) really trains under XLA: Keras may have overridden the request."""
+    return bool(model.jit_compile)
 
 
 def set_seed(seed: int, deterministic_ops: bool = False) -> None:

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 JOURNAL_DIR = Path(".mlic") / "stages"
 
-_facts: dict[str, float] = {}
+_facts: dict[str, float | str] = {}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ class StageRun:
     stage: str
     started: float
     ended: float
-    facts: dict[str, float] = dataclasses.field(default_factory=dict)
+    facts: dict[str, float | str] = dataclasses.field(default_factory=dict)  # text: a setting (a tag)
     session: str = ""   # the `dvc` invocation that ran it ("" when run by hand)
 
     @property
@@ -45,12 +45,17 @@ class StageRun:
         return self.ended - self.started
 
 
-def note(**facts: float) -> None:
-    """Record a fact of this stage run (e.g. images_per_second) for its journal entry."""
-    _facts.update({k: float(v) for k, v in facts.items()})
+def note(**facts: float | str) -> None:
+    """Record a fact of this stage run for its journal entry: a number (images_per_second, an
+    MLflow metric) or a text (an effective setting such as jit_compile=off, an MLflow tag)."""
+    _facts.update({k: _fact(v) for k, v in facts.items()})
 
 
-def take_facts() -> dict[str, float]:
+def _fact(value: object) -> float | str:
+    return value if isinstance(value, str) else float(value)  # type: ignore[arg-type]
+
+
+def take_facts() -> dict[str, float | str]:
     """The facts noted so far, which are then forgotten (one stage run per process)."""
     facts = dict(_facts)
     _facts.clear()
@@ -110,7 +115,7 @@ def read(root: Path) -> dict[str, StageRun]:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
             run = StageRun(str(data["stage"]), float(data["started"]), float(data["ended"]),
-                           {str(k): float(v) for k, v in dict(data.get("facts") or {}).items()},
+                           {str(k): _fact(v) for k, v in dict(data.get("facts") or {}).items()},
                            str(data.get("session") or ""))
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("%s: unreadable stage record, ignored (%s)", path, exc)

@@ -1,4 +1,4 @@
-"""The model for the `train` stage: augmentation + preprocessing + backbone + pooled sigmoid head.
+"""The model for the `train` stage: preprocessing + backbone + pooled sigmoid head.
 
 The saved `.keras` model takes raw RGB images, float32 in 0..255, shape (H, W, 3), and returns
 one sigmoid probability per class. Each backbone's own `preprocess_input` convention lives
@@ -6,7 +6,10 @@ inside the model (a registered layer, or the backbone's own first layers), so ca
 preprocess twice.
 
 Layer layout (names are used by `freeze_backbone` / `unfreeze_top` and by tests):
-    image -> augmentation (training only) -> preprocess -> backbone -> pool -> dropout -> probabilities
+    image -> preprocess -> backbone -> pool -> dropout -> probabilities
+
+Training augmentation is not in the model: it runs in the tf.data pipeline (`augment.py`),
+where it cannot switch XLA off (Keras's RandomRotation/RandomZoom have no XLA kernel).
 
 Importing this module registers every custom layer (package "mlic"), so
 `keras.models.load_model(path, compile=False)` needs no `custom_objects`; the losses a
@@ -33,7 +36,6 @@ BACKBONE_NAME = "backbone"
 # images at 96 px for all three) while training 2-4x faster on 2 CPU cores: cost grows with
 # width squared. `train.width` sets it.
 SIMPLE_CNN_WIDTH = 16
-AUGMENTATION_NAME = "augmentation"
 
 # ImageNet statistics used by keras.applications.imagenet_utils (RGB order, 0..1 scale for torch).
 _CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -270,54 +272,6 @@ def build_backbone(
     return backbone
 
 
-# --------------------------------------------------------------------------- augmentation
-@dataclass(frozen=True)
-class Augmentation:
-    """In-graph augmentation, active only in training. 0 / False switches a transform off.
-
-    rotation: fraction of a full turn (0.05 = up to +-18 degrees); zoom: fraction in and out;
-    contrast: contrast factor range 1 +- contrast.
-    """
-
-    flip: bool = True
-    rotation: float = 0.05
-    zoom: float = 0.1
-    contrast: float = 0.1
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.flip or self.rotation or self.zoom or self.contrast)
-
-
-def _derive_seed(seed: int, index: int) -> int:
-    # Distinct, reproducible per-layer seeds that do not collide with `seed` itself (which also
-    # drives split and shuffling): equal seeds in two layers would correlate their transforms.
-    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] % (2**31 - 1))
-
-
-def build_augmentation(aug: Augmentation, seed: int) -> keras.Sequential | None:
-    """A Sequential of the enabled random layers, or None when all are off."""
-    layers: list[keras.layers.Layer] = []
-    # float32 compute so mixed precision starts at the backbone, not at the 0..255 pixels.
-    common = {"dtype": "float32"}
-    if aug.flip:
-        layers.append(keras.layers.RandomFlip("horizontal", seed=_derive_seed(seed, 1), **common))
-    if aug.rotation:
-        layers.append(keras.layers.RandomRotation(aug.rotation, seed=_derive_seed(seed, 2), **common))
-    if aug.zoom:
-        layers.append(keras.layers.RandomZoom(aug.zoom, seed=_derive_seed(seed, 3), **common))
-    if aug.contrast:
-        # value_range matches our raw 0..255 input; the layer clips to it.
-        layers.append(
-            keras.layers.RandomContrast(
-                aug.contrast, value_range=(0, 255), seed=_derive_seed(seed, 4), **common
-            )
-        )
-    if not layers:
-        return None
-    return keras.Sequential(layers, name=AUGMENTATION_NAME)
-
-
 # --------------------------------------------------------------------------- full model
 def build_preprocessing(backbone: str) -> keras.layers.Layer | None:
     """The layer mapping raw 0..255 RGB to what `backbone` expects, or None (EfficientNet).
@@ -359,6 +313,12 @@ def build_pool(pool: str):
     return avgmax
 
 
+def _derive_seed(seed: int, index: int) -> int:
+    # Distinct, reproducible per-layer seeds that do not collide with `seed` itself (which also
+    # drives split and shuffling): equal seeds in two layers would correlate their transforms.
+    return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] % (2**31 - 1))
+
+
 def build_model(
     backbone: str,
     n_classes: int,
@@ -366,14 +326,12 @@ def build_model(
     *,
     weights: str | Path | None = None,
     dropout: float = 0.2,
-    augmentation: Augmentation | None = None,
     seed: int = 0,
     width: int = SIMPLE_CNN_WIDTH,
     pool: str = "avg",
 ) -> keras.Model:
     """Build the full model: raw 0..255 RGB in, `n_classes` sigmoid probabilities out.
 
-    augmentation: None or an all-off Augmentation means no augmentation block.
     width: from-scratch backbones only. pool: one of POOLS (see `build_pool`). The head is
     pool -> Dropout -> Dense(sigmoid) in float32 so the output stays float32 under a
     mixed_float16 policy.
@@ -391,9 +349,6 @@ def build_model(
 
     inputs = keras.Input(shape=input_shape, dtype="float32", name="image")
     x = inputs
-    aug = build_augmentation(augmentation, seed) if augmentation is not None else None
-    if aug is not None:
-        x = aug(x)
     preprocess = build_preprocessing(backbone)
     if preprocess is not None:
         x = preprocess(x)

@@ -132,9 +132,10 @@ class Train:
     augment_zoom: float = _in(0.1, 0.0, 1.0, hi_open=True)
     augment_contrast: float = _in(0.1, 0.0, 1.0)
     shuffle_buffer: int = _in(2048, 1)
-    mixed_precision: Literal["auto", "on", "off"] = "auto"
-    jit_compile: Literal["auto", "on", "off"] = "auto"
-    deterministic_ops: bool = True
+    # YAML 1.1 reads unquoted on/off as true/false: both spellings are accepted.
+    mixed_precision: Literal["auto", "on", "off"] | bool = "auto"
+    jit_compile: Literal["auto", "on", "off"] | bool = "auto"
+    deterministic_ops: Literal["auto"] | bool = "auto"
     resume: bool = True
 
 

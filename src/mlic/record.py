@@ -367,9 +367,13 @@ def build_record(
                  ", ".join(skipped[:10]), " ..." if len(skipped) > 10 else "")
 
     ran = journal.since(journal.read(project_root), current=journal.session() if session is None else session)
+    settings: dict[str, str] = {}  # text facts: what a stage resolved at run time (effective XLA ...)
     for run in ran:
         for fact, value in run.facts.items():
-            flat.setdefault(f"{clean_name(run.stage)}/{clean_name(fact)}", value)
+            if isinstance(value, str):
+                settings[f"{clean_name(run.stage)}.{clean_name(fact)}"] = one_line(value, MAX_TAG_VALUE)
+            else:
+                flat.setdefault(f"{clean_name(run.stage)}/{clean_name(fact)}", value)
     metrics = {k: v for k, v in flat.items() if keep_summary_metric(k) or k in keep}
 
     datasets = read_datasets(Path(manifests_dir), project_root) if manifests_dir else []
@@ -383,7 +387,7 @@ def build_record(
 
     git = git_info(project_root)
     run_name, tags = run_context(env, git.commit, now or datetime.now(timezone.utc))
-    tags |= {"git_commit": git.commit, "git_dirty": git.dirty}
+    tags |= {"git_commit": git.commit, "git_dirty": git.dirty, **settings}
     if git.dirty_paths:
         tags["git_dirty_paths"] = one_line(" ".join(git.dirty_paths), MAX_TAG_VALUE)
     if git.commit != UNKNOWN:

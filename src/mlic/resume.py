@@ -2,7 +2,7 @@
 
 After every epoch `training.fit` saves what the rest of the run depends on into
 `.mlic/train-resume/<key>/epoch-NNNN/`: every model variable (weights, BatchNorm statistics,
-the augmentation and dropout seed-generator states), the optimizer's variables (its step
+the dropout seed-generator state), the optimizer's variables (its step
 count drives the cosine schedule), the history rows so far, the phase, which phases stopped
 early, the best checkpoint and its monitored value, and EarlyStopping's counters. The next
 `train` with the same key restores all of it and continues at the following epoch. Together
@@ -49,7 +49,7 @@ _EPOCH_DIR = re.compile(r"^epoch-(\d{4,})$")
 
 # The modules whose code decides what an epoch does: a state saved by other code is not resumed
 # (DVC re-runs train when they change; finishing with the old code's epochs would not reproduce).
-CODE = ("dataset", "devices", "losses", "model", "resume", "tfrecords", "training")
+CODE = ("augment", "dataset", "devices", "losses", "model", "resume", "tfrecords", "training")
 
 
 def code_fingerprint() -> str:

@@ -58,6 +58,7 @@ class TrainResult:
     best_value: float
     seconds: float
     images_seen: int
+    jit_compile: bool = False       # XLA as it really ran (Keras may refuse a request), last phase
 
 
 def _compile(model: keras.Model, lr: Any, loss: keras.losses.Loss, n_classes: int, jit: bool) -> None:
@@ -153,6 +154,10 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
             n = mlic_model.unfreeze_top(model, cfg.finetune_layers)
             log.info("phase 2: %d backbone layers trainable (BatchNorm frozen)", n)
         _compile(model, learning_rate(cfg.lr_schedule, lr0, epochs * steps), loss, n_classes, jit_compile)
+        xla = bool(model.jit_compile)  # Keras turns a requested XLA off for op determinism or a non-XLA layer
+        if jit_compile and not xla:
+            log.warning("jit_compile was requested but Keras compiled phase %s without XLA "
+                        "(op determinism on, or a layer without an XLA kernel)", phase)
         early_state = None
         if state is not None and state.phase == phase:  # the phase the run was killed in
             model.optimizer.build(model.trainable_variables)
@@ -165,7 +170,8 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
         if done < epochs and phase not in stopped:
             callbacks = [LearningRateLogger(), best, *([early] if early else []),
                          EpochRecorder(phase, rows, stopped, checkpoint, best, early, resume, early_state)]
-            log.info("phase %s: %d epochs at learning rate %g (%s)", phase, epochs, lr0, cfg.lr_schedule)
+            log.info("phase %s: %d epochs at learning rate %g (%s), XLA %s", phase, epochs, lr0, cfg.lr_schedule,
+                     "on" if xla else "off")
             model.fit(train_epochs(epochs=range(epoch0 + done, epoch0 + epochs)), steps_per_epoch=steps,
                       validation_data=val_ds, epochs=epoch0 + epochs, initial_epoch=epoch0 + done,
                       callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles, seeded by epoch
@@ -180,7 +186,7 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     values = history[cfg.monitor].to_numpy()
     idx = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
     return TrainResult(history=history, best_epoch=int(history["epoch"][idx]), best_value=float(values[idx]),
-                       seconds=seconds, images_seen=n_train * ran)
+                       seconds=seconds, images_seen=n_train * ran, jit_compile=xla)
 
 
 def restore_model(model: keras.Model, state: State, best: keras.callbacks.ModelCheckpoint, checkpoint: Path) -> None:
