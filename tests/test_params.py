@@ -75,9 +75,11 @@ def test_unknown_section_name_is_rejected() -> None:
         ("data", "data:\n  classes: [a, 2]\n", ["data.classes[1]", "expected text"]),
         ("data", "data:\n  delimiter: 3\n", ["data.delimiter", "expected text"]),
         ("data", "data: [1, 2]\n", ["data", "expected a mapping"]),
+        ("train", "train:\n  deterministic_ops: 'yes'\n", ["train.deterministic_ops", "'auto'", "true or false"]),
     ],
     ids=["1e-3-string", "bool-for-float", "float-for-int", "string-for-int", "bool-for-int",
-         "string-for-bool", "string-for-list", "int-in-list", "int-for-str", "list-for-section"],
+         "string-for-bool", "string-for-list", "int-in-list", "int-for-str", "list-for-section",
+         "auto-or-bool"],
 )
 def test_wrong_type_is_rejected_with_a_hint(tmp_path: Path, section: str, text: str, expected: list[str]) -> None:
     path = _write(tmp_path, text)

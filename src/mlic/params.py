@@ -202,7 +202,10 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
                 return _check_type(value, arg, where)
             except ParamsError as exc:
                 errors.append(str(exc))
-        raise ParamsError(errors[0] if errors else f"{where}: unexpected {value!r}")
+        if not errors:
+            raise ParamsError(f"{where}: unexpected {value!r}")
+        rest = [e.removeprefix(f"{where}: ") for e in errors[1:]]
+        raise ParamsError("; or ".join([errors[0], *rest]))
     if origin is list:
         if not isinstance(value, list):
             raise ParamsError(f"{where}: expected a list, got {value!r}")
