@@ -59,7 +59,8 @@ def run(args: argparse.Namespace, params: Params) -> int:
         return 2
     aug = augment.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast)
     train_epochs = functools.partial(dataset.make_dataset, train_m, cfg.batch_size, shuffle=True, augment=aug,
-                                     seed=common.seed, shuffle_buffer=cfg.shuffle_buffer)  # epochs=range(a, b)
+                                     seed=common.seed, shuffle_buffer=cfg.shuffle_buffer,
+                                     repeat_threshold=cfg.repeat_threshold)  # epochs=range(a, b)
     val_ds = dataset.make_dataset(val_m, cfg.batch_size)
     pretrained = cfg.weights is not None
     # Epoch-by-epoch state in .mlic/train-resume/<key>/ (outside git and DVC): a killed train re-run

@@ -444,6 +444,39 @@ def test_augmented_epochs_depend_on_seed_epoch_and_batch_alone(jpeg_out) -> None
     assert not np.array_equal(other_seed[0][0], other_plain[0][0])
 
 
+def test_repeat_factors_follow_lvis() -> None:
+    r = dataset.repeat_factors(np.array([0.5, 0.1, 0.025, 0.0]), 0.1)
+    np.testing.assert_allclose(r, [1.0, 1.0, 2.0, 1.0])           # sqrt(0.1 / 0.025) = 2; absent class: 1
+    assert np.all(dataset.repeat_factors(np.array([0.5, 0.01]), 0.0) == 1.0)
+
+
+def test_repeat_factor_sampling_shows_rare_classes_more_in_same_size_epochs(image_set, tmp_path: Path) -> None:
+    # A long tail made on purpose: every image without class 0, and three with it.
+    has = image_set.y[:, 0] > 0
+    rows = np.concatenate([np.flatnonzero(~has), np.flatnonzero(has)[:3]])
+    _write(image_set, tmp_path, rows=rows)
+    manifest = tfrecords.Manifest.read(tmp_path, "train")
+    n = manifest.count
+
+    def epochs(threshold: float, seed: int = 4, span: range = range(8)) -> list[tuple[list[str], np.ndarray]]:
+        ds = dataset.make_dataset(manifest, 8, shuffle=True, seed=seed, shuffle_buffer=256, epochs=span,
+                                  with_filenames=True, repeat_threshold=threshold)
+        rows = [(f.numpy().tolist(), y.numpy()) for _, y, f in ds]
+        names = [name for f, _ in rows for name in f]
+        labels = np.concatenate([y for _, y in rows])
+        return [(names[i * n:(i + 1) * n], labels[i * n:(i + 1) * n]) for i in range(len(span))]
+
+    plain, resampled = epochs(0.0), epochs(1.0)
+    assert len(plain) == len(resampled) == 8
+    assert all(len(names) == n for names, _ in resampled)              # an epoch keeps its size
+    assert all(labels[:, 0].sum() == 3 for _, labels in plain)
+    assert np.mean([labels[:, 0].sum() for _, labels in resampled]) > 1.3 * 3   # the rare class: ~1.7x
+    assert any(len(set(names)) < len(names) for names, _ in resampled)  # by repeating its images
+    assert [names for names, _ in epochs(1.0)] == [names for names, _ in resampled]
+    assert [names for names, _ in epochs(1.0, span=range(3, 8))] == [names for names, _ in resampled[3:]]
+    assert [names for names, _ in epochs(1.0, seed=5)] != [names for names, _ in resampled]
+
+
 def test_reader_errors_say_to_run_preprocess(jpeg_out, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no manifest; run `dvc repro preprocess`"):
         dataset.make_dataset(tfrecords.Manifest.read(tmp_path, "train"), 4)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 from mlic.augment import Augmentation, augment_batch, batch_seed
-from mlic.tfrecords import Manifest, parse_example
+from mlic.tfrecords import KEY_LABEL, Manifest, parse_example
 
 AUTOTUNE = tf.data.AUTOTUNE
 
@@ -30,10 +31,36 @@ def epoch_seeds(seed: int, epoch: tf.Tensor) -> tf.Tensor:
     return tf.random.stateless_uniform([2], seed=pair, minval=0, maxval=2**31 - 1, dtype=tf.int64)
 
 
+def repeat_factors(prevalence: np.ndarray, threshold: float) -> np.ndarray:
+    """Per-class repeat factors of repeat-factor sampling (Gupta et al., LVIS, CVPR 2019):
+    r_c = max(1, sqrt(t / f_c)) for a class in a fraction f_c of the training images; 1 for a
+    class with no training image (nothing to repeat), and all 1 when t = 0."""
+    f = np.asarray(prevalence, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        r = np.sqrt(np.where(f > 0, threshold / np.where(f > 0, f, 1.0), 0.0))
+    return np.maximum(r, 1.0)
+
+
+def _record_repeats(records: tf.data.Dataset, factors: tf.Tensor, seed: int, epoch: tf.Tensor) -> tf.data.Dataset:
+    """Each record as many times as its image's repeat factor says, on average: the factor is the
+    largest of its classes' (1 for an unlabelled image), rounded up or down at random so that
+    E[copies] = factor. The draw is stateless, from (seed, epoch, position in the pass)."""
+    def copies(index: tf.Tensor, record: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        ids = tf.io.parse_single_example(record, {KEY_LABEL: tf.io.VarLenFeature(tf.int64)})[KEY_LABEL].values
+        r = tf.reduce_max(tf.concat([tf.gather(factors, ids), [1.0]], axis=0))
+        pair = tf.stack([tf.constant(seed, tf.int64) + 7_919, tf.cast(epoch, tf.int64) * 10_000_019 + index])
+        extra = tf.random.stateless_uniform([], seed=pair) < r - tf.floor(r)
+        return record, tf.cast(tf.floor(r), tf.int64) + tf.cast(extra, tf.int64)
+
+    return records.enumerate().map(copies).flat_map(
+        lambda record, n: tf.data.Dataset.from_tensors(record).repeat(n))
+
+
 def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, shuffle_buffer: int = 2048, epochs: range | None = None,
                  repeat: bool = False, with_filenames: bool = False, drop_remainder: bool = False,
-                 deterministic: bool = True, augment: Augmentation | None = None) -> tf.data.Dataset:
+                 deterministic: bool = True, augment: Augmentation | None = None,
+                 repeat_threshold: float = 0.0) -> tf.data.Dataset:
     """Batches of (images float32 0..255 [B,H,W,3], multi-hot labels float32 [B,k]) of one split.
 
     The dataset is the passes `epochs` (default one pass, epoch 0) one after another, or with
@@ -46,11 +73,17 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
     stay 0..255: the model applies its backbone's own preprocessing, so it cannot happen twice.
     `augment` (training): each batch augmented with the stateless seed of (seed, epoch, batch index),
     so batch b of epoch e gets the same transforms in any process, resumed or not.
+    `repeat_threshold` (training, with `shuffle`): repeat-factor sampling (`repeat_factors`) of
+    images holding classes rarer than it, then the pass cut back to the split's size: an epoch
+    costs the same, rare classes are seen more often and commoner images make room at random.
     """
     n_classes = len(manifest.classes)
     size = int(manifest.image_size)
     paths = manifest.shard_paths()
     epochs = range(1) if epochs is None else epochs
+    count = int(manifest.count)
+    resample = shuffle and repeat_threshold > 0
+    factors = tf.constant(repeat_factors(manifest.prevalence, repeat_threshold), tf.float32) if resample else None
 
     def one_pass(epoch: tf.Tensor) -> tf.data.Dataset:
         files = tf.data.Dataset.from_tensor_slices(paths)
@@ -65,8 +98,12 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
             num_parallel_calls=AUTOTUNE,
             deterministic=deterministic,
         )
+        if resample:
+            ds = _record_repeats(ds, factors, seed, epoch)
         if shuffle:
             ds = ds.shuffle(shuffle_buffer, seed=seeds[1])
+        if resample:
+            ds = ds.take(count)
         # Batched within the pass, so a batch never straddles two epochs; numbered within it, so
         # augmentation can seed each batch by (epoch, batch index).
         batches = ds.batch(batch_size, drop_remainder=drop_remainder).enumerate()
@@ -100,7 +137,6 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
     if not repeat:
         # Interleaving hides the length from tf.data; stating it lets Keras size its progress and
         # stops its "input ran out of data" warning at the end of every epoch.
-        count = int(manifest.count)
         per_pass = count // batch_size if drop_remainder else -(-count // batch_size)
         ds = ds.apply(tf.data.experimental.assert_cardinality(per_pass * len(epochs)))
     ds = ds.map(_parse_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
