@@ -132,7 +132,7 @@ class Train:
     augment_zoom: float = _in(0.1, 0.0, 1.0, hi_open=True)
     augment_contrast: float = _in(0.1, 0.0, 1.0)
     shuffle_buffer: int = _in(2048, 1)
-    repeat_threshold: float = _in(0.0, 0.0, 1.0)
+    repeat_threshold: float = _in(0.2, 0.0, 1.0)
     # YAML 1.1 reads unquoted on/off as true/false: both spellings are accepted.
     mixed_precision: Literal["auto", "on", "off"] | bool = "auto"
     jit_compile: Literal["auto", "on", "off"] | bool = "auto"
