@@ -309,8 +309,11 @@ def test_workers_of_a_stopped_stage_end_quietly(tmp_path: Path, how: str) -> Non
 
     script = tmp_path / "pool_stage.py"
     script.write_text(_POOL_STAGE, encoding="utf-8")
+    # As from a terminal: SIGINT at its default. A test run started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and Python then never raises KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         workers = [psutil.Process(int(pid)) for pid in proc.stdout.readline().split()]
         assert len(workers) == 2, proc.stderr.read() if proc.poll() is not None else "no workers"
@@ -319,9 +322,7 @@ def test_workers_of_a_stopped_stage_end_quietly(tmp_path: Path, how: str) -> Non
             os.killpg(proc.pid, signal.SIGINT)  # the terminal signals the whole foreground group
         else:
             proc.send_signal(signal.SIGKILL if how == "kill -9" else signal.SIGTERM)
-        # End of file: every process holding stderr has ended (90 s: a spawned pool winds down slowly on a
-        # loaded 2-core machine; a real hang still fails).
-        _, stderr = proc.communicate(timeout=90)
+        _, stderr = proc.communicate(timeout=30)  # end of file: every process holding stderr has ended
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
