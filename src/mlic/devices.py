@@ -2,8 +2,8 @@
 distribution strategy. `train` calls `set_seed` then `configure_devices` before building the model.
 
 What was requested and what runs can differ: Keras compiles without XLA (with only a warning)
-when op determinism is on or a layer has no XLA kernel, so `effective_jit` reads it back from the
-compiled model, and `train` logs and records that, not the request.
+when op determinism is on or a layer has no XLA kernel, so `training.fit` reads it back from the
+compiled model (`TrainResult.jit_compile`), and `train` logs and records that, not the request.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def configure_devices(
 
     Each switch is "auto", "on" or "off" (True/False also accepted). Sets the global Keras dtype
     policy, so call it before building the model. With op determinism on Keras compiles without
-    XLA whatever `jit_compile` says (a warning is logged here; `effective_jit` tells afterwards).
+    XLA whatever `jit_compile` says (`training.fit` warns and reports what ran).
     """
     gpus = len(tf.config.list_physical_devices("GPU"))
     mp = _resolve_switch(mixed_precision, "mixed_precision", gpus > 0)
@@ -76,9 +76,6 @@ def configure_devices(
     deterministic = resolve_determinism(deterministic_ops, gpus, jit)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
-        if jit:
-            log.warning("jit_compile is on but deterministic_ops is too: Keras will run without XLA "
-                        "(set train.deterministic_ops: auto or false for XLA)")
     # Set the policy both ways so a second call in one process never inherits the first.
     keras.mixed_precision.set_global_policy("mixed_float16" if mp else "float32")
     config = DeviceConfig(gpus=gpus, mixed_precision=mp, jit_compile=jit, strategy=make_strategy(gpus),
@@ -88,11 +85,6 @@ def configure_devices(
         gpus, mp, jit, deterministic, type(config.strategy).__name__,
     )
     return config
-
-
-def effective_jit(model: keras.Model) -> bool:
-    """Whether `model` (compiled) really trains under XLA: Keras may have overridden the request."""
-    return bool(model.jit_compile)
 
 
 def set_seed(seed: int, deterministic_ops: bool = False) -> None:

@@ -314,8 +314,8 @@ def build_pool(pool: str):
 
 
 def _derive_seed(seed: int, index: int) -> int:
-    # Distinct, reproducible per-layer seeds that do not collide with `seed` itself (which also
-    # drives split and shuffling): equal seeds in two layers would correlate their transforms.
+    # A reproducible per-layer seed (dropout's) that does not collide with `seed` itself, which
+    # also drives split, shuffling and augmentation.
     return int(np.random.SeedSequence([seed, index]).generate_state(1)[0] % (2**31 - 1))
 
 

@@ -156,8 +156,9 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
         _compile(model, learning_rate(cfg.lr_schedule, lr0, epochs * steps), loss, n_classes, jit_compile)
         xla = bool(model.jit_compile)  # Keras turns a requested XLA off for op determinism or a non-XLA layer
         if jit_compile and not xla:
-            log.warning("jit_compile was requested but Keras compiled phase %s without XLA "
-                        "(op determinism on, or a layer without an XLA kernel)", phase)
+            log.warning("jit_compile was requested but Keras compiled phase %s without XLA: op determinism "
+                        "is on (set train.deterministic_ops: auto or false for XLA), or a layer has no "
+                        "XLA kernel", phase)
         early_state = None
         if state is not None and state.phase == phase:  # the phase the run was killed in
             model.optimizer.build(model.trainable_variables)
