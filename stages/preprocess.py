@@ -2,7 +2,9 @@
 
 Reads  params `common`, `data`, `preprocess`; --splits-dir/{train,val,test}.csv and the images.
 Writes --out/<split>-NNNNN-of-NNNNN.tfrecord and --out/<split>.manifest.json (one folder,
-       renamed into place only when complete), and --metrics (records, bytes, throughput).
+       renamed into place only when complete), and --metrics (records, shards, megabytes).
+Runs   each shard as one task on `preprocess.runner`: local worker processes or Ray (mlic.runners);
+       the shards and manifests are the same bytes either way.
 Run alone: python stages/preprocess.py --splits-dir data/splits --out data/tfrecords \
            --metrics reports/preprocess.json
 """
@@ -21,7 +23,7 @@ from mlic.console import quiet_tensorflow
 if __name__ == "__main__":  # before the imports below load TensorFlow; tests calling main() keep pytest's stderr
     quiet_tensorflow()
 
-from mlic import tfrecords
+from mlic import runners, tfrecords
 from mlic.atomic import atomic_dir, write_json
 from mlic.stage import Params, Stage
 from mlic.split import SPLITS
@@ -43,28 +45,36 @@ def run(args: argparse.Namespace, params: Params) -> int:
                                         data.max_image_pixels)
     workers = tfrecords.resolve_workers(cfg.workers)
 
-    metrics: dict[str, dict] = {}
     start = time.perf_counter()
     # An error (an undecodable image, a full disk) propagates out of the `with`, so atomic_dir
     # discards the partial output (train and val written, test half done) rather than renaming it.
-    with atomic_dir(args.out) as out, tfrecords.worker_pool(workers) as pool:
+    with atomic_dir(args.out) as out:
+        plans = []
         for i, name in enumerate(SPLITS):
             # Filenames as text: "007" must not become 7, nor "NA" a missing value.
             frame = pd.read_csv(Path(args.splits_dir) / f"{name}.csv", dtype={"filename": str},
                                 keep_default_na=False)
             classes = list(frame.columns[1:])
-            t0 = time.perf_counter()
-            manifest = tfrecords.write_split(
-                name, frame["filename"].tolist(), frame[classes].to_numpy(), classes,
-                Path(data.images_dir), out, settings, cfg.shard_size,
-                seed=common.seed + i, pool=pool)
-            seconds = time.perf_counter() - t0
-            size = sum((out / s.file).stat().st_size for s in manifest.shards)
-            metrics[name] = {"records": manifest.count, "shards": len(manifest.shards),
-                             "megabytes": round(size / 2**20, 3)}
-            log.info("%s: %d records in %d shards, %.1f MiB, %.0f img/s", name, manifest.count,
-                     len(manifest.shards), size / 2**20, manifest.count / max(seconds, 1e-9))
-    log.info("preprocess done in %.1f s with %d worker(s)", time.perf_counter() - start, workers)
+            plans.append(tfrecords.plan_split(name, frame["filename"].tolist(), frame[classes].to_numpy(), classes,
+                                              Path(data.images_dir), out, settings, cfg.shard_size,
+                                              seed=common.seed + i))
+        tasks = [t for plan in plans for t in plan.tasks]
+        log.info("%d records in %d shards, written by %s", sum(p.count for p in plans), len(tasks),
+                 runners.describe(cfg.runner, workers, cfg.ray_address))
+        # Every split's shards in one batch of tasks: the workers stay busy across splits.
+        results = list(runners.run_shard_tasks(tasks, cfg.runner, workers, cfg.ray_address))
+        manifests = [tfrecords.finish_split(plan, results) for plan in plans]
+    seconds = time.perf_counter() - start
+    metrics: dict[str, dict] = {}
+    for manifest in manifests:
+        size = sum((Path(args.out) / s.file).stat().st_size for s in manifest.shards)
+        metrics[manifest.split] = {"records": manifest.count, "shards": len(manifest.shards),
+                                   "megabytes": round(size / 2**20, 3)}
+        log.info("%s: %d records in %d shards, %.1f MiB", manifest.split, manifest.count,
+                 len(manifest.shards), size / 2**20)
+    total = sum(m.count for m in manifests)
+    log.info("preprocess done in %.1f s with %s: %.0f img/s", seconds,
+             runners.describe(cfg.runner, workers, cfg.ray_address), total / max(seconds, 1e-9))
     write_json(args.metrics, metrics)
     return 0
 

@@ -98,6 +98,8 @@ class Preprocess:
     jpeg_quality: int = _in(92, 1, 95)
     shard_size: int = _in(512, 1)
     workers: int = _in(2, 0)
+    runner: Literal["local", "ray"] = "local"   # == runners.RUNNERS (a contract test keeps them equal)
+    ray_address: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,16 +6,20 @@ with `image/encoded`, `image/format`, `image/source_id`, `image/filename`, `imag
 multi-hot vector at parse time (`parse_example`). Shards are named
 `<split>-00000-of-00004.tfrecord`; each split has a `<split>.manifest.json` beside its shards.
 
-Determinism: records are placed in a seeded order, cut into contiguous shards, and serialized
-with `deterministic=True` (protobuf map ordering is otherwise not stable from run to run), so
-the same inputs and params give byte-identical shards whatever the number of workers.
+Determinism: records are placed in a seeded order and cut into contiguous shards (`plan_split`);
+each shard is then one self-contained task (`write_shard`): decode and resize its images, serialize
+them in order with a fixed field order (what TensorFlow's `SerializeToString(deterministic=True)`
+writes: a test holds the two byte-equal), frame them as TFRecords and rename the finished file into
+place. The same inputs and params give byte-identical shards whatever runs the tasks: this process,
+a pool of local workers, or Ray (`mlic.runners`), and a retried task rewrites the same bytes.
+
+The writer needs no TensorFlow: a worker that would import it pays ~3 s and ~400 MB before its
+first image, and the stage's own TensorFlow import was most of what kept 2 workers from 2x.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import itertools
 import dataclasses
 import errno
 import hashlib
@@ -25,8 +29,9 @@ import multiprocessing
 import multiprocessing.pool
 import os
 import signal
+import struct
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from multiprocessing.context import SpawnProcess
 from pathlib import Path
 from typing import Any
@@ -57,28 +62,67 @@ def shard_name(split: str, index: int, count: int) -> str:
     return f"{split}-{index:05d}-of-{count:05d}.tfrecord"
 
 
+def _varint(n: int) -> bytes:
+    n &= 0xFFFFFFFFFFFFFFFF  # int64 on the wire: a negative number is its two's complement
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (wire type 2)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def _bytes_feature(value: bytes) -> bytes:
+    # Feature.bytes_list (1) -> BytesList.value (1)
+    return _field(1, _field(1, value))
+
+
+def _int64_feature(values: Iterable[int]) -> bytes:
+    # Feature.int64_list (3) -> Int64List.value (1), packed (proto3); an empty list is an empty message
+    packed = b"".join(_varint(int(v)) for v in values)
+    return _field(3, _field(1, packed) if packed else b"")
+
+
 def serialize_example(encoded: bytes, image_format: str, filename: str, height: int, width: int,
                       class_ids: Iterable[int]) -> bytes:
-    """One image as a serialized `tf.train.Example`, byte-stable across runs."""
-    import tensorflow as tf  # deferred: workers and light tools never pay TF's import
+    """One image as a serialized `tf.train.Example`, byte-stable across runs, without TensorFlow.
 
-    def _bytes(v: bytes) -> tf.train.Feature:
-        return tf.train.Feature(bytes_list=tf.train.BytesList(value=[v]))
-
-    def _ints(v: Iterable[int]) -> tf.train.Feature:
-        return tf.train.Feature(int64_list=tf.train.Int64List(value=list(v)))
-
+    Example.features (1) -> Features.feature (1), a map written entry by entry in key order, each
+    entry (key 1, value 2) a `Feature`: exactly what `SerializeToString(deterministic=True)` gives
+    (`tests/test_tfrecords.py` checks byte equality against TensorFlow on random records).
+    """
     name = filename.encode("utf-8")
-    example = tf.train.Example(features=tf.train.Features(feature={
-        KEY_ENCODED: _bytes(encoded),
-        KEY_FORMAT: _bytes(image_format.encode("ascii")),
-        KEY_SOURCE_ID: _bytes(name),
-        KEY_FILENAME: _bytes(name),
-        KEY_HEIGHT: _ints([height]),
-        KEY_WIDTH: _ints([width]),
-        KEY_LABEL: _ints(class_ids),
-    }))
-    return example.SerializeToString(deterministic=True)
+    features = {
+        KEY_ENCODED: _bytes_feature(encoded),
+        KEY_FORMAT: _bytes_feature(image_format.encode("ascii")),
+        KEY_SOURCE_ID: _bytes_feature(name),
+        KEY_FILENAME: _bytes_feature(name),
+        KEY_HEIGHT: _int64_feature([height]),
+        KEY_WIDTH: _int64_feature([width]),
+        KEY_LABEL: _int64_feature(class_ids),
+    }
+    entries = b"".join(_field(1, _field(1, key.encode("utf-8")) + _field(2, features[key]))
+                       for key in sorted(features))
+    return _field(1, entries)
+
+
+def _masked_crc(data: bytes) -> bytes:
+    """TFRecord's checksum: CRC-32C, rotated right by 15 and offset (so a CRC of CRCs is not trivial)."""
+    import google_crc32c
+
+    crc = google_crc32c.value(data)
+    return struct.pack("<I", (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
+
+
+def frame_record(data: bytes) -> bytes:
+    """One TFRecord: length (uint64 LE), its masked CRC, the data, the data's masked CRC."""
+    length = struct.pack("<Q", len(data))
+    return length + _masked_crc(length) + data + _masked_crc(data)
 
 
 def decode_pixels(encoded: Any) -> Any:
@@ -134,10 +178,6 @@ def _prepare_one(task: tuple[str, EncodeSettings]) -> tuple[bytes | None, str | 
         return images.prepare(path, s.image_size, s.resize_mode, s.encoding, s.jpeg_quality, s.max_pixels), None
     except Exception as exc:  # noqa: BLE001 - reported with the file name by the parent
         return None, " ".join(f"{exc.__class__.__name__}: {exc}".split())
-
-
-def _prepare_chunk(tasks: list[tuple[str, EncodeSettings]]) -> list[tuple[bytes | None, str | None]]:
-    return [_prepare_one(t) for t in tasks]
 
 
 def _ignore_sigint() -> None:
@@ -206,31 +246,6 @@ def worker_pool(workers: int) -> Iterator[Any]:
         yield pool
 
 
-def ordered_map(pool: Any, fn: Callable[[list[Any]], list[Any]], items: list[Any],
-                chunk: int = 32, inflight_per_worker: int = 8) -> Iterator[Any]:
-    """Map `fn` over chunks of `items` in `pool` (None: in-process), yielding results in input order.
-
-    The first chunks are submitted on the call, not on the first read, so the workers start while
-    the caller is still busy (importing TensorFlow takes ~3 s). At most `inflight_per_worker`
-    chunks per worker are pending at once, so memory stays flat however many items there are
-    (Pool.imap would queue every result the parent hasn't read): a few MB of encoded images.
-    """
-    chunks = (items[i:i + chunk] for i in range(0, len(items), chunk))
-    if pool is None:
-        return (result for c in chunks for result in fn(c))
-    limit = max(1, pool._processes * inflight_per_worker)
-    pending = collections.deque(pool.apply_async(fn, (c,)) for c in itertools.islice(chunks, limit))
-
-    def drain() -> Iterator[Any]:
-        while pending:
-            yield from pending.popleft().get()
-            nxt = next(chunks, None)
-            if nxt is not None:
-                pending.append(pool.apply_async(fn, (nxt,)))
-
-    return drain()
-
-
 def record_order(filenames: list[str], seed: int) -> np.ndarray:
     """Seeded permutation of the records, fixed by filenames and seed, not by input order."""
     base = np.argsort(np.asarray(filenames, dtype=object), kind="stable")
@@ -238,39 +253,157 @@ def record_order(filenames: list[str], seed: int) -> np.ndarray:
     return base[rng.permutation(len(base))]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# strerror text -> errno for the write failures that are the machine's, not the code's.
-_ERRNO_BY_TEXT = {os.strerror(code): code for code in
-                  (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO)}
-
-
 @contextlib.contextmanager
 def _writing(path: Path) -> Iterator[None]:
-    """Writing `path`, a full disk or a refused write is raised as an OSError naming `path`.
+    """Writing `path` (through a temp file beside it), a disk error is an OSError naming `path`.
 
-    TensorFlow's writer reports it as a `tf.errors.OpError` ("<path>; No space left on device"),
-    and Python's write() as an OSError without a file name: either way `errors.disk_error` could
-    not say which file failed, or would not recognise the error at all.
+    Python's write() raises a full disk as an OSError without a file name, and an open() or
+    rename names the temp file: either way `errors.disk_error` could not tell the user which output.
     """
     try:
         yield
     except OSError as exc:
-        if exc.filename is None and exc.errno in _ERRNO_BY_TEXT.values():
+        if exc.errno in _DISK_ERRNOS and str(exc.filename or "") != str(path):
             raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
-    except Exception as exc:
-        tf = sys.modules.get("tensorflow")
-        code = _ERRNO_BY_TEXT.get(str(getattr(exc, "message", "")).rsplit("; ", 1)[-1].strip())
-        if tf is None or not isinstance(exc, tf.errors.OpError) or code is None:
-            raise
-        raise OSError(code, os.strerror(code), str(path)) from exc
+
+
+_DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EFBIG, errno.EIO}
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """One shard to write: everything a worker on any machine needs, and nothing else (it pickles).
+
+    `records` are (filename as in the labels CSV, class ids) in the shard's record order.
+    """
+
+    split: str
+    index: int
+    count: int                      # shards in the split
+    records: tuple[tuple[str, tuple[int, ...]], ...]
+    images_dir: str
+    out_dir: str
+    settings: EncodeSettings
+
+    @property
+    def file(self) -> str:
+        return shard_name(self.split, self.index, self.count)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardResult:
+    """What `write_shard` did: the shard's hash, or the image that failed (`error`, a full message)."""
+
+    split: str
+    index: int
+    file: str
+    records: int
+    sha256: str | None = None
+    error: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitPlan:
+    """One split cut into shard tasks, plus what its manifest needs besides the shards' hashes."""
+
+    split: str
+    classes: list[str]
+    count: int
+    positives: dict[str, int]
+    out_dir: str
+    settings: EncodeSettings
+    tasks: list[ShardTask]
+
+
+def plan_split(split: str, filenames: list[str], y: np.ndarray, classes: list[str], images_dir: Path,
+               out_dir: Path, settings: EncodeSettings, shard_size: int, seed: int) -> SplitPlan:
+    """Cut one split into shard tasks: the seeded record order (`record_order`), in contiguous shards."""
+    order = record_order(filenames, seed)
+    n_shards = max(1, -(-len(filenames) // shard_size))
+    y = np.asarray(y)
+    tasks = [ShardTask(split, s, n_shards,
+                       tuple((filenames[i], tuple(np.flatnonzero(y[i]).tolist())) for i in group),
+                       str(images_dir), str(out_dir), settings)
+             for s, group in enumerate(np.array_split(order, n_shards))]
+    positives = {c: int(v) for c, v in zip(classes, y.sum(axis=0))} if len(filenames) else {c: 0 for c in classes}
+    return SplitPlan(split, list(classes), len(filenames), positives, str(out_dir), settings, tasks)
+
+
+def write_shard(task: ShardTask) -> ShardResult:
+    """Decode, resize and encode the task's images and write its shard; run by any worker.
+
+    The shard is written to a temp file beside it and renamed when complete, so a task that is
+    killed and retried (a Ray worker lost, a pool restarted) rewrites the same bytes and never
+    leaves a half shard under the final name. A disk error names the shard, not the temp file.
+    An image that no longer decodes is returned as `error` (never raised: an exception would cross
+    processes and engines as a traceback, not as the one-line message the user needs).
+    """
+    s = task.settings
+    image_format = "jpeg" if s.encoding == "jpeg" else "png"
+    path = Path(task.out_dir) / task.file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    digest = hashlib.sha256()
+    try:
+        with _writing(path), open(tmp, "wb") as fh:
+            for filename, ids in task.records:
+                source = Path(task.images_dir) / filename
+                encoded, error = _prepare_one((str(source), s))
+                if error is not None:
+                    return ShardResult(task.split, task.index, task.file, len(task.records), error=(
+                        f"{source}: cannot be decoded ({error}), though split could decode it: the file "
+                        "changed since; run `dvc repro split` (which checks every image again), then preprocess"))
+                record = frame_record(serialize_example(encoded, image_format, filename, s.image_size,
+                                                        s.image_size, ids))
+                digest.update(record)
+                fh.write(record)
+        with _writing(path):
+            os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ShardResult(task.split, task.index, task.file, len(task.records), sha256=digest.hexdigest())
+
+
+def finish_split(plan: SplitPlan, results: Iterable[ShardResult]) -> "Manifest":
+    """The split's manifest from its shards' results (any order); written beside the shards.
+
+    Raises `images.ImageError` for the first shard (in shard order) that hit an image it could not
+    decode, so the message does not depend on which worker finished first.
+    """
+    by_index = {r.index: r for r in results if r.split == plan.split}
+    missing = [t.file for t in plan.tasks if t.index not in by_index]
+    if missing:
+        raise RuntimeError(f"{plan.split}: no result for shard(s) {', '.join(missing)}")
+    ordered = [by_index[t.index] for t in plan.tasks]
+    for r in ordered:
+        if r.error is not None:
+            raise images.ImageError(r.error)
+    s = plan.settings
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION, split=plan.split, count=plan.count,
+        classes=list(plan.classes), image_size=s.image_size, channels=3,
+        resize_mode=s.resize_mode, encoding=s.encoding,
+        jpeg_quality=s.jpeg_quality if s.encoding == "jpeg" else None,
+        positives=dict(plan.positives),
+        shards=[Shard(file=r.file, records=r.records, sha256=r.sha256) for r in ordered],
+        fingerprint="", directory=Path(plan.out_dir),
+    )
+    manifest = dataclasses.replace(manifest, fingerprint=fingerprint(manifest.to_dict()))
+    manifest.write()
+    return manifest
+
+
+def run_tasks(tasks: list[ShardTask], pool: Any = None) -> Iterator[ShardResult]:
+    """`write_shard` over `tasks` in `pool` (from `worker_pool`; None: in this process), as they finish.
+
+    One task per shard, not per image: each worker writes whole shards and the parent only
+    collects their hashes, so throughput grows with the workers (the parent is no bottleneck).
+    """
+    if pool is None:
+        return (write_shard(t) for t in tasks)
+    # Biggest shards first: the last ones to start are then the small val/test shards.
+    ordered = sorted(tasks, key=lambda t: -len(t.records))
+    return pool.imap_unordered(write_shard, ordered, chunksize=1)
 
 
 def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[str], images_dir: Path,
@@ -285,42 +418,8 @@ def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[s
     An image that fails here changed after `split` ran: `images.ImageError` names it and says to
     re-run split; nothing is skipped here.
     """
-    n = len(filenames)
-    order = record_order(filenames, seed)
-    n_shards = max(1, -(-n // shard_size))
-    groups = np.array_split(order, n_shards)
-    tasks = [(str(images_dir / filenames[i]), settings) for i in order]
-    results = ordered_map(pool, _prepare_chunk, tasks)
-    import tensorflow as tf  # after the workers have their first images: the import takes ~3 s
-    image_format = "jpeg" if settings.encoding == "jpeg" else "png"
-
-    shards = []
-    for s, group in enumerate(groups):
-        path = out_dir / shard_name(split, s, n_shards)
-        with _writing(path), tf.io.TFRecordWriter(str(path)) as writer:
-            for i in group:
-                encoded, error = next(results)
-                if error is not None:
-                    raise images.ImageError(
-                        f"{images_dir / filenames[i]}: cannot be decoded ({error}), though split could decode "
-                        "it: the file changed since; run `dvc repro split` (which checks every image again), "
-                        "then preprocess")
-                ids = np.flatnonzero(y[i]).tolist()
-                writer.write(serialize_example(encoded, image_format, filenames[i],
-                                               settings.image_size, settings.image_size, ids))
-        shards.append({"file": path.name, "records": len(group), "sha256": _sha256(path)})
-
-    manifest = Manifest(
-        schema_version=SCHEMA_VERSION, split=split, count=n,
-        classes=list(classes), image_size=settings.image_size, channels=3,
-        resize_mode=settings.resize_mode, encoding=settings.encoding,
-        jpeg_quality=settings.jpeg_quality if settings.encoding == "jpeg" else None,
-        positives={c: int(v) for c, v in zip(classes, np.asarray(y).sum(axis=0))},
-        shards=[Shard(**s) for s in shards], fingerprint="", directory=Path(out_dir),
-    )
-    manifest = dataclasses.replace(manifest, fingerprint=fingerprint(manifest.to_dict()))
-    manifest.write()
-    return manifest
+    plan = plan_split(split, filenames, y, classes, images_dir, out_dir, settings, shard_size, seed)
+    return finish_split(plan, run_tasks(plan.tasks, pool))
 
 
 def fingerprint(manifest: dict[str, Any]) -> str:
