@@ -110,6 +110,15 @@ def test_an_image_that_fails_is_named_in_one_line_whatever_the_runner(make_set, 
     assert not (tmp_path / "out" / "train.manifest.json").exists()
 
 
+@pytest.mark.parametrize("workers", [1, 3])
+def test_a_worker_s_exception_reaches_the_stage(image_set, tmp_path: Path, workers: int) -> None:
+    """An OSError in a pool process (here the output folder is gone) is raised in the parent."""
+    tasks = [t for p in _plans(image_set, tmp_path / "out") for t in p.tasks]
+    (tmp_path / "out").rmdir()
+    with pytest.raises(FileNotFoundError):
+        list(runners.run_shard_tasks(tasks, "local", workers))
+
+
 def test_a_missing_shard_result_is_an_error_not_a_short_manifest(image_set, tmp_path: Path) -> None:
     plan = _plans(image_set, tmp_path / "out")[0]
     results = [tfrecords.write_shard(t) for t in plan.tasks[1:]]

@@ -317,7 +317,7 @@ def slow(x):
 
 if __name__ == "__main__":
     try:
-        with tfrecords.worker_pool(2) as pool:
+        with tfrecords.worker_pool(3) as pool:  # this process + 2 pool workers
             results = pool.imap_unordered(slow, range(400), chunksize=1)
             next(results)
             print(" ".join(str(w.pid) for w in pool._pool), flush=True)

@@ -19,6 +19,7 @@ first image, and the stage's own TensorFlow import was most of what kept 2 worke
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import errno
@@ -28,6 +29,7 @@ import logging
 import multiprocessing
 import multiprocessing.pool
 import os
+import queue
 import signal
 import struct
 import sys
@@ -231,18 +233,21 @@ class _QuietPool(multiprocessing.pool.Pool):
 
 @contextlib.contextmanager
 def worker_pool(workers: int) -> Iterator[Any]:
-    """A process pool for image work, or None to work in this process when `workers` <= 1.
+    """Processes to share image work with this one: `workers` in all, this process included.
 
-    spawn, not fork: the parent has TensorFlow loaded and forking a multi-threaded process is
-    unsafe. Create it once per stage: each spawned worker pays a second or so of imports. The
-    workers end quietly when the stage fails, is interrupted or killed (`_QuietWorker`).
+    Yields a pool of `workers - 1` processes, or None (work in this process alone) when `workers`
+    <= 1. The caller works too (`run_tasks`): it would otherwise sit idle, and it starts at once
+    while the pool's processes are still starting (about a second each: spawn re-imports Python).
+    spawn, not fork: a parent may hold threads (TensorFlow's, in callers that loaded it), and
+    forking a multi-threaded process is unsafe. Create it once per stage. The workers end quietly
+    when the stage fails, is interrupted or killed (`_QuietWorker`).
     """
     if workers <= 1:
         yield None
         return
     if os.name == "posix":
         _start_resource_tracker()
-    with _QuietPool(workers, initializer=_ignore_sigint, context=multiprocessing.get_context("spawn")) as pool:
+    with _QuietPool(workers - 1, initializer=_ignore_sigint, context=multiprocessing.get_context("spawn")) as pool:
         yield pool
 
 
@@ -393,17 +398,57 @@ def finish_split(plan: SplitPlan, results: Iterable[ShardResult]) -> "Manifest":
     return manifest
 
 
-def run_tasks(tasks: list[ShardTask], pool: Any = None) -> Iterator[ShardResult]:
-    """`write_shard` over `tasks` in `pool` (from `worker_pool`; None: in this process), as they finish.
+class _Failed:
+    """A worker's exception, passed back through the results queue."""
 
-    One task per shard, not per image: each worker writes whole shards and the parent only
-    collects their hashes, so throughput grows with the workers (the parent is no bottleneck).
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+def run_tasks(tasks: list[ShardTask], pool: Any = None) -> Iterator[ShardResult]:
+    """`write_shard` over `tasks`, yielding results as they finish, in this process and `pool`'s.
+
+    One task per shard, not per image: each process writes whole shards and only their hashes come
+    back, so throughput grows with the processes. This process takes tasks too (`worker_pool`),
+    biggest shards first, so the last to start are the small val/test ones. Each pool process has
+    at most two tasks queued, so a slow one cannot hoard the rest.
     """
+    todo = collections.deque(sorted(tasks, key=lambda t: -len(t.records)))
     if pool is None:
-        return (write_shard(t) for t in tasks)
-    # Biggest shards first: the last ones to start are then the small val/test shards.
-    ordered = sorted(tasks, key=lambda t: -len(t.records))
-    return pool.imap_unordered(write_shard, ordered, chunksize=1)
+        while todo:
+            yield write_shard(todo.popleft())
+        return
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    in_flight = 0
+
+    def top_up() -> None:
+        nonlocal in_flight
+        while todo and in_flight < 2 * pool._processes:
+            pool.apply_async(write_shard, (todo.popleft(),), callback=finished.put,
+                             error_callback=lambda exc: finished.put(_Failed(exc)))
+            in_flight += 1
+
+    def collect(block: bool) -> Iterator[ShardResult]:
+        nonlocal in_flight
+        while in_flight:
+            try:
+                result = finished.get(block=block)
+            except queue.Empty:
+                return
+            in_flight -= 1
+            if isinstance(result, _Failed):
+                raise result.exc
+            yield result
+            block = False
+            top_up()
+
+    top_up()
+    while todo:
+        yield write_shard(todo.popleft())
+        yield from collect(block=False)
+        top_up()
+    while in_flight:
+        yield from collect(block=True)
 
 
 def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[str], images_dir: Path,
