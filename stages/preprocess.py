@@ -23,6 +23,7 @@ if __name__ == "__main__":  # before the imports below load TensorFlow; tests ca
 
 from mlic import runners, tfrecords
 from mlic.atomic import atomic_dir, write_json
+from mlic.split import SPLITS, read_split_csv
 from mlic.stage import Params, Stage
 
 log = logging.getLogger("mlic.stages.preprocess")
@@ -37,12 +38,6 @@ def add_args(ap: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, params: Params) -> int:
-    # Imported here, not above: the worker processes re-import this script (spawn), and pandas
-    # would add ~0.5 s to each one's start.
-    import pandas as pd
-
-    from mlic.split import SPLITS
-
     common, data, cfg = params.common, params.data, params.preprocess
     settings = tfrecords.EncodeSettings(cfg.image_size, cfg.resize_mode, cfg.encoding, cfg.jpeg_quality,
                                         data.max_image_pixels)
@@ -54,13 +49,9 @@ def run(args: argparse.Namespace, params: Params) -> int:
     with atomic_dir(args.out) as out:
         plans = []
         for i, name in enumerate(SPLITS):
-            # Filenames as text: "007" must not become 7, nor "NA" a missing value.
-            frame = pd.read_csv(Path(args.splits_dir) / f"{name}.csv", dtype={"filename": str},
-                                keep_default_na=False)
-            classes = list(frame.columns[1:])
-            plans.append(tfrecords.plan_split(name, frame["filename"].tolist(), frame[classes].to_numpy(), classes,
-                                              Path(data.images_dir), out, settings, cfg.shard_size,
-                                              seed=common.seed + i))
+            filenames, y, classes = read_split_csv(Path(args.splits_dir) / f"{name}.csv")
+            plans.append(tfrecords.plan_split(name, filenames, y, classes, Path(data.images_dir), out,
+                                              settings, cfg.shard_size, seed=common.seed + i))
         tasks = [t for plan in plans for t in plan.tasks]
         log.info("%d records in %d shards, written by %s", sum(p.count for p in plans), len(tasks),
                  runners.describe(cfg.runner, workers, cfg.ray_address))

@@ -258,3 +258,34 @@ def test_split_stage_skips_bad_images_and_reports_them(stage_run, make_set, tmp_
     assert (summary["images"], summary["skipped"]) == (28, 2)
     names = [f for s in SPLITS for f in pd.read_csv(tmp_path / _arg(argv, "--splits-dir") / f"{s}.csv")["filename"]]
     assert len(names) == 28 and image_set.filenames[20] not in names
+
+
+def test_read_split_csv_reads_what_split_writes_filenames_as_text(tmp_path) -> None:
+    import pandas as pd
+
+    from mlic.atomic import write_csv
+    from mlic.split import read_split_csv
+
+    frame = pd.DataFrame({"filename": ["007", "NA", "a, b.jpg", 'q"uote.png', "ä/日.jpg"],
+                          "cat": [1, 0, 0, 1, 1], "dog": [0, 0, 1, 1, 0]})
+    write_csv(tmp_path / "train.csv", frame)
+    filenames, y, classes = read_split_csv(tmp_path / "train.csv")
+    assert filenames == frame["filename"].tolist() and classes == ["cat", "dog"]
+    np.testing.assert_array_equal(y, frame[["cat", "dog"]].to_numpy())
+    assert y.dtype == np.uint8
+
+
+@pytest.mark.parametrize("text, message", [
+    ("filename,cat\na.jpg,1\nb.jpg,2\n", "row 3 is not a filename and 1 0/1 values"),
+    ("filename,cat\na.jpg\n", "row 2 is not a filename and 1 0/1 values"),
+    ("name,cat\na.jpg,1\n", "not a split CSV"),
+    ("", "not a split CSV"),
+])
+def test_read_split_csv_names_the_file_and_row_of_a_bad_one(tmp_path, text: str, message: str) -> None:
+    from mlic.errors import InputError
+    from mlic.split import read_split_csv
+
+    (tmp_path / "val.csv").write_text(text, encoding="utf-8")
+    with pytest.raises(InputError, match=message) as err:
+        read_split_csv(tmp_path / "val.csv")
+    assert str(err.value).startswith(str(tmp_path / "val.csv")) and "dvc repro split" in str(err.value)

@@ -10,9 +10,17 @@ splitting twice, so val and test are stratified against each other too.
 
 from __future__ import annotations
 
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import numpy as np
-import pandas as pd
+
+from mlic.errors import InputError
 from mlic.params import ParamsError
+
+if TYPE_CHECKING:  # pandas is imported where used: preprocess and its workers import this module
+    import pandas as pd
 
 SPLITS = ("train", "val", "test")
 
@@ -65,6 +73,8 @@ def random_split(n: int, fractions: np.ndarray, seed: int) -> np.ndarray:
 
 def split_counts(y: np.ndarray, assignment: np.ndarray, classes: list[str]) -> pd.DataFrame:
     """Long table of per-split, per-class positive counts and prevalence (a DVC bar plot)."""
+    import pandas as pd
+
     rows = []
     for s, name in enumerate(SPLITS):
         mask = assignment == s
@@ -82,3 +92,27 @@ def max_prevalence_gap(y: np.ndarray, assignment: np.ndarray) -> np.ndarray:
     overall = y.mean(axis=0)
     gaps = [np.abs(y[assignment == s].mean(axis=0) - overall) for s in np.unique(assignment)]
     return np.max(gaps, axis=0)
+
+
+def read_split_csv(path: str | Path) -> tuple[list[str], np.ndarray, list[str]]:
+    """A split CSV written by the split stage: (filenames, 0/1 matrix, class columns).
+
+    With the csv module, not pandas: preprocess reads three small files, and importing pandas
+    would be most of its start-up. Filenames stay text ("007" is not 7, "NA" not missing).
+    """
+    path = Path(path)
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+    except FileNotFoundError:
+        raise InputError(f"{path}: no split CSV; run `dvc repro split` first") from None
+    if not rows or len(rows[0]) < 2 or rows[0][0] != "filename":
+        raise InputError(f"{path}: not a split CSV (header `filename,<class>,...` expected); run `dvc repro split`")
+    classes = rows[0][1:]
+    y = np.zeros((len(rows) - 1, len(classes)), dtype=np.uint8)
+    for r, row in enumerate(rows[1:]):
+        if len(row) != len(classes) + 1 or any(v not in ("0", "1") for v in row[1:]):
+            raise InputError(f"{path}: row {r + 2} is not a filename and {len(classes)} 0/1 values; "
+                             "run `dvc repro split` to rewrite it")
+        y[r] = [v == "1" for v in row[1:]]
+    return [row[0] for row in rows[1:]], y, classes
