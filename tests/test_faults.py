@@ -38,8 +38,9 @@ from conftest import make_project, run_ok
 pytestmark = pytest.mark.slow
 
 TINY = {
-    "sample": {"n_images": 300, "min_size": 32, "max_size": 48},
-    "preprocess": {"image_size": 32, "shard_size": 10, "workers": 2},  # 31 shards; a real pool
+    # images of 96-128 px: enough decoding for preprocess to be caught mid-work (it resizes to 32)
+    "sample": {"n_images": 300, "min_size": 96, "max_size": 128},
+    "preprocess": {"image_size": 32, "shard_size": 10, "workers": 3},  # 31 shards; a pool of 2 + the stage
     "train": {"epochs": 2, "batch_size": 16, "early_stopping_patience": 0},
     "evaluate": {"batch_size": 64},
 }
@@ -110,10 +111,10 @@ def temp_dir(pattern: str) -> Sign:
 
 
 def encoding(proc: psutil.Process, output: str, project: Project) -> bool:
-    """preprocess: its temp folder exists and both pool workers have been at work for half a second."""
+    """preprocess: both pool workers are up and some shards, not all, are in its temp folder."""
     workers = [c for c in proc.children() if "spawn_main" in " ".join(c.cmdline())]
-    return (any(project.repo.glob("data/.tfrecords.*.tmp")) and len(workers) == 2
-            and time.time() - max(w.create_time() for w in workers) > 0.5)
+    done = [p for temp in project.repo.glob("data/.tfrecords.*.tmp") for p in temp.glob("*.tfrecord")]
+    return len(workers) == 2 and 0 < len(done) < 20
 
 
 def early(proc: psutil.Process, output: str, project: Project) -> bool:
