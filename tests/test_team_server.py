@@ -39,9 +39,11 @@ class TeamServer:
     start_seconds: float   # initdb to /health answering
 
 
-@pytest.fixture(scope="module")
+# Session scope, like pipeline_project, so that it is set up first (fixtures of one scope are set up
+# in argument order): where PostgreSQL is missing the test skips before the pipeline runs.
+@pytest.fixture(scope="session")
 def team_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TeamServer]:
-    """PostgreSQL + `mlflow server` over it, for this module; both stopped by PID at the end."""
+    """PostgreSQL + `mlflow server` over it; both stopped by PID (by the last test, else at the end)."""
     pg = require_postgres()
     root = tmp_path_factory.mktemp("team_server")
     artifacts = root / "artifacts"
@@ -72,8 +74,8 @@ def _under(root: Path, uri: str) -> Path:
     return root / uri.removeprefix("mlflow-artifacts:").lstrip("/")
 
 
-def test_pipeline_logs_a_complete_run_to_the_postgres_server(pipeline_project: Project,
-                                                            team_server: TeamServer) -> None:
+def test_pipeline_logs_a_complete_run_to_the_postgres_server(team_server: TeamServer,
+                                                            pipeline_project: Project) -> None:
     import mlflow
     import pandas as pd
 
