@@ -65,6 +65,10 @@ def test_push_clone_pull_gives_the_same_outputs_and_nothing_to_run(pipeline_proj
     assert {name: digest for name, (digest, _) in after.items()} == \
         {name: digest for name, (digest, _) in before.items()}
 
+    # A teammate's Python writes bytecode beside the sources (here PYTHONDONTWRITEBYTECODE may be
+    # set): `track` depends on the whole src/mlic folder, and __pycache__ must not count.
+    run_ok(["python", "-m", "compileall", "-q", "src/mlic", "stages"], clone, project.env)
+    assert list((clone / "src/mlic/__pycache__").glob("*.pyc"))
     status = run_ok(["dvc", "status"], clone, project.env).stdout
     assert "Data and pipelines are up to date" in status, status
     repro = run_ok(["dvc", "repro"], clone, project.env).stdout
