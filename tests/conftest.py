@@ -358,3 +358,93 @@ def make_project(repo: Path, params: dict[str, dict[str, Any]], who: str = "e2e"
     run_ok(["git", "add", "-A"], repo, env)
     run_ok(["git", "commit", "-q", "-m", "init"], repo, env)
     return env
+
+
+# The small project of the end-to-end tests: 120 images of 32-48 px, 32 px inputs, 1 epoch.
+SMALL_PIPELINE: dict[str, dict[str, Any]] = {
+    "sample": {"n_images": 120, "min_size": 32, "max_size": 48},
+    # png: lossless shards, so `mlic predict` on the image files sees the very pixels evaluate saw.
+    "preprocess": {"image_size": 32, "shard_size": 40, "encoding": "png"},
+    "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
+    "evaluate": {"batch_size": 32},
+    # 120 images leave every class under the default min_support of 10 validation positives, so every class
+    # would take the one global threshold; per-class thresholds keep the beta experiments meaningful.
+    "calibrate": {"min_support": 1},
+}
+
+
+def mlflow_runs(env: dict[str, str]) -> list:
+    """Every run in the store at env's MLFLOW_TRACKING_URI, oldest first."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    exps = client.search_experiments()
+    return client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time ASC"])
+
+
+def check_complete_run(run, env: dict[str, str], repo: Path) -> None:
+    """Assert that `run` (in the store at env's MLFLOW_TRACKING_URI) is what `track` logs for the
+    pipeline in `repo`: params, summary metrics, curves, artifacts, datasets, the packaged model,
+    its registry version, git provenance, FINISHED."""
+    import subprocess
+
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    params = run.data.params
+    assert params["train.epochs"] == str(yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"])
+    for key in ("common.seed", "split.val_fraction", "preprocess.image_size", "train.backbone", "calibrate.beta"):
+        assert key in params, key
+    metrics = run.data.metrics
+    summary = [k for k in metrics if not k.startswith("epoch/")]
+    assert 20 <= len(summary) <= 60, sorted(summary)                # a summary a person can scan
+    assert all("/" in k for k in metrics), sorted(metrics)          # hierarchical: the UI groups them
+    for key in ("test/macro_f1", "baseline/test/macro_f1", "test_calibrated/macro_f1", "val/macro_ap",
+                "test/hamming_loss", "test/subset_accuracy"):
+        assert key in metrics, (key, sorted(metrics))
+    assert not any(k.endswith(("/n_samples", "/n_classes")) for k in metrics)  # constants are not metrics
+    steps = client.get_metric_history(run.info.run_id, "epoch/val_loss")
+    assert sorted(m.step for m in steps) == list(range(len(steps))) and steps
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"thresholds.json", "dvc.lock.yaml", "history.csv"} <= artifacts, artifacts
+    assert len({a for a in artifacts if a.endswith(".png")}) >= 4, artifacts
+    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["test", "train", "val"]
+    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
+                                         filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert len(models) == 1, models
+    assert "champion.json" in artifacts
+    assert run.data.tags["champion.promoted"] in ("true", "false")
+    name, version = run.data.tags["registered_model_version"].split("/")
+    mv = client.get_model_version(name, version)
+    assert mv.run_id == run.info.run_id
+    assert "val/macro_ap" in mv.tags and "test_calibrated/macro_f1" in mv.tags
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["git_commit"] == head
+    assert run.data.tags["git_dirty"] in ("true", "false")
+    assert len(run.data.tags["data_fingerprint"]) == 64
+    assert run.info.status == "FINISHED"
+
+
+@dataclasses.dataclass(frozen=True)
+class Project:
+    """A git + DVC copy of the project (make_project): its folder and the environment to run dvc in."""
+
+    repo: Path
+    env: dict[str, str]
+
+    def run(self, *cmd: str, **env: str):
+        """`run_ok(cmd)` in the project, with `env` on top of the project's environment."""
+        return run_ok(list(cmd), self.repo, {**self.env, **env})
+
+
+@pytest.fixture(scope="session")
+def pipeline_project(tmp_path_factory: pytest.TempPathFactory) -> Project:
+    """The small project (SMALL_PIPELINE) after one `dvc repro`, its results committed (dvc.lock in
+    git, cached outputs in the DVC cache), MLflow store beside it. Shared by the team-setup tests
+    (tracking server, DVC remote): each leaves the pipeline's outputs as they were."""
+    repo = tmp_path_factory.mktemp("pipeline") / "project"
+    project = Project(repo, make_project(repo, SMALL_PIPELINE, who="team"))
+    project.run("dvc", "repro")
+    project.run("git", "add", "-A")
+    project.run("git", "commit", "-q", "-m", "pipeline results")
+    return project

@@ -21,20 +21,14 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
-import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING
+from typing import TYPE_CHECKING
 
 import pytest
+import tracking_server
 
 if TYPE_CHECKING:  # playwright is optional: only the type checker needs it at import time
     from playwright.sync_api import Browser, Locator, Page
@@ -55,67 +49,24 @@ MACHINE_LEARNING = "machine_learning"     # the sidebar's "Model training": expe
 EXPERIMENT_TAB = re.compile(r"#/experiments/(\d+)/([a-z-]+)")
 
 
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def mlflow_server(
     backend_store_uri: str, artifacts_dir: Path | None = None, timeout: float = 60.0
 ) -> Iterator[str]:
-    """Run `mlflow server` on a free loopback port; yield its base URL, kill it on exit.
+    """Run `mlflow server` on a free loopback port (`tracking_server.mlflow_server`); yield its
+    base URL, stop its process group on exit.
 
     Create a fresh SQLite store (e.g. with MlflowClient) before starting: two processes
     creating the same store at once race MLflow's table creation.
     """
-    port = free_port()
-    cmd = [sys.executable, "-m", "mlflow", "server", "--workers", "1", "--host", "127.0.0.1",
-           "--port", str(port), "--backend-store-uri", backend_store_uri]
-    if artifacts_dir is not None:
-        cmd += ["--default-artifact-root", str(artifacts_dir)]
-    # Job execution starts extra workers that outlive a kill; telemetry would try the network.
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-                        "MLFLOW_DISABLE_TELEMETRY": "true"}
-    base_url = f"http://127.0.0.1:{port}"
-    # A file, not a pipe: nobody reads a pipe while the server runs, and a full one blocks it.
-    with tempfile.TemporaryFile() as out:
-        # Own session: `mlflow server` starts uvicorn as a child, and the whole group must go.
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    with tempfile.TemporaryDirectory(prefix="mlic-ui-") as tmp:
         try:
-            _wait_healthy(proc, base_url, timeout, out)
-            yield base_url
-        finally:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-
-
-def _wait_healthy(proc: subprocess.Popen[bytes], base_url: str, timeout: float, out: IO[bytes]) -> None:
-    """Poll GET /health; fail with the server's output if it dies or stays silent."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
-        try:
-            with urllib.request.urlopen(f"{base_url}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
-        time.sleep(0.2)
-    out.seek(0)
-    log = out.read().decode(errors="replace")[-5000:]
-    state = f"exited with {proc.returncode}" if proc.poll() is not None else f"no answer in {timeout:.0f} s"
-    pytest.fail(f"mlflow server at {base_url}: {state}\n{log}", pytrace=False)
+            server = tracking_server.mlflow_server(backend_store_uri, Path(tmp) / "mlflow.log",
+                                                   default_artifact_root=artifacts_dir, timeout_s=timeout)
+            with server as service:
+                yield service.url
+        except tracking_server.ServiceFailed as exc:
+            pytest.fail(str(exc), pytrace=False)
 
 
 @contextlib.contextmanager

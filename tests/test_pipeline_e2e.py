@@ -16,25 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
-from conftest import make_project, run_ok
+from conftest import SMALL_PIPELINE, check_complete_run, make_project, mlflow_runs, run_ok
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 SCREENSHOTS = ROOT / "reports" / "ui"
-
-TINY = {
-    "sample": {"n_images": 120, "min_size": 32, "max_size": 48},
-    # png: lossless shards, so `mlic predict` on the image files sees the very pixels evaluate saw.
-    "preprocess": {"image_size": 32, "shard_size": 40, "encoding": "png"},
-    "train": {"epochs": 1, "batch_size": 16, "early_stopping_patience": 0},
-    "evaluate": {"batch_size": 32},
-    # 120 images leave every class under the default min_support of 10 validation positives, so every class
-    # would take the one global threshold; per-class thresholds keep the beta experiments below meaningful.
-    "calibrate": {"min_support": 1},
-}
-
 
 _run = run_ok
 
@@ -43,53 +30,7 @@ _run = run_ok
 def project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A git + DVC copy of the project with tiny params; env with a temp MLflow store."""
     repo = tmp_path_factory.mktemp("e2e") / "project"
-    return repo, make_project(repo, TINY)
-
-
-def _runs(env: dict[str, str]) -> list:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    exps = client.search_experiments()
-    return client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time ASC"])
-
-
-def _check_complete_run(run, env: dict[str, str], repo: Path) -> None:
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
-    params = run.data.params
-    assert params["train.epochs"] == str(yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"])
-    for key in ("common.seed", "split.val_fraction", "preprocess.image_size", "train.backbone", "calibrate.beta"):
-        assert key in params, key
-    metrics = run.data.metrics
-    summary = [k for k in metrics if not k.startswith("epoch/")]
-    assert 20 <= len(summary) <= 60, sorted(summary)                # a summary a person can scan
-    assert all("/" in k for k in metrics), sorted(metrics)          # hierarchical: the UI groups them
-    for key in ("test/macro_f1", "baseline/test/macro_f1", "test_calibrated/macro_f1", "val/macro_ap",
-                "test/hamming_loss", "test/subset_accuracy"):
-        assert key in metrics, (key, sorted(metrics))
-    assert not any(k.endswith(("/n_samples", "/n_classes")) for k in metrics)  # constants are not metrics
-    steps = client.get_metric_history(run.info.run_id, "epoch/val_loss")
-    assert sorted(m.step for m in steps) == list(range(len(steps))) and steps
-    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"thresholds.json", "dvc.lock.yaml", "history.csv"} <= artifacts, artifacts
-    assert len({a for a in artifacts if a.endswith(".png")}) >= 4, artifacts
-    assert sorted(d.dataset.name for d in run.inputs.dataset_inputs) == ["test", "train", "val"]
-    models = client.search_logged_models(experiment_ids=[run.info.experiment_id],
-                                         filter_string=f"source_run_id = '{run.info.run_id}'")
-    assert len(models) == 1, models
-    assert "champion.json" in artifacts
-    assert run.data.tags["champion.promoted"] in ("true", "false")
-    name, version = run.data.tags["registered_model_version"].split("/")
-    mv = client.get_model_version(name, version)
-    assert mv.run_id == run.info.run_id
-    assert "val/macro_ap" in mv.tags and "test_calibrated/macro_f1" in mv.tags
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
-    assert run.data.tags["git_commit"] == head
-    assert run.data.tags["git_dirty"] in ("true", "false")
-    assert len(run.data.tags["data_fingerprint"]) == 64
-    assert run.info.status == "FINISHED"
+    return repo, make_project(repo, SMALL_PIPELINE)
 
 
 def _journal(repo: Path) -> dict:
@@ -125,9 +66,9 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert thresholds["format"] == 2
     assert list(thresholds["thresholds"]) == list(thresholds["temperature"]) == meta["classes"]
 
-    runs = _runs(env)
+    runs = mlflow_runs(env)
     assert len(runs) == 1
-    _check_complete_run(runs[0], env, repo)
+    check_complete_run(runs[0], env, repo)
     assert json.loads((repo / ".mlic/mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
     # The run spans the pipeline: it starts when the first stage started, so training is inside it.
     stages = _journal(repo)
@@ -145,21 +86,21 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert "Stage 'evaluate' didn't change" in out, out   # a bit-identical model: nothing downstream
     assert _run(["git", "status", "--porcelain", "--untracked-files=no"], repo, env).stdout == ""
     assert json.loads(_run(["dvc", "metrics", "diff", "--json"], repo, env).stdout or "{}") == {}
-    assert len(_runs(env)) == 1
+    assert len(mlflow_runs(env)) == 1
 
     # A no-op repro runs nothing and logs nothing.
     out = _run(["dvc", "repro"], repo, env).stdout
     assert "didn't change" in out or "up to date" in out
-    assert len(_runs(env)) == 1
+    assert len(mlflow_runs(env)) == 1
 
     # Only calibrate's params change: two more runs, just as complete, and quick (no TensorFlow).
     for n, (name, beta) in enumerate([("beta2", "2.0"), ("beta05", "0.5")], start=2):
         started = time.perf_counter()
         _run(["dvc", "exp", "run", "-n", name, "-S", f"calibrate.beta={beta}"], repo, env)
         print(f"calibrate-only experiment {name}: {time.perf_counter() - started:.1f} s")
-        runs = _runs(env)
+        runs = mlflow_runs(env)
         assert len(runs) == n
-        _check_complete_run(runs[-1], env, repo)
+        check_complete_run(runs[-1], env, repo)
         assert runs[-1].data.params["calibrate.beta"] == beta
         assert runs[-1].data.tags["pipeline_stages"] == "calibrate"   # the run spans its own stages only
         assert "train/images_per_second" not in runs[-1].data.metrics
@@ -174,9 +115,9 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
 
     # An experiment that re-trains: a fourth run, complete, that spans training again.
     _run(["dvc", "exp", "run", "-n", "two-epochs", "-S", "train.epochs=2", "-S", "calibrate.beta=1.0"], repo, env)
-    runs = _runs(env)
+    runs = mlflow_runs(env)
     assert len(runs) == 4
-    _check_complete_run(runs[-1], env, repo)
+    check_complete_run(runs[-1], env, repo)
     assert runs[-1].data.params["train.epochs"] == "2"
     assert runs[-1].data.tags.get("dvc_exp_name") == "two-epochs"
     assert runs[-1].data.metrics["train/epochs_run"] == 2 and "train" in runs[-1].data.tags["pipeline_stages"]
@@ -200,7 +141,7 @@ def test_mlflow_ui_opens_runs_and_compares_them(project: tuple[Path, dict[str, s
     and comparing the two calibrate experiments (only calibrate.beta differs) shows that param and the
     metrics it moved. Screenshots: reports/ui/."""
     repo, env = project
-    runs = _runs(env)
+    runs = mlflow_runs(env)
     if not {"beta2", "beta05"} <= {r.info.run_name for r in runs}:
         pytest.skip("pipeline test did not run")
     import mlflow_ui
