@@ -409,9 +409,10 @@ def run_tasks(tasks: list[ShardTask], pool: Any = None) -> Iterator[ShardResult]
     """`write_shard` over `tasks`, yielding results as they finish, in this process and `pool`'s.
 
     One task per shard, not per image: each process writes whole shards and only their hashes come
-    back, so throughput grows with the processes. This process takes tasks too (`worker_pool`),
-    biggest shards first, so the last to start are the small val/test ones. Each pool process has
-    at most two tasks queued, so a slow one cannot hoard the rest.
+    back, so throughput grows with the processes. This process takes tasks too (`worker_pool`).
+    Biggest shards first, so the last to start are the small val/test ones; each pool process
+    holds one task at a time and gets the next from its own completion callback, so none waits
+    for this process to finish a shard before it is fed, and none hoards tasks at the end.
     """
     todo = collections.deque(sorted(tasks, key=lambda t: -len(t.records)))
     if pool is None:
@@ -419,36 +420,49 @@ def run_tasks(tasks: list[ShardTask], pool: Any = None) -> Iterator[ShardResult]
             yield write_shard(todo.popleft())
         return
     finished: queue.SimpleQueue = queue.SimpleQueue()
-    in_flight = 0
 
-    def top_up() -> None:
-        nonlocal in_flight
-        while todo and in_flight < 2 * pool._processes:
-            pool.apply_async(write_shard, (todo.popleft(),), callback=finished.put,
-                             error_callback=lambda exc: finished.put(_Failed(exc)))
-            in_flight += 1
+    def feed(result: ShardResult | _Failed | None = None) -> None:
+        # Runs in the pool's result thread too: deque.popleft is atomic, so a task goes to one taker.
+        if result is not None:
+            finished.put(result)
+            if isinstance(result, _Failed):
+                return
+        try:
+            task = todo.popleft()
+        except IndexError:
+            return
+        try:
+            pool.apply_async(write_shard, (task,), callback=feed, error_callback=lambda exc: feed(_Failed(exc)))
+        except ValueError:  # "Pool not running": the stage is failing or interrupted; nothing to feed
+            pass
 
-    def collect(block: bool) -> Iterator[ShardResult]:
-        nonlocal in_flight
-        while in_flight:
+    def take(block: bool) -> Iterator[ShardResult]:
+        while True:
             try:
                 result = finished.get(block=block)
             except queue.Empty:
                 return
-            in_flight -= 1
             if isinstance(result, _Failed):
                 raise result.exc
             yield result
             block = False
-            top_up()
 
-    top_up()
-    while todo:
-        yield write_shard(todo.popleft())
-        yield from collect(block=False)
-        top_up()
-    while in_flight:
-        yield from collect(block=True)
+    for _ in range(pool._processes):
+        feed()
+    remaining = len(tasks)
+    while remaining:
+        try:
+            task = todo.popleft()
+        except IndexError:  # all handed out: wait for the pool's last ones
+            for result in take(block=True):
+                remaining -= 1
+                yield result
+            continue
+        yield write_shard(task)
+        remaining -= 1
+        for result in take(block=False):
+            remaining -= 1
+            yield result
 
 
 def write_split(split: str, filenames: list[str], y: np.ndarray, classes: list[str], images_dir: Path,
