@@ -10,6 +10,7 @@ simple_cnn of width 8, 1 epoch a trial; one kills the stage's process with SIGKI
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import json
@@ -551,17 +552,23 @@ def test_a_real_trial_repeats_itself_and_scores_val_map_as_evaluate_does(shards:
     keras.backend.clear_session()
 
 
+# Read-write connections: after a kill -9 mid-write the database has a hot journal, which only a
+# connection that may write can roll back (a read-only one fails to read).
 def _optuna_states(db: Path) -> list[str]:
+    if not db.is_file():
+        return []
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+        with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
             return [row[0] for row in con.execute("SELECT state FROM trials ORDER BY number")]
     except sqlite3.Error:
         return []
 
 
 def _mlflow_running(db: Path) -> int:
+    if not db.is_file():
+        return 0
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+        with contextlib.closing(sqlite3.connect(db, timeout=5)) as con:
             return con.execute("SELECT count(*) FROM runs WHERE status = 'RUNNING'").fetchone()[0]
     except sqlite3.Error:
         return 0

@@ -355,7 +355,7 @@ class StudyRuns:
     tags (they may change as a study goes on; params cannot), trials.csv and best_params.yaml; it is
     FINISHED only once all is logged (`finish`), KILLED on Ctrl-C or SIGTERM, FAILED on an error.
     Runs are owned like track's (`owner_tags`): ones a killed process left RUNNING are settled
-    FAILED when the next study opens (`settle_abandoned_runs`).
+    FAILED when the next study opens (`settle_abandoned_runs`), a trial's tagged interrupted.
     """
 
     def __init__(self, tracking_uri: str, experiment: str, study: str, definition: Mapping[str, Any],
@@ -374,7 +374,9 @@ class StudyRuns:
         with first_use(self.tracking_uri):
             self.client = MlflowClient(self.tracking_uri)
             self.experiment_id = ensure_experiment(self.client, self.experiment, self.tracking_uri)
-        settle_abandoned_runs(self.client, self.experiment_id, by="tune")
+        for run_id in settle_abandoned_runs(self.client, self.experiment_id, by="tune"):
+            if self.client.get_run(run_id).data.tags.get(TUNE_ROLE) == "trial":  # its trial is run again
+                self.client.set_tag(run_id, TUNE_STATE, "interrupted")
         reopened = self._reopen()
         if reopened:
             self.parent_id = reopened
@@ -451,12 +453,6 @@ class StudyRuns:
         status = {"failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
         self.client.set_terminated(run_id, status)
         self._open.pop(run_id, None)
-
-    def mark_interrupted(self, run_ids: list[str]) -> None:
-        """Tag the runs of trials a killed process left (settled FAILED on opening) as interrupted."""
-        for run_id in run_ids:
-            with contextlib.suppress(Exception):  # a run deleted meanwhile
-                self.client.set_tag(run_id, TUNE_STATE, "interrupted")
 
     def finish(self, result: Any, artifacts: Mapping[str, Path]) -> None:
         """Log the study's outcome on the parent and mark it FINISHED (`result`: tune.StudyResult)."""

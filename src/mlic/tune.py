@@ -277,7 +277,6 @@ class StudyLog(Protocol):
     def start_trial(self, number: int, values: Mapping[str, Any]) -> str: ...
     def log_epoch(self, run_id: str, epoch: int, logs: Mapping[str, float]) -> None: ...
     def end_trial(self, run_id: str, state: str, value: float | None, note: str = "") -> None: ...
-    def mark_interrupted(self, run_ids: Sequence[str]) -> None: ...
 
 
 def _optuna() -> Any:
@@ -457,13 +456,12 @@ def run(cfg: Tune, train: Train, seed: int, tfrecords: Path, outputs: Outputs,
     name = study_name(definition)
     path = storage_path(root)
     study = open_study(cfg, name, seed, path)
-    settled = settle_abandoned(study)
+    settle_abandoned(study)
     done = _finished(rows_of(study))
     log.info("study %s in %s: %d of %d trials finished%s", name, path, done, cfg.n_trials,
              "; continuing it" if done else "")
     started = time.monotonic()
     with tracking.StudyRuns(tracking_uri, experiment, name, definition, cfg.searched()) as runs:
-        runs.mark_interrupted([t.user_attrs[_RUN_ID] for t in settled if _RUN_ID in t.user_attrs])
         ran = optimize(study, cfg, train, seed, make_trainer, runs)
         rows = rows_of(study)
         result = StudyResult(name, rows, _best(rows), ran, cfg.searched())
