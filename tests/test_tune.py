@@ -219,8 +219,9 @@ def test_a_float_dvc_would_write_as_text_is_refused() -> None:
 # --------------------------------------------------------------------------- studies with a scripted trainer
 class Script:
     """A trainer that plays a script, one entry per trial: a value reported at every epoch (the
-    trial completes with it unless pruned), "diverge" (fails), "interrupt" (Ctrl-C after epoch 1)
-    or "kill" (SIGKILL of this process after epoch 1). Records the configs it was given."""
+    trial completes with it unless pruned), "diverge" (fails), "interrupt" (Ctrl-C after epoch 1),
+    "term" (SIGTERM to this process after epoch 1) or "kill" (SIGKILL to it after epoch 1). Records
+    the configs it was given."""
 
     def __init__(self, plan: Sequence[Any]):
         self.plan, self.configs = list(plan), []
@@ -232,13 +233,14 @@ class Script:
             if step == "diverge":
                 report(epoch, {"loss": float("nan"), tune.OBJECTIVE: float("nan")})
                 return tune.TrialOutcome(None, epoch + 1, failure="diverged: non-finite outputs")
-            value = 0.5 if step in ("interrupt", "kill") else step
+            value = 0.5 if step in ("interrupt", "term", "kill") else step
             if report(epoch, {"loss": 1.0 / (epoch + 1), tune.OBJECTIVE: value}):
                 return tune.TrialOutcome(None, epoch + 1, pruned=True)
             if step == "interrupt":
                 raise KeyboardInterrupt
-            if step == "kill":
-                os.kill(os.getpid(), signal.SIGKILL)
+            if step in ("term", "kill"):
+                os.kill(os.getpid(), signal.SIGTERM if step == "term" else signal.SIGKILL)
+                time.sleep(30)  # the signal lands meanwhile
         return tune.TrialOutcome(step, cfg.epochs, best_epoch=cfg.epochs - 1)
 
 
@@ -385,15 +387,32 @@ from test_tune import Script, Study, SMALL
 from mlic import tune
 import dataclasses
 study = Study(Path({root!r}), Path({tfrecords!r}), tune.Outputs(*map(Path, {outputs!r})), {uri!r}, {experiment!r})
-study.run(Script([0.6, "kill"]), dataclasses.replace(SMALL, n_trials=3, pruner="none"))
+study.run(Script([0.6, {step!r}]), dataclasses.replace(SMALL, n_trials=3, pruner="none"))
 """
 
 
-def test_kill_9_leaves_a_trial_running_that_the_next_run_marks_interrupted_and_repeats(study: Study) -> None:
+def _study_process(study: Study, step: str) -> subprocess.CompletedProcess:
+    """A study in a process of its own whose second trial ends with `step` ("kill", "term")."""
     code = _KILLED_STUDY.format(paths=[str(ROOT / "tests"), str(ROOT / "src")], root=str(study.root),
                                 tfrecords=str(study.tfrecords), outputs=[str(p) for p in dataclasses.astuple(study.outputs)],
-                                uri=study.uri, experiment=study.experiment)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+                                uri=study.uri, experiment=study.experiment, step=step)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+
+
+def test_sigterm_ends_the_study_like_ctrl_c(study: Study) -> None:
+    proc = _study_process(study, "term")
+    # An uncaught KeyboardInterrupt ends Python as SIGINT would (-2); the stage script exits 130.
+    assert proc.returncode == -signal.SIGINT and "KeyboardInterrupt: signal 15" in proc.stderr, proc.stderr[-3000:]
+    parent, trials = study.runs()
+    assert parent.info.status == "KILLED"
+    assert [(t.info.status, t.data.tags["mlic.tune.state"]) for t in trials] == [
+        ("FINISHED", "complete"), ("KILLED", "interrupted")]
+    result = study.run(Script([0.7, 0.65]), dataclasses.replace(SMALL, n_trials=3, pruner="none"))
+    assert result.ran == 2 and result.counts() == {"complete": 3, "pruned": 0, "failed": 0, "interrupted": 1}
+
+
+def test_kill_9_leaves_a_trial_running_that_the_next_run_marks_interrupted_and_repeats(study: Study) -> None:
+    proc = _study_process(study, "kill")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     parent, trials = study.runs()
     assert parent.info.status == "RUNNING" and [t.info.status for t in trials] == ["FINISHED", "RUNNING"]

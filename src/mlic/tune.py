@@ -288,8 +288,8 @@ def _optuna() -> Any:
     return optuna
 
 
-def open_study(cfg: Tune, name: str, seed: int, path: Path) -> Any:
-    """Create or load study `name` in the SQLite file `path`."""
+def open_study(cfg: Tune, name: str, seed: int, path: Path) -> tuple[Any, Any]:
+    """Create or load study `name` in the SQLite file `path`: (the study, its storage)."""
     optuna = _optuna()
     path.parent.mkdir(parents=True, exist_ok=True)
     url = f"sqlite:///{path.as_posix()}"
@@ -300,9 +300,10 @@ def open_study(cfg: Tune, name: str, seed: int, path: Path) -> Any:
     # The timeout lets parallel workers wait for SQLite's write lock instead of failing.
     with first_use(url):
         storage = optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 60}})
-        return optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner,
-                                   sampler=optuna.samplers.TPESampler(seed=trial_seed(seed, 0)),
-                                   load_if_exists=True)
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", pruner=pruner,
+                                    sampler=optuna.samplers.TPESampler(seed=trial_seed(seed, 0)),
+                                    load_if_exists=True)
+    return study, storage
 
 
 def _owner() -> dict[str, Any]:
@@ -317,7 +318,7 @@ def _owner_alive(owner: Mapping[str, Any]) -> bool | None:
     return started is not None and abs(started - float(owner.get("started", 0.0))) < 1.0
 
 
-def settle_abandoned(study: Any) -> list[Any]:
+def settle_abandoned(study: Any, storage: Any) -> list[Any]:
     """Mark FAIL ("interrupted") the RUNNING trials whose owner process on this host is gone; the
     trials of live processes (a parallel queue worker on the same study) are left alone."""
     optuna = _optuna()
@@ -331,11 +332,12 @@ def settle_abandoned(study: Any) -> list[Any]:
                 continue
         elif _owner_alive(owner) is not False:
             continue
-        # Through the storage: a finished trial cannot be told again, and this one's Trial object
-        # died with its process. `_trial_id` is the storage's key for it.
-        study._storage.set_trial_user_attr(t._trial_id, _INTERRUPTED,
-                                           f"left RUNNING by process {owner and owner.get('pid')}, which is gone")
-        study._storage.set_trial_state_values(t._trial_id, state=optuna.trial.TrialState.FAIL)
+        # Through the storage: this trial's Trial object died with its process.
+        trial_id = storage.get_trial_id_from_study_id_trial_number(
+            storage.get_study_id_from_name(study.study_name), t.number)
+        storage.set_trial_user_attr(trial_id, _INTERRUPTED,
+                                    f"left RUNNING by process {owner and owner.get('pid')}, which is gone")
+        storage.set_trial_state_values(trial_id, state=optuna.trial.TrialState.FAIL)
         settled.append(t)
     if settled:
         log.warning("marked %d trial(s) a killed tune left RUNNING as interrupted: %s; they are run again",
@@ -455,8 +457,8 @@ def run(cfg: Tune, train: Train, seed: int, tfrecords: Path, outputs: Outputs,
     definition = study_definition(cfg, train, seed, data_fingerprints(tfrecords))
     name = study_name(definition)
     path = storage_path(root)
-    study = open_study(cfg, name, seed, path)
-    settle_abandoned(study)
+    study, storage = open_study(cfg, name, seed, path)
+    settle_abandoned(study, storage)
     done = _finished(rows_of(study))
     log.info("study %s in %s: %d of %d trials finished%s", name, path, done, cfg.n_trials,
              "; continuing it" if done else "")
