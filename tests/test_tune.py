@@ -218,8 +218,8 @@ def test_a_float_dvc_would_write_as_text_is_refused() -> None:
 
 # --------------------------------------------------------------------------- studies with a scripted trainer
 class Script:
-    """A trainer that plays a script, one entry per trial: a value reported at every epoch (the
-    trial completes with it unless pruned), "diverge" (fails), "interrupt" (Ctrl-C after epoch 1),
+    """A trainer that plays a script, one entry per trial: a value reported at every epoch, or a
+    list of one value per epoch (the trial completes with the last unless pruned), "diverge" (fails), "interrupt" (Ctrl-C after epoch 1),
     "term" (SIGTERM to this process after epoch 1) or "kill" (SIGKILL to it after epoch 1). Records
     the configs it was given."""
 
@@ -233,7 +233,7 @@ class Script:
             if step == "diverge":
                 report(epoch, {"loss": float("nan"), tune.OBJECTIVE: float("nan")})
                 return tune.TrialOutcome(None, epoch + 1, failure="diverged: non-finite outputs")
-            value = 0.5 if step in ("interrupt", "term", "kill") else step
+            value = 0.5 if step in ("interrupt", "term", "kill") else step[epoch] if isinstance(step, list) else step
             if report(epoch, {"loss": 1.0 / (epoch + 1), tune.OBJECTIVE: value}):
                 return tune.TrialOutcome(None, epoch + 1, pruned=True)
             if step == "interrupt":
@@ -241,7 +241,7 @@ class Script:
             if step in ("term", "kill"):
                 os.kill(os.getpid(), signal.SIGTERM if step == "term" else signal.SIGKILL)
                 time.sleep(30)  # the signal lands meanwhile
-        return tune.TrialOutcome(step, cfg.epochs, best_epoch=cfg.epochs - 1)
+        return tune.TrialOutcome(value, cfg.epochs, best_epoch=cfg.epochs - 1)
 
 
 SMALL = Tune(enabled=True, n_trials=4, epochs=2, pruner_startup_trials=1, pruner_warmup_epochs=0,
@@ -343,6 +343,13 @@ def test_a_study_prunes_fails_and_picks_the_best_with_a_nested_run_per_trial(stu
                                      "train.batch_size": rows[0]["train.batch_size"]}
     assert study.curve(trials[0].info.run_id, "epoch/val_macro_ap") == [(0, 0.6), (1, 0.6)]
     assert study.curve(trials[1].info.run_id, "epoch/loss") == [(0, 1.0)]
+
+
+def test_a_trial_is_never_pruned_after_its_last_epoch(study: Study) -> None:
+    # Trial 1 is above the median after epoch 0 and below it after epoch 1, its last: it completes.
+    result = study.run(Script([0.6, [0.7, 0.3], [0.2, 0.9]]), dataclasses.replace(SMALL, n_trials=3))
+    assert [(r.state, r.value, r.epochs) for r in result.rows] == [
+        ("complete", 0.6, 2), ("complete", 0.3, 2), ("pruned", 0.2, 1)]
 
 
 def test_the_same_definition_draws_the_same_trials_and_a_finished_study_runs_nothing(study: Study) -> None:

@@ -406,6 +406,8 @@ def optimize(study: Any, cfg: Tune, train: Train, seed: int, make_trainer: Calla
                      ", ".join(f"{k}={v!r}" for k, v in values.items()))
             if trainer is None:
                 trainer = make_trainer()
+            trial_cfg = trial_train(train, cfg, values)
+            last = trial_cfg.epochs + (trial_cfg.finetune_epochs if trial_cfg.weights is not None else 0) - 1
 
             def report(epoch: int, logs: Mapping[str, float]) -> bool:
                 runs.log_epoch(run_id, epoch, logs)
@@ -413,9 +415,10 @@ def optimize(study: Any, cfg: Tune, train: Train, seed: int, make_trainer: Calla
                 if value is None or not math.isfinite(value):
                     return False
                 trial.report(float(value), epoch)
-                return trial.should_prune()
+                # Never after the last epoch: stopping then saves nothing, and the trial is complete.
+                return epoch < last and trial.should_prune()
 
-            outcome = trainer(trial_train(train, cfg, values), report)
+            outcome = trainer(trial_cfg, report)
         except KeyboardInterrupt:
             trial.set_user_attr(_INTERRUPTED, "stopped by Ctrl-C or SIGTERM")
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
