@@ -170,6 +170,7 @@ def test_best_params_nest_like_params_yaml_with_the_command_that_applies_them(tm
     assert (doc["best_value"], doc["best_trial"], doc["best_epoch"], doc["study"]) == (0.75, 2, 1, "mlic-tune-0123456789ab")
     assert doc["trials"] == {"complete": 2, "pruned": 1, "failed": 0, "interrupted": 1}
     assert doc["apply"].startswith("dvc exp run -S train.learning_rate=0.0023456789012345 -S ")
+    assert doc["apply"].endswith(" -S tune.enabled=false")  # the training experiment does not search again
     assert f"#   {doc['apply']}\n" in text  # the command in the header too, to copy
     # Every value passes train's validation once applied.
     section_from_dict(Train, doc["train"], "train")
@@ -199,16 +200,19 @@ def _apply_with_dvc(command: str, params: Path) -> None:
 ], ids=["mixed", "small-float-int-text", "bool-zero"])
 def test_the_apply_command_round_trips_through_dvc_to_the_same_typed_values(tmp_path: Path, values) -> None:
     params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text(), encoding="utf-8")
-    _apply_with_dvc(tune.apply_command(values), params)
+    params.write_text((ROOT / "params.yaml").read_text().replace("  enabled: false", "  enabled: true"), encoding="utf-8")
+    assert load_section("tune", params).enabled is True
+    result = dataclasses.replace(_result(values), searched=list(values))
+    _apply_with_dvc(tune.best_params_doc(result, Tune())[1]["apply"], params)
+    assert load_section("tune", params).enabled is False
     train = load_section("train", params)  # PyYAML, as every stage reads it: types and ranges checked
     for name, value in values.items():
         got = getattr(train, name.removeprefix("train."))
         # YAML 1.1 reads on/off as true/false; Train accepts both spellings for these switches.
         want = {"on": True, "off": False}.get(value, value) if name == "train.mixed_precision" else value
         assert got == want and type(got) is type(want), (name, got, value)
-    others = {k: v for k, v in yaml.safe_load((ROOT / "params.yaml").read_text()).items() if k != "train"}
-    assert {k: v for k, v in yaml.safe_load(params.read_text()).items() if k != "train"} == others
+    others = {k: v for k, v in yaml.safe_load((ROOT / "params.yaml").read_text()).items() if k not in ("train", "tune")}
+    assert {k: v for k, v in yaml.safe_load(params.read_text()).items() if k not in ("train", "tune")} == others
 
 
 def test_a_float_dvc_would_write_as_text_is_refused() -> None:

@@ -204,7 +204,9 @@ def best_params_doc(result: StudyResult, cfg: Tune) -> tuple[str, dict[str, Any]
                         f"{counts[FAILED]} failed, {counts[INTERRUPTED]} interrupted): nothing to recommend; "
                         "narrow tune.space (a learning rate that diverges?) or raise tune.epochs")
     best = result.best
-    command = apply_command(best.values)
+    # tune.enabled=false too: DVC keeps an experiment's params in the workspace, and a training
+    # experiment left with tuning on would start a whole new search whenever the shards change.
+    command = apply_command({**best.values, "tune.enabled": False})
     doc = {
         "enabled": True,
         "study": result.study,
@@ -218,7 +220,7 @@ def best_params_doc(result: StudyResult, cfg: Tune) -> tuple[str, dict[str, Any]
     }
     header = (f"# tune: the best of {len(result.rows)} trials of study {result.study}: {OBJECTIVE_NAME} "
               f"{best.value:.4f} (trial {best.number}).\n# Apply it (train then trains train.epochs, "
-              f"not the {cfg.epochs}-epoch trial budget):\n#   {command}\n")
+              f"not the {cfg.epochs}-epoch trial budget; tuning goes off again):\n#   {command}\n")
     return header, doc
 
 
