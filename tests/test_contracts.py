@@ -88,6 +88,10 @@ def test_the_closure_follows_imports_through_modules() -> None:
     # train checks the store through mlic.store, never reaching how runs are logged.
     assert "src/mlic/tracking.py" not in stage_closure("train")
     assert "src/mlic/store.py" in stage_closure("train")
+    # tune imports its trainer (TensorFlow) inside run(), and only when tuning is on: still followed.
+    # Its MLflow runs (tracking.py, imported inside mlic.tune's functions) shape no output.
+    assert {"src/mlic/trial.py", "src/mlic/training.py"} <= stage_closure("tune")
+    assert "src/mlic/tracking.py" not in stage_closure("tune")
 
 
 

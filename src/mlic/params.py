@@ -168,6 +168,127 @@ class Tracking:
     champion_metric: str = "val/macro_ap"
 
 
+# What a searched value may be: Optuna stores these in its database and hands them back as they are.
+_CHOICE_TYPES = (type(None), bool, int, float, str)
+# `tune.space` may name every train param but these two: the trial budget is tune.epochs, and
+# resuming is bookkeeping, not a hyperparameter.
+_NOT_SEARCHABLE = {"epochs": "a trial's epochs are tune.epochs (its budget); train.epochs is what the "
+                             "applied params train for",
+                   "resume": "it is bookkeeping, not a hyperparameter"}
+
+
+def dvc_writes_a_float(value: float) -> bool:
+    """Whether `dvc exp run -S key=<value>` leaves a float that PyYAML (this module) reads back.
+
+    DVC writes the value as `repr` does; PyYAML (YAML 1.1) reads an exponent form only with a
+    dot in it: `1.5e-05` is a float, `1e-05` is text.
+    """
+    text = repr(float(value))
+    return "e" not in text or "." in text
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+    """One searched param: `float` or `int` in [low, high] (`log`: sampled on a log scale), or
+    `categorical` among `choices`."""
+
+    type: Literal["float", "int", "categorical"] | None = None
+    low: int | float | None = None
+    high: int | float | None = None
+    log: bool = False
+    choices: list[Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.type is None:
+            raise ParamsError("needs `type`: float, int or categorical")
+        if self.type == "categorical":
+            if self.low is not None or self.high is not None or self.log:
+                raise ParamsError("type categorical takes `choices` only, not low/high/log")
+            if not self.choices:
+                raise ParamsError("type categorical needs a non-empty list `choices`")
+            bad = [c for c in self.choices if not isinstance(c, _CHOICE_TYPES)]
+            if bad:
+                raise ParamsError(f"choice {bad[0]!r} is not a single value (text, number, true/false or null)")
+            seen = [repr(c) for c in self.choices]
+            dup = sorted({c for c in seen if seen.count(c) > 1})
+            if dup:
+                raise ParamsError(f"choices repeat {', '.join(dup)}; list each value once")
+            return
+        if self.choices is not None:
+            raise ParamsError(f"type {self.type} takes low and high (and log), not choices")
+        if self.low is None or self.high is None:
+            raise ParamsError(f"type {self.type} needs both low and high")
+        if self.type == "int" and not (isinstance(self.low, int) and isinstance(self.high, int)):
+            raise ParamsError(f"type int needs whole-number low and high, got {self.low!r} and {self.high!r}")
+        if not self.low < self.high:
+            raise ParamsError(f"low {self.low!r} must be below high {self.high!r}")
+        if self.log and self.low <= 0:
+            raise ParamsError(f"log: true needs low > 0, got {self.low!r}")
+
+    def values_to_check(self) -> list[Any]:
+        """Values that stand for all it can give: the ends, and for a float range an inner value
+        (so a float range over an integer param is caught); every choice."""
+        if self.type == "categorical":
+            return list(self.choices or [])
+        if self.type == "float":
+            return [self.low, (self.low + self.high) / 2, self.high]
+        return [self.low, self.high]
+
+
+def _default_space() -> dict[str, dict[str, SearchSpec]]:
+    return {"train": {"learning_rate": SearchSpec("float", 0.0005, 0.01, log=True),
+                      "dropout": SearchSpec("float", 0.1, 0.5),
+                      "batch_size": SearchSpec("categorical", choices=[16, 32])}}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tune:
+    enabled: bool = False
+    n_trials: int = _in(20, 1)
+    timeout_s: float | None = _in(None, 0.0, lo_open=True)
+    epochs: int = _in(15, 1)
+    pruner: Literal["median", "none"] = "median"
+    pruner_startup_trials: int = _in(5, 0)
+    pruner_warmup_epochs: int = _in(3, 0)
+    # {section: {key: spec}}, nested rather than `train.learning_rate:` keys: `dvc exp run -S`
+    # splits keys at dots, so only the nested form can be changed from the command line.
+    space: dict[str, dict[str, SearchSpec]] = dataclasses.field(default_factory=_default_space)
+
+    def __post_init__(self) -> None:
+        import difflib
+
+        for section, specs in self.space.items():
+            if section != "train":
+                raise ParamsError(f"space.{section}: only train params can be searched (a trial trains on the "
+                                  "shards preprocess wrote); compare other settings with `dvc exp run --queue`")
+            fields = [f.name for f in dataclasses.fields(Train)]
+            for key, spec in specs.items():
+                where = f"space.train.{key}"
+                if key in _NOT_SEARCHABLE:
+                    raise ParamsError(f"{where}: cannot be searched: {_NOT_SEARCHABLE[key]}")
+                if key not in fields:
+                    close = difflib.get_close_matches(key, fields, n=1)
+                    raise ParamsError(f"{where}: train has no param {key!r}"
+                                      + (f" (did you mean {close[0]!r}?)" if close else ""))
+                for value in spec.values_to_check():
+                    try:
+                        section_from_dict(Train, {key: value}, "train")
+                    except ParamsError as exc:
+                        raise ParamsError(f"{where}: {value!r} fails train.{key}'s own check: "
+                                          f"{str(exc).removeprefix(f'train.{key}: ')}") from None
+                    if isinstance(value, float) and spec.type == "categorical" and not dvc_writes_a_float(value):
+                        raise ParamsError(f"{where}: choice {value!r} could not be applied with `dvc exp run -S`: "
+                                          f"DVC writes it as {value!r}, which params.yaml's reader takes as text; "
+                                          "pick a value with more than one significant digit or use a float range")
+        if self.enabled and not any(self.space.values()):
+            raise ParamsError("space is empty; name at least one train param to search "
+                              "(e.g. space: {train: {dropout: {type: float, low: 0.1, high: 0.5}}})")
+
+    def searched(self) -> list[str]:
+        """The searched params as dotted keys, `train.learning_rate`, in the order of params.yaml."""
+        return [f"{section}.{key}" for section, specs in self.space.items() for key in specs]
+
+
 SECTIONS: dict[str, type] = {
     "common": Common,
     "data": Data,
@@ -178,6 +299,7 @@ SECTIONS: dict[str, type] = {
     "evaluate": Evaluate,
     "calibrate": Calibrate,
     "tracking": Tracking,
+    "tune": Tune,
 }
 
 T = TypeVar("T")

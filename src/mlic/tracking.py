@@ -174,7 +174,7 @@ def owner_tags() -> dict[str, str]:
             OWNER_STARTED: f"{journal.process_started(os.getpid()) or 0:.2f}"}
 
 
-def settle_abandoned_runs(client: Any, experiment_id: str) -> list[str]:
+def settle_abandoned_runs(client: Any, experiment_id: str, by: str = "track") -> list[str]:
     """Mark FAILED the RUNNING runs of this experiment whose owner process, on this host, is gone.
 
     Runs owned by another host, or by a live process (a parallel queue worker), are left alone:
@@ -195,11 +195,11 @@ def settle_abandoned_runs(client: Any, experiment_id: str) -> list[str]:
         if alive is not None and abs(alive - started) < 1.0:
             continue  # its owner still runs
         client.set_tag(run.info.run_id, "mlic.settled",
-                       f"left RUNNING by process {pid}, which no longer runs (killed?); marked FAILED by a later track")
+                       f"left RUNNING by process {pid}, which no longer runs (killed?); marked FAILED by a later {by}")
         client.set_terminated(run.info.run_id, "FAILED")
         settled.append(run.info.run_id)
     if settled:
-        log.warning("marked %d run(s) FAILED that a killed track left RUNNING: %s", len(settled), ", ".join(settled))
+        log.warning("marked %d run(s) FAILED that a killed %s left RUNNING: %s", len(settled), by, ", ".join(settled))
     return settled
 
 
@@ -331,6 +331,147 @@ def _log_package(client: Any, run_id: str, package: PackageSpec,
     log.info("registered %s version %s; champion: %s (%s)", package.registered_model, version,
              "promoted" if decision.promoted else f"stays version {decision.previous_champion}", decision.reason)
     return info, decision
+
+
+# --------------------------------------------------------------------------- tune
+TUNE_EXPERIMENT_SUFFIX = "-tune"   # studies go to `<tracking.experiment>-tune`, beside the pipeline runs
+TUNE_STUDY = "mlic.tune.study"     # the study's name: on its parent run and on every trial run
+TUNE_ROLE = "mlic.tune.role"       # "study" (the parent) or "trial"
+TUNE_STATE = "mlic.tune.state"     # a trial's end: complete | pruned | failed | interrupted
+TUNE_TRIAL = "mlic.tune.trial"     # a trial's number in its study
+PARENT_RUN = "mlflow.parentRunId"  # what makes a run nested in MLflow's UI
+
+
+class StudyRuns:
+    """The MLflow side of one `tune` study: a parent run for the study, a nested run per trial.
+
+    Used as a context manager around the study. The parent is the study's: a resumed study (same
+    name) reopens its parent unless a live process is writing it, so all of a study's trials sit
+    under one run. Trial runs carry the trial's values as params, per-epoch curves (`epoch/<key>`,
+    step = epoch, the objective among them as `epoch/val_macro_ap`), the objective `val/macro_ap`
+    and their end as tag `mlic.tune.state`; complete and pruned trials end FINISHED, failed ones
+    FAILED, interrupted ones KILLED. The parent holds the study's definition as params, the best
+    value (`best/val/macro_ap`) and trial counts as metrics, the best values as `best.<param>`
+    tags (they may change as a study goes on; params cannot), trials.csv and best_params.yaml; it is
+    FINISHED only once all is logged (`finish`), KILLED on Ctrl-C or SIGTERM, FAILED on an error.
+    Runs are owned like track's (`owner_tags`): ones a killed process left RUNNING are settled
+    FAILED when the next study opens (`settle_abandoned_runs`), a trial's tagged interrupted.
+    """
+
+    def __init__(self, tracking_uri: str, experiment: str, study: str, definition: Mapping[str, Any],
+                 searched: list[str]):
+        self.tracking_uri, self.study, self.searched = tracking_uri, study, searched
+        self.experiment = experiment + TUNE_EXPERIMENT_SUFFIX
+        self.definition = definition
+        self.client: Any = None
+        self.experiment_id = self.parent_id = ""
+        self._open: dict[str, int] = {}   # trial runs not ended yet -> their trial number
+
+    def __enter__(self) -> StudyRuns:
+        from mlflow import MlflowClient
+        from mlflow.tracking.context.registry import resolve_tags
+
+        with first_use(self.tracking_uri):
+            self.client = MlflowClient(self.tracking_uri)
+            self.experiment_id = ensure_experiment(self.client, self.experiment, self.tracking_uri)
+        for run_id in settle_abandoned_runs(self.client, self.experiment_id, by="tune"):
+            if self.client.get_run(run_id).data.tags.get(TUNE_ROLE) == "trial":  # its trial is run again
+                self.client.set_tag(run_id, TUNE_STATE, "interrupted")
+        reopened = self._reopen()
+        if reopened:
+            self.parent_id = reopened
+            log.info("MLflow: continuing run %s of study %s", reopened, self.study)
+        else:
+            tags = resolve_tags({TUNE_STUDY: self.study, TUNE_ROLE: "study", **owner_tags()})
+            self.parent_id = self.client.create_run(self.experiment_id, run_name=self.study, tags=tags).info.run_id
+            from mlic.params import flatten
+            from mlic.record import param_value
+
+            self._batch(self.parent_id, params={k: param_value(v) for k, v in flatten(dict(self.definition)).items()})
+        self._sigterm = _sigterm_as_interrupt()  # SIGTERM ends the study like Ctrl-C: runs KILLED
+        self._sigterm.__enter__()
+        return self
+
+    def _reopen(self) -> str | None:
+        """The study's latest parent run, set RUNNING again, unless a live process holds it."""
+        found = self.client.search_runs([self.experiment_id], filter_string=(
+            f"tags.`{TUNE_STUDY}` = '{self.study}' and tags.`{TUNE_ROLE}` = 'study'"),
+            order_by=["attributes.start_time DESC"], max_results=1)
+        if not found or found[0].info.status == "RUNNING":  # RUNNING after settling: its owner lives
+            return None
+        run_id = found[0].info.run_id
+        self.client.update_run(run_id, status="RUNNING")
+        for key, value in owner_tags().items():
+            self.client.set_tag(run_id, key, value)
+        if "mlic.settled" in found[0].data.tags:
+            self.client.delete_tag(run_id, "mlic.settled")
+        return run_id
+
+    def __exit__(self, kind: type | None, exc: BaseException | None, tb: Any) -> None:
+        try:
+            if exc is not None:
+                status = "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED"
+                for run_id in sorted(self._open):
+                    with contextlib.suppress(Exception):
+                        self.client.set_terminated(run_id, status)
+                with contextlib.suppress(Exception):
+                    self.client.set_terminated(self.parent_id, status)
+        finally:
+            self._sigterm.__exit__(kind, exc, tb)
+
+    def _batch(self, run_id: str, metrics: Mapping[str, float] | None = None, params: Mapping[str, str] | None = None,
+               step: int = 0) -> None:
+        from mlflow.entities import Metric, Param
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                              params=[Param(k, v) for k, v in (params or {}).items()])
+
+    def start_trial(self, number: int, values: Mapping[str, Any]) -> str:
+        from mlic.record import param_value
+
+        tags = {PARENT_RUN: self.parent_id, TUNE_STUDY: self.study, TUNE_ROLE: "trial", TUNE_TRIAL: str(number),
+                **owner_tags()}
+        run_id = self.client.create_run(self.experiment_id, run_name=f"{self.study}-trial-{number:03d}",
+                                        tags=tags).info.run_id
+        self._open[run_id] = number
+        self._batch(run_id, params={k: param_value(v) for k, v in values.items()})
+        return run_id
+
+    def log_epoch(self, run_id: str, epoch: int, logs: Mapping[str, float]) -> None:
+        self._batch(run_id, metrics={f"epoch/{k}": v for k, v in logs.items() if isinstance(v, (int, float))},
+                    step=epoch)
+
+    def end_trial(self, run_id: str, state: str, value: float | None, note: str = "") -> None:
+        self.client.set_tag(run_id, TUNE_STATE, state)
+        if note:
+            self.client.set_tag(run_id, "mlic.tune.note", one_line(note, MAX_TAG_VALUE))
+        if value is not None:
+            self._batch(run_id, metrics={"val/macro_ap": value})
+            # the objective by trial number: the parent's chart of the search
+            self._batch(self.parent_id, metrics={"trial/val/macro_ap": value}, step=self._open[run_id])
+        status = {"failed": "FAILED", "interrupted": "KILLED"}.get(state, "FINISHED")
+        self.client.set_terminated(run_id, status)
+        self._open.pop(run_id, None)
+
+    def finish(self, result: Any, artifacts: Mapping[str, Path]) -> None:
+        """Log the study's outcome on the parent and mark it FINISHED (`result`: tune.StudyResult)."""
+        counts = result.counts()
+        metrics = {f"trials/{state}": n for state, n in counts.items()}
+        if result.best is not None:
+            metrics["best/val/macro_ap"] = result.best.value
+            metrics["best/trial"] = result.best.number
+            for key, value in result.best.values.items():
+                self.client.set_tag(self.parent_id, f"best.{key}", str(value))
+        self._batch(self.parent_id, metrics=metrics, step=len(result.rows))
+        with tempfile.TemporaryDirectory(prefix="mlic-tune-") as staging:
+            for name, path in artifacts.items():
+                shutil.copy2(path, Path(staging) / name)
+            self.client.log_artifacts(self.parent_id, staging)
+        self.client.set_terminated(self.parent_id, "FINISHED")
+        info = RunInfo(self.parent_id, self.experiment_id, self.experiment, self.study, self.tracking_uri, "")
+        log.info("MLflow: study run %s with %d nested trial runs; %s", self.parent_id, len(result.rows),
+                 ui_hint(info))
 
 
 # --------------------------------------------------------------------------- CLI

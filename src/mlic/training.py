@@ -13,7 +13,7 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +102,8 @@ def _plain(value: Any) -> Any:
 
 def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cfg: Train, n_classes: int,
         n_train: int, checkpoint: Path, loss: keras.losses.Loss | None = None, jit_compile: bool = False,
-        pretrained: bool = False, resume: Resume | None = None) -> TrainResult:
+        pretrained: bool = False, resume: Resume | None = None,
+        callbacks: Sequence[keras.callbacks.Callback] = ()) -> TrainResult:
     """Train `model`; the best epoch's model is saved at `checkpoint` (a `.keras` path).
 
     `train_epochs(epochs=range(a, b))` gives the training batches of epochs a..b-1, one epoch after
@@ -111,6 +112,8 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`. `loss`: None is plain BCE;
     the stage passes `losses.loss_from_params(cfg, prevalence)`.
     `resume`: save the state after every epoch there, and first continue from a saved state.
+    `callbacks`: more epoch callbacks (tune's pruning one), run after checkpointing and early
+    stopping and before the history row is recorded, so a value they add to the logs is in it.
     """
     # Check the monitor now, not after a whole phase of training: the names Keras will log.
     logged = ["loss", *(m.name for m in losses.make_metrics(n_classes))]
@@ -169,13 +172,13 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
             early = keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
                                                   patience=cfg.early_stopping_patience)
         if done < epochs and phase not in stopped:
-            callbacks = [LearningRateLogger(), best, *([early] if early else []),
-                         EpochRecorder(phase, rows, stopped, checkpoint, best, early, resume, early_state)]
+            phase_callbacks = [LearningRateLogger(), best, *([early] if early else []), *callbacks,
+                               EpochRecorder(phase, rows, stopped, checkpoint, best, early, resume, early_state)]
             log.info("phase %s: %d epochs at learning rate %g (%s), XLA %s", phase, epochs, lr0, cfg.lr_schedule,
                      "on" if xla else "off")
             model.fit(train_epochs(epochs=range(epoch0 + done, epoch0 + epochs)), steps_per_epoch=steps,
                       validation_data=val_ds, epochs=epoch0 + epochs, initial_epoch=epoch0 + done,
-                      callbacks=callbacks, verbose=2, shuffle=False)  # tf.data shuffles, seeded by epoch
+                      callbacks=phase_callbacks, verbose=2, shuffle=False)  # tf.data shuffles, seeded by epoch
         epoch0 += sum(row["phase"] == phase for row in rows)  # early stopping may have cut it short
     seconds = time.perf_counter() - start  # of this process: a resumed run times its own epochs
     ran = len(rows) - (state.epochs_done if state is not None else 0)
