@@ -80,7 +80,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
     rec = record.build_record(
         params_file=args.params, history_csv=args.history, metrics_files=args.metrics,
         artifacts=args.artifacts, manifests_dir=args.manifests_dir, model_meta=args.meta,
-        project_root=Path.cwd(), keep=[cfg.champion_metric] if package else [])
+        project_root=Path.cwd(), keep=[cfg.champion_metric] if package else [], sweep=cfg.sweep)
     with tempfile.TemporaryDirectory(prefix="mlic-figures-") as tmp:
         drawn = figures.draw_all(
             Path(tmp), history=args.history, pr_curves_csv=args.pr_curves,

@@ -134,6 +134,29 @@ def test_out_of_range_values_name_the_key_and_the_range(tmp_path: Path, text: st
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("name", ["lr-dropout", "s", "Batch_size.2", "a" * 40])
+def test_a_sweep_name_is_accepted(tmp_path: Path, name: str) -> None:
+    assert load_section("tracking", _write(tmp_path, f"tracking:\n  sweep: '{name}'\n")).sweep == name
+
+
+@pytest.mark.parametrize(
+    "value, words",
+    [
+        ("'lr dropout'", "tracking: sweep 'lr dropout' is not a sweep name; use a letter, then up to 39"),
+        ("\"it's\"", "is not a sweep name"),        # a quote would break the UI filter
+        ("'-x'", "is not a sweep name"),            # would read as an option on a command line
+        ("'a/b'", "is not a sweep name"),
+        ("''", "is not a sweep name"),
+        ("'" + "a" * 41 + "'", "is not a sweep name"),
+        ("2024", "tracking.sweep: expected text, got 2024"),   # what `-S tracking.sweep=2024` writes
+    ],
+)
+def test_a_bad_sweep_name_is_one_clear_line(tmp_path: Path, value: str, words: str) -> None:
+    with pytest.raises(ParamsError) as err:
+        load_section("tracking", _write(tmp_path, f"tracking:\n  sweep: {value}\n"))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
 def test_a_misspelled_section_is_an_error_with_a_suggestion(tmp_path: Path) -> None:
     with pytest.raises(ParamsError, match=r"unknown section\(s\) 'trian' \(did you mean 'train'\?\)"):
         load_section("train", _write(tmp_path, "trian:\n  epochs: 3\n"))

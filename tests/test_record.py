@@ -247,6 +247,16 @@ def test_record_from_files(tmp_path, monkeypatch):
     assert run.tags["git_commit"] == "unknown" and run.name == "repro-nogit-20250102-030405"
 
 
+def test_a_sweep_tags_the_run_and_prefixes_its_name(tmp_path):
+    env = {"DVC_EXP_NAME": "brisk-otter", "DVC_EXP_BASELINE_REV": "f" * 40}
+    run = build_record(params_file=None, project_root=tmp_path, env=env, now=NOW, sweep="lr-dropout")
+    assert run.name == "lr-dropout/brisk-otter"
+    assert run.tags["mlic.sweep"] == "lr-dropout" and run.tags["dvc_exp_name"] == "brisk-otter"
+    assert run.tags["dvc_exp_baseline_rev"] == "f" * 40
+    alone = build_record(params_file=None, project_root=tmp_path, env=env, now=NOW)
+    assert alone.name == "brisk-otter" and "mlic.sweep" not in alone.tags
+
+
 def test_the_same_metric_from_two_files_is_refused(tmp_path):
     write_text(tmp_path / "a.json", json.dumps({"test": {"f1": 1}}))
     write_text(tmp_path / "b.json", json.dumps({"test": {"f1": 2}}))

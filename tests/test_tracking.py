@@ -427,11 +427,11 @@ def test_password_is_redacted():
 
 
 # --------------------------------------------------------------------------- tracking never lies
-def _record(project: Path):
+def _record(project: Path, sweep: str | None = None):
     from mlic.record import build_record
 
     return build_record(params_file=Path("params.yaml"), metrics_files=[("", Path("reports/evaluate/metrics.json"))],
-                        project_root=project)
+                        project_root=project, sweep=sweep)
 
 
 def test_sigterm_while_logging_marks_the_run_killed(tracked, monkeypatch):
@@ -528,3 +528,17 @@ def test_check_verifies_the_schema_not_just_the_file(tracked, tmp_path):
         db.execute("UPDATE alembic_version SET version_num = ?", (older,))
     with pytest.raises(tracking.TrackingUnavailable, match="older MLflow schema .* mlflow db upgrade"):
         tracking.check_store(f"sqlite:///{old.as_posix()}")
+
+
+def test_runs_of_a_sweep_are_children_of_one_parent(tracked, monkeypatch):
+    project, uri, client, _ = tracked
+    monkeypatch.chdir(project)
+    record = _record(project, sweep="lr-dropout")
+    infos = [tracking.log_record(record, tracking_uri=uri, experiment="mlic-sweep") for _ in range(2)]
+    tracking.log_record(_record(project), tracking_uri=uri, experiment="mlic-sweep")   # not in the sweep
+    runs = client.search_runs([infos[0].experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mlic.sweep_parent") == "true"]
+    assert len(runs) == 4 and len(parents) == 1 and parents[0].info.run_name == "lr-dropout"
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert sorted(r.info.run_id for r in children) == sorted(i.run_id for i in infos)
+    assert all(r.data.tags["mlic.sweep"] == "lr-dropout" and r.info.status == "FINISHED" for r in children)

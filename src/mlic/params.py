@@ -7,6 +7,7 @@ Each stage asks for the sections it depends on (the same ones `dvc.yaml` lists u
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -159,6 +160,12 @@ class Calibrate:
     temperature: Literal["none", "global", "per_class"] = "global"
 
 
+# A sweep's name goes into a tag the UI filters on (`tags.mlic.sweep = '...'`: no quotes), the
+# run names, and the name of the MLflow experiment that serves as its creation lock (sweep.py);
+# `-S tracking.sweep=a,b` would be split by DVC into two sweeps (no commas).
+SWEEP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,39}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Tracking:
     experiment: str = "mlic"
@@ -166,6 +173,13 @@ class Tracking:
     log_model: bool = True
     registered_model: str | None = "mlic"
     champion_metric: str = "val/macro_ap"
+    sweep: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.sweep is not None and not SWEEP_NAME.fullmatch(self.sweep):
+            raise ParamsError(
+                f"sweep {self.sweep!r} is not a sweep name; use a letter, then up to 39 letters, digits, "
+                "'.', '_' or '-' (e.g. lr-dropout), or null for runs outside a sweep")
 
 
 # What a searched value may be: Optuna stores these in its database and hands them back as they are.

@@ -26,7 +26,9 @@ Naming conventions (one place, so the UI columns stay stable from run to run):
             git_dirty_paths, dvc_exp_name, dvc_exp_baseline_rev, data_fingerprint,
             model_parameters, pipeline_stages (the stages this run spans), mlflow.note.content
             (how to reproduce), mlflow.source.name ("dvc repro" | "dvc exp run" |
-            "python stages/track.py").
+            "python stages/track.py"), mlic.sweep (the sweep's name, `tracking.sweep`, when set).
+  run name  the DVC experiment's name under `dvc exp run`, else `repro-<short sha>-<UTC time>`;
+            prefixed `<sweep>/` in a sweep, so charts and the compare view say which sweep.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from mlic.model_meta import ModelMeta
 from mlic.params import flatten, read_params_file
 from mlic.split import SPLITS
 from mlic.store import one_line
+from mlic.sweep import SWEEP_TAG
 
 log = logging.getLogger(__name__)
 
@@ -327,6 +330,7 @@ def build_record(
     now: datetime | None = None,
     session: str | None = None,
     keep: Sequence[str] = (),
+    sweep: str | None = None,
 ) -> RunRecord:
     """Read every input and return the run's record; any missing or broken file raises first.
 
@@ -334,7 +338,8 @@ def build_record(
     The params file, history, metrics files and manifests are artifacts too. The journal under
     `project_root` gives the start time and the noted facts of the stages of this pipeline
     invocation (`session`, default: this process's; see journal.py). Metrics named in `keep`
-    are kept in the summary whatever the rules say (the champion's selection metric).
+    are kept in the summary whatever the rules say (the champion's selection metric). `sweep`
+    (`tracking.sweep`) tags the run and prefixes its name.
     """
     env = os.environ if env is None else env
     project_root = Path(project_root or Path.cwd())
@@ -400,6 +405,9 @@ def build_record(
             tags["model_parameters"] = str(parameters)
     if ran:
         tags["pipeline_stages"] = " ".join(r.stage for r in ran)
+    if sweep:
+        tags[SWEEP_TAG] = sweep
+        run_name = f"{sweep}/{run_name}"
     how = [f"`git checkout {git.commit}` then `dvc repro`"] if git.commit != UNKNOWN else []
     if env.get("DVC_EXP_NAME"):
         how.append(f"`dvc exp apply {env['DVC_EXP_NAME']}`")

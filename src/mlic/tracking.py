@@ -21,6 +21,8 @@ How a record maps onto MLflow:
             rule and the decision is logged (`champion.json`, tags `champion.*`).
   experiment created with its artifact folder beside a SQLite store and tagged so the UI opens
             it on its runs table (see `ensure_experiment`).
+  sweep     a run of a sweep (`tracking.sweep`) is a child of the sweep's one parent run, which
+            the first run of the sweep creates (`sweep.parent_run`: race-free across workers).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlic import journal, registry, serving
+from mlic import journal, registry, serving, sweep
 from mlic.atomic import require_files
 from mlic.errors import InputError
 from mlic.record import MAX_TAG_VALUE, DatasetInput, RunRecord
@@ -267,9 +269,13 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
         client = MlflowClient(tracking_uri)
         experiment_id = ensure_experiment(client, experiment, tracking_uri)
     settle_abandoned_runs(client, experiment_id)
-    started = int(record.started * 1000) if record.started is not None else now_ms
-    run = client.create_run(experiment_id, start_time=min(started, now_ms), run_name=record.name,
-                            tags=resolve_tags({**record.tags, **owner_tags()}))
+    started = min(int(record.started * 1000) if record.started is not None else now_ms, now_ms)
+    tags = {**record.tags, **owner_tags()}
+    if record.tags.get(sweep.SWEEP_TAG):
+        parent = sweep.parent_run(client, experiment_id, record.tags[sweep.SWEEP_TAG], started_ms=started)
+        if parent:
+            tags[sweep.MLFLOW_PARENT] = parent
+    run = client.create_run(experiment_id, start_time=started, run_name=record.name, tags=resolve_tags(tags))
     run_id = run.info.run_id
     try:
         # start_run: log_model needs an active run. Leaving the block marks the run FINISHED,
