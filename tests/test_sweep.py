@@ -169,9 +169,11 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
     baseline_rev = run_ok(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
 
     sets = [arg for key, values in GRID.items() for arg in ("-S", f"{key}={','.join(values)}")]
+    queued = time.perf_counter()
     run_ok(["dvc", "exp", "run", "--queue", "-S", "tracking.sweep=lr-dropout", *sets], repo, env)
     assert len(_queue_status(repo, env)[0]) == 4
     started = time.perf_counter()
+    queue_s = started - queued
     # Its own session: the workers `dvc queue start` leaves behind are found (and ended) by it.
     # Output to DEVNULL: a pipe would stay open, held by the workers, until the queue drains.
     session = subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env,
@@ -202,9 +204,12 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
         log = run_ok(["dvc", "queue", "logs", rows[0]["task"]], repo, env).stdout if rows else ""
         assert [r["status"] for r in rows] == ["Success"] * 4, (rows, log[-4000:])
     finally:
+        stopping = time.perf_counter()
         _stop_queue(repo, env, session, wait_s=60 if drained else 0)
-    print(f"baseline dvc repro {baseline_s:.0f} s; 4-experiment sweep on 2 workers {sweep_s:.0f} s "
-          f"({sweep_s / 4:.0f} s per experiment, {2 * sweep_s / 4:.0f} s each on its worker)")
+    print(f"baseline dvc repro {baseline_s:.0f} s; queueing 4 experiments {queue_s:.0f} s; the sweep on 2 workers "
+          f"{sweep_s:.0f} s ({sweep_s / 4:.0f} s per experiment, {2 * sweep_s / 4:.0f} s each on its worker); "
+          f"workers gone {time.perf_counter() - stopping:.0f} s later")
+    checking = time.perf_counter()
 
     shown = json.loads(run_ok(["dvc", "exp", "show", "--json"], repo, env).stdout)
     experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
@@ -239,12 +244,15 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs if r not in parents)
     # Nothing the queue started outlives the test.
     assert _session(session.pid) == []
+    print(f"checks {time.perf_counter() - checking:.0f} s")
 
 
 def _session(sid: int) -> list[int]:
-    """Live processes of session `sid` (`dvc queue start`'s workers and whatever they run)."""
-    out = subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """Live processes of session `sid` (`dvc queue start`'s workers and whatever they run);
+    zombies, dead but not yet reaped by their parent, do not count."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid, stat in (line.split() for line in out.splitlines() if line.strip())
+            if not stat.startswith("Z")]
 
 
 def _stop_queue(repo: Path, env: dict[str, str], session: subprocess.Popen, wait_s: float) -> None:
