@@ -169,13 +169,12 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
     baseline_rev = run_ok(["git", "rev-parse", "HEAD"], repo, env).stdout.strip()
 
     sets = [arg for key, values in GRID.items() for arg in ("-S", f"{key}={','.join(values)}")]
+    queued = time.perf_counter()
     run_ok(["dvc", "exp", "run", "--queue", "-S", "tracking.sweep=lr-dropout", *sets], repo, env)
     assert len(_queue_status(repo, env)[0]) == 4
     started = time.perf_counter()
-    # Its own session: the workers `dvc queue start` leaves behind are found (and ended) by it.
-    # Output to DEVNULL: a pipe would stay open, held by the workers, until the queue drains.
-    session = subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    queue_s = started - queued
+    sessions = [_start_workers(repo, env)]
     drained = False
     try:
         deadline, seen, idle = time.monotonic() + QUEUE_TIMEOUT_S, "", 0
@@ -192,7 +191,7 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
             idle = idle + 1 if alive == 0 and "Running" not in now else 0
             if idle >= 3:
                 print("no worker left with experiments queued: dvc queue start -j 2 again")
-                run_ok(["dvc", "queue", "start", "-j", "2"], repo, env)
+                sessions.append(_start_workers(repo, env))
                 idle = 0
             time.sleep(5)
         else:
@@ -202,9 +201,12 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
         log = run_ok(["dvc", "queue", "logs", rows[0]["task"]], repo, env).stdout if rows else ""
         assert [r["status"] for r in rows] == ["Success"] * 4, (rows, log[-4000:])
     finally:
-        _stop_queue(repo, env, session, wait_s=60 if drained else 0)
-    print(f"baseline dvc repro {baseline_s:.0f} s; 4-experiment sweep on 2 workers {sweep_s:.0f} s "
-          f"({sweep_s / 4:.0f} s per experiment, {2 * sweep_s / 4:.0f} s each on its worker)")
+        stopping = time.perf_counter()
+        _stop_queue(repo, env, sessions, wait_s=60 if drained else 0)
+    print(f"baseline dvc repro {baseline_s:.0f} s; queueing 4 experiments {queue_s:.0f} s; the sweep on 2 workers "
+          f"{sweep_s:.0f} s ({sweep_s / 4:.0f} s per experiment, {2 * sweep_s / 4:.0f} s each on its worker); "
+          f"workers gone {time.perf_counter() - stopping:.0f} s later")
+    checking = time.perf_counter()
 
     shown = json.loads(run_ok(["dvc", "exp", "show", "--json"], repo, env).stdout)
     experiments = [e for rev in shown for e in (rev.get("experiments") or [])]
@@ -238,30 +240,45 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
     versions = client.search_model_versions("name = 'mlic'")
     assert sorted(v.run_id for v in versions) == sorted(r.info.run_id for r in runs if r not in parents)
     # Nothing the queue started outlives the test.
-    assert _session(session.pid) == []
+    assert [pid for p in sessions for pid in _session(p.pid)] == []
+    print(f"checks {time.perf_counter() - checking:.0f} s")
+
+
+def _start_workers(repo: Path, env: dict[str, str]) -> subprocess.Popen:
+    """`dvc queue start -j 2` in a session of its own, where the workers it leaves behind are found
+    (and ended) by the session id. Output to DEVNULL: a pipe would be held open by the workers,
+    and reading it would wait until the queue drains."""
+    return subprocess.Popen(["dvc", "queue", "start", "-j", "2"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def _session(sid: int) -> list[int]:
-    """Live processes of session `sid` (`dvc queue start`'s workers and whatever they run)."""
-    out = subprocess.run(["ps", "-o", "pid=", "-s", str(sid)], capture_output=True, text=True).stdout
-    return [int(p) for p in out.split()]
+    """Live processes of session `sid` (`dvc queue start`'s workers and whatever they run);
+    zombies, dead but not yet reaped by their parent, do not count."""
+    out = subprocess.run(["ps", "-o", "pid=,stat=", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [int(pid) for pid, stat in (line.split() for line in out.splitlines() if line.strip())
+            if not stat.startswith("Z")]
 
 
-def _stop_queue(repo: Path, env: dict[str, str], session: subprocess.Popen, wait_s: float) -> None:
+def _stop_queue(repo: Path, env: dict[str, str], sessions: list[subprocess.Popen], wait_s: float) -> None:
     """End the queue's workers: they leave by themselves seconds after the queue drains (waited
     for up to `wait_s`); any still there get `dvc queue stop --kill`, then SIGKILL. (A `dvc queue
     stop` with no worker alive is not harmless: the next worker of that name obeys it.)"""
+    def alive() -> list[int]:
+        return [pid for p in sessions for pid in _session(p.pid)]
+
     deadline = time.monotonic() + wait_s
-    while _session(session.pid) and time.monotonic() < deadline:
+    while alive() and time.monotonic() < deadline:
         time.sleep(1)
-    if _session(session.pid):
+    if alive():
         subprocess.run(["dvc", "queue", "stop", "--kill"], cwd=repo, env=env, capture_output=True, timeout=120)
         deadline = time.monotonic() + 30
-        while _session(session.pid) and time.monotonic() < deadline:
+        while alive() and time.monotonic() < deadline:
             time.sleep(0.5)
-    for pid in _session(session.pid):
+    for pid in alive():
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
-    session.wait(timeout=30)
+    for p in sessions:
+        p.wait(timeout=30)
