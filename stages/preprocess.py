@@ -16,11 +16,7 @@ import logging
 import time
 from pathlib import Path
 
-from mlic.console import quiet_tensorflow
-
-if __name__ == "__main__":  # before the imports below load TensorFlow; tests calling main() keep pytest's stderr
-    quiet_tensorflow()
-
+# No TensorFlow here (the shards are written without it), so no quiet_tensorflow() either.
 from mlic import runners, tfrecords
 from mlic.atomic import atomic_dir, write_json
 from mlic.split import SPLITS, read_split_csv
