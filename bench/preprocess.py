@@ -11,7 +11,7 @@ CPUs, started and stopped by the stage, as `dvc repro` would). Reports, per (siz
   img/s       records written / stage s
   CPU %       CPU seconds of the stage and its workers (getrusage RUSAGE_CHILDREN) / wall s
   peak RSS    the largest sum of RSS over the stage process and its worker processes (with Ray,
-              its GCS, raylet and workers too), sampled every 20 ms (shared library pages count
+              its GCS, raylet and workers too), sampled every 250 ms (shared library pages count
               once per process: an upper bound)
   peak USS    the same with USS, the pages private to each process (a lower bound)
 then the ratios: peak memory 20k/2k per runner and worker count (~1 means memory does not grow
@@ -107,7 +107,9 @@ def run_stage(params: Path, splits: Path, out: Path, metrics: Path) -> dict[str,
             except psutil.NoSuchProcess:  # the stage exited between poll() and the sample
                 break
             peak_rss, peak_uss = max(peak_rss, rss), max(peak_uss, uss)
-            time.sleep(0.02)
+            # Not more often: reading USS (/proc/<pid>/smaps) of Ray's ~10 processes every 20 ms
+            # took a core's worth of CPU and slowed the Ray runs it measured by a third or more.
+            time.sleep(0.25)
         wall = time.perf_counter() - start
         after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the stage and, through it, its workers
         log.seek(0)
