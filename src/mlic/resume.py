@@ -40,6 +40,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mlic.sources import source_fingerprint
+
 log = logging.getLogger(__name__)
 
 RESUME_ROOT = Path(".mlic") / "train-resume"
@@ -53,11 +55,7 @@ CODE = ("augment", "dataset", "devices", "losses", "model", "resume", "tfrecords
 
 
 def code_fingerprint() -> str:
-    here = Path(__file__).parent
-    digest = hashlib.sha256()
-    for name in CODE:
-        digest.update((here / f"{name}.py").read_bytes())
-    return digest.hexdigest()
+    return source_fingerprint(CODE)
 
 
 def resume_key(train: Mapping[str, Any], seed: int, fingerprints: Mapping[str, str]) -> str:

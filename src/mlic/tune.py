@@ -43,6 +43,7 @@ from mlic import journal
 from mlic.atomic import atomic_open, write_json
 from mlic.errors import UserError
 from mlic.params import SearchSpec, Train, Tune, dvc_writes_a_float
+from mlic.sources import source_fingerprint
 from mlic.store import default_project_root, first_use
 from mlic.tfrecords import Manifest
 
@@ -68,11 +69,7 @@ _OWNERLESS_GRACE_S = 120
 
 # --------------------------------------------------------------------------- the study's identity
 def code_fingerprint() -> str:
-    here = Path(__file__).parent
-    digest = hashlib.sha256()
-    for name in CODE:
-        digest.update((here / f"{name}.py").read_bytes())
-    return digest.hexdigest()
+    return source_fingerprint(CODE)
 
 
 def data_fingerprints(tfrecords: str | Path) -> dict[str, str]:
