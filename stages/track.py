@@ -4,28 +4,34 @@ Reads  params `tracking`, `calibrate`, `evaluate` and the whole --params file; t
        CSV, metrics JSONs (`[prefix=]path`), artifacts, the report tables the figures are drawn
        from, the model with its metadata and thresholds (packaged as one pyfunc model,
        registered), the split manifests, and the journal of the stages that ran (`.mlic/`).
-Writes no DVC output: its product is the MLflow run. Where it is (run id, experiment, model
-       version) goes to the log and to --note, a local file outside git and DVC (a run id means
-       nothing to another clone); under `dvc exp run --temp/--queue` that file stays in the
-       temporary copy, and the log and MLflow (the run is named after the experiment) say it.
-DVC re-runs it whenever anything upstream changed, so each changed pipeline run gets one run.
+Writes --logged: the fingerprint of the pipeline state it logged (`record.state_fingerprint`).
+       Its content is a function of that state alone, so `dvc.lock` holds the same hash in every
+       clone; the file is not in git. A fresh clone lacks it, so DVC runs `track` there; after
+       a run it matches, so a no-op `dvc repro` logs nothing. Where the run is (run id,
+       experiment, model version) goes to the log and to --note, a local file outside git and
+       DVC (a run id means nothing to another clone).
+Once per state and store: if the store already holds a FINISHED run with this fingerprint (a
+       state logged before, `dvc exp apply` of an old experiment, a forced re-run), nothing new is
+       logged; the log names the run that holds it.
 Run alone: python stages/track.py --params params.yaml --history reports/train/history.csv \
            --metrics train=reports/train/metrics.json reports/evaluate/metrics.json \
            --artifacts dvc.lock models/model_meta.json --model models/model.keras \
            --meta models/model_meta.json --summary models/model_summary.txt \
            --thresholds reports/calibrate/thresholds.json \
-           --manifests-dir data/tfrecords --note .mlic/mlflow_run.json
+           --manifests-dir data/tfrecords --note .mlic/mlflow_run.json --logged reports/track/logged.json
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
 import tempfile
 from pathlib import Path
 
+import mlic
 from mlic import figures, record, tracking
 from mlic.atomic import write_json
 from mlic.errors import UserError
@@ -61,6 +67,28 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--manifests-dir", type=Path, help="folder of <split>.manifest.json")
     ap.add_argument("--note", type=Path, default=Path(".mlic/mlflow_run.json"),
                     help="where to note the run's id and model version (local, not versioned)")
+    ap.add_argument("--logged", type=Path, required=True,
+                    help="where to write the fingerprint of the state logged (the stage's DVC output)")
+
+
+# What the --logged file says of itself (it is read by people who wonder why it is there).
+LOGGED_ABOUT = ("The pipeline state whose MLflow run `track` logged (or found already logged) in the store it "
+                "used. Not in git: a fresh clone lacks it, so its first `dvc repro` logs the run. Delete it, or "
+                "run `dvc repro --force --single-item track`, to log this state into another store.")
+
+
+def fingerprint_files(args: argparse.Namespace, rec: record.RunRecord) -> dict[str, Path]:
+    """Everything the run is made of, by a name that is the same in every clone: the record's
+    files, the figures' tables, the packaged model's files and the code that packages it."""
+    files = dict(rec.sources)
+    for path in (args.history, args.pr_curves, args.per_class_default, args.per_class_calibrated, args.fbeta_curves,
+                 args.reliability, args.model, args.meta, args.summary, args.thresholds):
+        if path is not None:
+            files[f"input/{Path(os.path.relpath(path)).as_posix()}"] = path
+    for path in sorted(Path(mlic.__file__).parent.glob("*.py")):
+        files[f"code/mlic/{path.name}"] = path
+    files["code/stages/track.py"] = Path(__file__)
+    return files
 
 
 def run(args: argparse.Namespace, params: Params) -> int:
@@ -81,21 +109,30 @@ def run(args: argparse.Namespace, params: Params) -> int:
         params_file=args.params, history_csv=args.history, metrics_files=args.metrics,
         artifacts=args.artifacts, manifests_dir=args.manifests_dir, model_meta=args.meta,
         project_root=Path.cwd(), keep=[cfg.champion_metric] if package else [], sweep=cfg.sweep)
-    with tempfile.TemporaryDirectory(prefix="mlic-figures-") as tmp:
-        drawn = figures.draw_all(
-            Path(tmp), history=args.history, pr_curves_csv=args.pr_curves,
-            per_class_default=args.per_class_default, per_class_calibrated=args.per_class_calibrated,
-            fbeta_csv=args.fbeta_curves, thresholds_json=args.thresholds, reliability_csv=args.reliability,
-            default_threshold=ev.threshold, beta=cal.beta)
-        info = tracking.log_record(rec, tracking_uri=uri, experiment=cfg.experiment, package=package,
-                                   extra_artifacts=drawn)
+    fingerprint = record.state_fingerprint(fingerprint_files(args, rec))
+    rec = dataclasses.replace(rec, tags={**rec.tags, record.FINGERPRINT_TAG: fingerprint})
+    info = tracking.logged_run(uri, cfg.experiment, fingerprint)
+    if info is not None:
+        log.info("this pipeline state is already in the store: run %r (%s); nothing new logged",
+                 info.run_name, info.run_id)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mlic-figures-") as tmp:
+            drawn = figures.draw_all(
+                Path(tmp), history=args.history, pr_curves_csv=args.pr_curves,
+                per_class_default=args.per_class_default, per_class_calibrated=args.per_class_calibrated,
+                fbeta_csv=args.fbeta_curves, thresholds_json=args.thresholds, reliability_csv=args.reliability,
+                default_threshold=ev.threshold, beta=cal.beta)
+            info = tracking.log_record(rec, tracking_uri=uri, experiment=cfg.experiment, package=package,
+                                       extra_artifacts=drawn)
     args.note.parent.mkdir(parents=True, exist_ok=True)
     write_json(args.note, info.as_dict())
-    log.info("MLflow run %s (%s) in experiment %r. See it: %s",
-             info.run_name, info.run_id, info.experiment, tracking.ui_hint(info))
+    args.logged.parent.mkdir(parents=True, exist_ok=True)
+    write_json(args.logged, {"fingerprint": fingerprint, "experiment": cfg.experiment, "about": LOGGED_ABOUT})
+    log.info("MLflow run %r (%s) in experiment %r\n%s", info.run_name, info.run_id, info.experiment,
+             "\n".join(tracking.ui_hint(info)))
     if info.registered_model:
-        log.info("use the model: mlic predict IMAGES... --model models:/%s/%s (or models:/%s@champion)",
-                 info.registered_model, info.model_version, info.registered_model)
+        log.info("use the model: mlic predict IMAGES... --model models:/%s@champion (this run's: models:/%s/%s)",
+                 info.registered_model, info.registered_model, info.model_version)
     return 0
 
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import git, write_manifests, write_text
 from mlic import journal, metrics, record
@@ -61,13 +61,10 @@ def test_summary_keeps_the_numbers_worth_comparing_and_stays_small():
     n_model = (len(_full_report()["test"]) - len(metrics.DATA_FACTS) - len(metrics.ALIASES)
                - (top3 - len(record.TOP3_KEPT)))  # per section
     threshold_dependent = n_model - len(metrics.THRESHOLD_FREE) - len(record.TOP3_KEPT)
-    baseline_calibrated = [k for k in record.BASELINE_KEPT if k not in metrics.THRESHOLD_FREE]
-    assert len(kept) == (n_model + len(record.VAL_KEPT) + threshold_dependent + len(record.BASELINE_KEPT)
-                         + len(baseline_calibrated) + 4)
+    assert len(kept) == n_model + len(record.VAL_KEPT) + threshold_dependent + 4
     assert len(kept) <= 56                                        # room for train/ and facts under 60
-    # the trivial predictor calibrated like the model: the fair contrast, its few threshold-dependent numbers
-    assert {f"baseline/test_calibrated/{k}" for k in baseline_calibrated} <= set(kept)
-    assert "baseline/test_calibrated/macro_ap" not in kept        # = baseline/test/macro_ap
+    # the trivial predictor is a contrast stated in the description, not metrics that lead every list
+    assert not any(k.startswith("baseline/") for k in kept)
     assert {"test_probability/ece_before", "test_probability/brier_after"} <= set(kept)
     assert not any(k.rpartition("/")[2] in metrics.ALIASES for k in kept)
     assert "test/cf1" in kept and "test_calibrated/cf1" in kept and "test_calibrated/cf1_top3" not in kept
@@ -115,25 +112,83 @@ def test_untracked_file_makes_the_tree_dirty(monkeypatch, tmp_path):
     assert record.git_info(tmp_path) == record.GitInfo(git(tmp_path, "rev-parse", "HEAD"), "true", ("new.txt",))
 
 
-NOW = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-
-
 @pytest.mark.parametrize(
-    "env, name, source",
+    "env, label, name, source",
     [
-        ({"DVC_EXP_NAME": "brisk-otter"}, "brisk-otter", "dvc exp run"),
-        ({"DVC_STAGE": "track"}, "repro-abcdef1-20250102-030405", "dvc repro"),
-        ({}, "repro-abcdef1-20250102-030405", "python stages/track.py"),
+        ({"DVC_EXP_NAME": "brisk-otter"}, "calibrate.beta=2.0", "calibrate.beta=2.0 (brisk-otter)", "dvc exp run"),
+        ({"DVC_EXP_NAME": "brisk-otter"}, "", "brisk-otter", "dvc exp run"),
+        ({"DVC_STAGE": "track"}, "as committed", "as committed @abcdef1", "dvc repro"),
+        ({}, "train.epochs=2", "train.epochs=2 @abcdef1", "python stages/track.py"),
     ],
 )
-def test_run_names_and_sources(env, name, source):
-    run_name, tags = record.run_context(env, "abcdef1234" + "0" * 30, NOW)
+def test_run_names_say_what_changed_and_where_from(env, label, name, source):
+    run_name, tags = record.run_context(env, "abcdef1234" + "0" * 30, label)
     assert (run_name, tags["mlflow.source.name"]) == (name, source)
     assert tags["dvc_exp_name"] == env.get("DVC_EXP_NAME", "workspace")
 
 
-def test_run_name_withoutgit():
-    assert record.run_context({}, "unknown", NOW)[0] == "repro-nogit-20250102-030405"
+def test_run_name_without_git():
+    assert record.run_context({}, "unknown")[0] == "repro @nogit"
+
+
+@pytest.mark.parametrize(
+    "now, committed, changes, label",
+    [
+        ({"a.x": "1"}, {"a.x": "1"}, [], "as committed"),
+        ({"a.x": "2", "b.y": "q"}, {"a.x": "1", "b.y": "q"}, ["a.x=2"], "a.x=2"),
+        ({"a.x": "2", "b.y": "r", "c.z": "3"}, {"a.x": "1", "b.y": "q", "c.z": "0"}, ["a.x=2", "b.y=r", "c.z=3"],
+         "a.x=2, b.y=r +1 more"),
+        ({"a.x": "1", "n.new": "5"}, {"a.x": "1", "o.old": "4"}, ["n.new=5", "o.old=(removed)"],
+         "n.new=5, o.old=(removed)"),
+        # where a run is filed is not what it is
+        ({"tracking.sweep": "lr"}, {"tracking.sweep": "null"}, [], "as committed"),
+    ],
+)
+def test_changed_params_against_the_committed_file(now, committed, changes, label):
+    assert record.changed_params(now, committed) == changes
+    assert record.change_label(changes) == label
+
+
+def test_nothing_to_compare_with_gives_no_label():
+    assert record.change_label(None) == ""
+
+
+def test_committed_params_read_from_head(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    write_text(tmp_path / "params.yaml", "train:\n  epochs: 80\n  learning_rate: 0.00001\n")
+    assert record.committed_params(tmp_path / "params.yaml", tmp_path) is None      # no git yet
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "a")
+    # `dvc exp run -S` writes floats as Python's repr: 1e-05 must not count as a change
+    write_text(tmp_path / "params.yaml", "train:\n  epochs: 2\n  learning_rate: 1e-05\n")
+    committed = record.committed_params(tmp_path / "params.yaml", tmp_path)
+    assert committed == {"train.epochs": "80", "train.learning_rate": "1e-05"}
+    now = record.flatten_params(yaml.safe_load((tmp_path / "params.yaml").read_text()))
+    assert record.changed_params(now, committed) == ["train.epochs=2"]
+
+
+def test_the_contrast_names_both_numbers():
+    flat = {"test_calibrated/macro_f1": 0.8904, "baseline/test_calibrated/macro_f1": 0.3731, "test/macro_ap": 0.9,
+            "baseline/test/macro_ap": 0.31}
+    assert record.contrast_sentence(flat) == ("calibrated test macro-F1 0.890 (trivial predictor 0.373); "
+                                              "test mAP 0.900 (trivial predictor 0.310)")
+    assert record.contrast_sentence({"test/macro_ap": 0.9}) == ""
+
+
+def test_state_fingerprint_is_content_and_settings_not_paths(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for root in (a, b):
+        write_text(root / "m.json", "{}")
+        write_text(root / "d" / "x.csv", "1")
+    fp = record.state_fingerprint({"m.json": a / "m.json", "d": a / "d"})
+    assert fp == record.state_fingerprint({"d": b / "d", "m.json": b / "m.json"})
+    assert fp != record.state_fingerprint({"n.json": a / "m.json", "d": a / "d"})
+    write_text(b / "d" / "x.csv", "2")
+    assert fp != record.state_fingerprint({"m.json": b / "m.json", "d": b / "d"})
+    write_text(b / "d" / "x.csv", "1")
+    (b / "d" / "x.csv").rename(b / "d" / "y.csv")                    # a renamed file is another state
+    assert fp != record.state_fingerprint({"m.json": b / "m.json", "d": b / "d"})
 
 
 # --------------------------------------------------------------------------- datasets
@@ -239,22 +294,48 @@ def test_record_from_files(tmp_path, monkeypatch):
     run = build_record(params_file=tmp_path / "params.yaml",
                        metrics_files=[("", tmp_path / "e.json"), ("train", tmp_path / "t.json")],
                        artifacts=[tmp_path / "dvc.lock"], manifests_dir=tmp_path / "m",
-                       project_root=tmp_path, env={}, now=NOW)
+                       project_root=tmp_path, env={})
     assert run.params == {"common.seed": "1"}
     assert run.metrics == {"test/macro_f1": 0.5, "train/best_epoch": 3.0, "train/images_per_second": 7.0}
     assert run.started == 100.0 and run.stages == ("train",)
     assert {"dvc.lock.yaml", "params.yaml", "e.json", "t.json", "train.manifest.json"} == set(run.artifacts)
     assert [d.name for d in run.datasets] == ["train"]
-    assert run.tags["git_commit"] == "unknown" and run.name == "repro-nogit-20250102-030405"
+    assert run.tags["git_commit"] == "unknown" and run.name == "repro @nogit"
+    assert run.tags["mlic.changed"] == "unknown"
+    # dvc.lock is logged, not fingerprinted: DVC rewrites it after `track` runs
+    assert set(run.sources) == set(run.artifacts) - {"dvc.lock.yaml"}
+
+
+def test_a_run_says_what_changed_and_what_it_beats(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    write_text(tmp_path / "params.yaml", "calibrate:\n  beta: 1.0\ntracking:\n  sweep: null\n")
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-q", "-m", "a")
+    head = git(tmp_path, "rev-parse", "HEAD")
+    report = {"test_calibrated": {"macro_f1": 0.89}, "baseline": {"test_calibrated": {"macro_f1": 0.37}}}
+    write_text(tmp_path / "c.json", json.dumps(report))
+    as_committed = build_record(params_file=tmp_path / "params.yaml", metrics_files=[("", tmp_path / "c.json")],
+                                project_root=tmp_path, env={"DVC_STAGE": "track"})
+    assert as_committed.name == f"as committed @{head[:7]}" and as_committed.tags["mlic.changed"] == "nothing"
+    note = as_committed.tags["mlflow.note.content"]
+    assert note.startswith(f"Params as committed at {head[:7]}.")
+    assert "Calibrated test macro-F1 0.890 (trivial predictor 0.370)" in note
+    assert "baseline/test_calibrated/macro_f1" not in as_committed.metrics
+    write_text(tmp_path / "params.yaml", "calibrate:\n  beta: 2.0\ntracking:\n  sweep: s1\n")
+    exp = build_record(params_file=tmp_path / "params.yaml", project_root=tmp_path,
+                       env={"DVC_EXP_NAME": "minus-pyre"}, sweep="s1")
+    assert exp.name == "s1/calibrate.beta=2.0 (minus-pyre)" and exp.tags["mlic.changed"] == "calibrate.beta=2.0"
+    assert exp.tags["mlflow.note.content"].startswith(f"Changed from params.yaml at {head[:7]}: calibrate.beta=2.0.")
 
 
 def test_a_sweep_tags_the_run_and_prefixes_its_name(tmp_path):
     env = {"DVC_EXP_NAME": "brisk-otter", "DVC_EXP_BASELINE_REV": "f" * 40}
-    run = build_record(params_file=None, project_root=tmp_path, env=env, now=NOW, sweep="lr-dropout")
+    run = build_record(params_file=None, project_root=tmp_path, env=env, sweep="lr-dropout")
     assert run.name == "lr-dropout/brisk-otter"
     assert run.tags["mlic.sweep"] == "lr-dropout" and run.tags["dvc_exp_name"] == "brisk-otter"
     assert run.tags["dvc_exp_baseline_rev"] == "f" * 40
-    alone = build_record(params_file=None, project_root=tmp_path, env=env, now=NOW)
+    alone = build_record(params_file=None, project_root=tmp_path, env=env)
     assert alone.name == "brisk-otter" and "mlic.sweep" not in alone.tags
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -108,7 +109,7 @@ def _track_argv(root: Path) -> list[str]:
         "--fbeta-curves", "reports/calibrate/fbeta_vs_threshold.csv",
         "--model", "models/model.keras", "--meta", "models/model_meta.json",
         "--thresholds", "reports/calibrate/thresholds.json", "--manifests-dir", "data/tfrecords",
-        "--note", ".mlic/mlflow_run.json",
+        "--note", ".mlic/mlflow_run.json", "--logged", "reports/track/logged.json",
     ]
 
 
@@ -179,7 +180,7 @@ def test_summary_metrics_are_hierarchical_and_kept_to_the_rules(tracked):
         "val/macro_f1": 0.8, "val/micro_f1": 0.85, "val/macro_ap": 0.7,     # not val/hamming_loss
         "test/macro_f1": 0.75, "test/macro_ap": 0.72, "test/per_class/cat/f1": 0.7,
         "test_calibrated/macro_f1": 0.78,                 # not its macro_ap: equal to test/macro_ap
-        "baseline/test/macro_f1": 0.5,                    # a contrast: not lrap, not baseline/val
+        # no baseline/: the trivial predictor is a contrast, stated in the description
         "train/best_epoch": 2, "train/epochs_run": 3, "train/stopped_early": 1.0,
         # from the journal: train ran after the previous track; preprocess before it
         "train/images_per_second": 250.0, "train/fit_seconds": 230.0,
@@ -275,7 +276,7 @@ def test_tags_record_git_dvc_and_data(tracked):
     assert tags["git_dirty"] == "false"
     assert tags["dvc_exp_name"] == "brisk-otter"
     assert tags["dvc_exp_baseline_rev"] == "0" * 40
-    assert tags["mlflow.runName"] == "brisk-otter"
+    assert tags["mlflow.runName"] == "as committed (brisk-otter)" and tags["mlic.changed"] == "nothing"
     assert tags["mlflow.source.name"] == "dvc exp run"
     assert tags["data_fingerprint"] == data_fingerprint(FINGERPRINTS)
     assert tags["model_parameters"].isdigit()
@@ -297,11 +298,36 @@ def test_exactly_one_finished_run_and_its_record(tracked):
     champion = record.pop("champion")
     assert record == {
         "run_id": run.info.run_id, "experiment_id": run.info.experiment_id,
-        "experiment": EXPERIMENT, "run_name": "brisk-otter", "tracking_uri": uri,
+        "experiment": EXPERIMENT, "run_name": "as committed (brisk-otter)", "tracking_uri": uri,
         "git_commit": run.data.tags["git_commit"], "model_uri": f"models:/{record['model_uri'].split('/')[-1]}",
         "registered_model": "mlic-test-model", "model_version": champion["version"],
     }
     assert champion["promoted"] is True
+
+
+def test_the_logged_file_is_the_fingerprint_of_the_state_and_nothing_of_the_machine(tracked):
+    project, _, _, run = tracked
+    text = (project / "reports/track/logged.json").read_text()
+    logged = json.loads(text)
+    assert logged["fingerprint"] == run.data.tags["mlic.fingerprint"] and len(logged["fingerprint"]) == 64
+    assert logged["experiment"] == EXPERIMENT
+    assert str(project) not in text and run.info.run_id not in text   # the same bytes in every clone
+
+
+def test_a_state_already_in_the_store_is_not_logged_twice(tracked, monkeypatch, caplog):
+    """`dvc exp apply` of an old experiment, a forced re-run, a clone of a logged state: `track`
+    runs, finds the state's run, logs nothing new and says which run holds it."""
+    project, _, client, run = tracked
+    monkeypatch.chdir(project)
+    logged = (project / "reports/track/logged.json").read_bytes()
+    (project / "reports/track/logged.json").unlink()
+    caplog.set_level(logging.INFO)
+    assert _load_stage().main(_track_argv(project)) == 0
+    assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run.info.run_id]
+    assert (project / "reports/track/logged.json").read_bytes() == logged
+    assert json.loads((project / ".mlic/mlflow_run.json").read_text())["run_id"] == run.info.run_id
+    assert any("already in the store" in r.getMessage() and run.info.run_id in r.getMessage()
+               for r in caplog.records)
 
 
 def test_failure_half_way_marks_the_run_failed(tracked, monkeypatch):
@@ -330,10 +356,11 @@ def test_a_missing_passed_file_fails_before_any_run(tracked, monkeypatch, tmp_pa
     project, uri, client, _ = tracked
     monkeypatch.chdir(project)
     params = write_text(tmp_path / "params.yaml", "tracking:\n  experiment: mlic-missing\n")
-    argv = ["--params", str(params), "--metrics", "reports/nope.json", "--note", str(tmp_path / "o.json")]
+    argv = ["--params", str(params), "--metrics", "reports/nope.json", "--note", str(tmp_path / "o.json"),
+            "--logged", str(tmp_path / "logged.json")]
     assert _load_stage().main(argv) == 2
     assert client.get_experiment_by_name("mlic-missing") is None
-    assert not (tmp_path / "o.json").exists()
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "logged.json").exists()
 
 
 def test_an_unwritable_artifact_folder_is_one_line_and_a_failed_run(tracked, monkeypatch, tmp_path, caplog):
@@ -351,13 +378,14 @@ def test_an_unwritable_artifact_folder_is_one_line_and_a_failed_run(tracked, mon
 
     monkeypatch.setattr(local_artifact_repo, "mkdir", refuse)
     params = write_text(tmp_path / "params.yaml", "tracking:\n  experiment: mlic-unwritable\n")
-    argv = ["--params", str(params), "--artifacts", "dvc.lock", "--note", str(tmp_path / "o.json")]
+    argv = ["--params", str(params), "--artifacts", "dvc.lock", "--note", str(tmp_path / "o.json"),
+            "--logged", str(tmp_path / "logged.json")]
     assert _load_stage().main(argv) == 2
     (error,) = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert "permission denied" in error and "mlruns" in error and "\n" not in error
     runs = client.search_runs([client.get_experiment_by_name("mlic-unwritable").experiment_id])
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert not (tmp_path / "o.json").exists()
+    assert not (tmp_path / "o.json").exists() and not (tmp_path / "logged.json").exists()
 
 
 # --------------------------------------------------------------------------- tracking store

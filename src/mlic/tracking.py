@@ -14,7 +14,9 @@ How a record maps onto MLflow:
   params, summary metrics (step 0), curves (step = epoch), tags: as named by the record.
   artifacts top-level files (the compare view lists only those), PNG figures included.
   datasets  `log_inputs`: one dataset per split, context tag = the split, digest = the
-            fingerprint's first 32 hex digits (MLflow's column holds 36), full one in the profile.
+            fingerprint's first 12 hex digits, the full one in the profile.
+  state     tag `mlic.fingerprint` (`record.state_fingerprint`): `logged_run` finds the FINISHED
+            run of a pipeline state, so `track` logs each state once per store.
   model     the packaged pyfunc model (`serving.py`: image files in, labels + probabilities out)
             under name "model", registered as a new version of `tracking.registered_model` with
             the headline metrics as version tags; the `champion` alias follows `registry.py`'s
@@ -44,7 +46,7 @@ from typing import Any
 from mlic import journal, registry, serving, sweep
 from mlic.atomic import require_files
 from mlic.errors import InputError
-from mlic.record import MAX_TAG_VALUE, DatasetInput, RunRecord
+from mlic.record import FINGERPRINT_TAG, MAX_TAG_VALUE, DatasetInput, RunRecord
 from mlic.store import (  # noqa: F401 - re-exported: tracking is where users look for them
     DB_FILE,
     TrackingUnavailable,
@@ -71,7 +73,9 @@ MODEL_NAME = "model"
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 WORKFLOW_QUERY = "workflowType=machine_learning"
-DIGEST_CHARS = 32
+# A dataset's digest as the UI's Dataset column shows it: 12 hex digits tell splits and data
+# versions apart at a glance (the full sha256 is in the dataset's profile and the data_fingerprint tag).
+DIGEST_CHARS = 12
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +114,17 @@ def ui_routes(info: RunInfo) -> tuple[str, str]:
     return f"{experiment}/runs?{WORKFLOW_QUERY}", f"{experiment}/runs/{info.run_id}?{WORKFLOW_QUERY}"
 
 
-def ui_hint(info: RunInfo) -> str:
-    """Where to look: URLs for a server, or the `mlflow ui` command and URLs for a local store."""
+def ui_hint(info: RunInfo) -> list[str]:
+    """Where to look, one line each: the `mlflow ui` command for a local store, then the runs
+    table's and the run's URLs (a line each, so a terminal shows them whole and clickable)."""
     table, run = ui_routes(info)
+    lines = []
     if info.tracking_uri.startswith(("http://", "https://")):
         base = redact_uri(info.tracking_uri).rstrip("/")
-        return f"runs {base}/{table}  this run {base}/{run}"
-    base = "http://127.0.0.1:5000"
-    return (f"mlflow ui --backend-store-uri '{info.tracking_uri}'  then  runs {base}/{table}  "
-            f"this run {base}/{run}")
+    else:
+        base = "http://127.0.0.1:5000"
+        lines.append(f"  open the UI: mlflow ui --backend-store-uri '{info.tracking_uri}'")
+    return lines + [f"  runs table:  {base}/{table}", f"  this run:    {base}/{run}"]
 
 
 @contextlib.contextmanager
@@ -161,6 +167,28 @@ def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
     if EXPERIMENT_KIND_TAG not in experiment.tags:  # never override a kind someone chose
         client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def logged_run(tracking_uri: str, experiment: str, fingerprint: str) -> RunInfo | None:
+    """The newest FINISHED run of `experiment` that mirrors the pipeline state `fingerprint`
+    (tag `mlic.fingerprint`), or None if the store holds none."""
+    from mlflow import MlflowClient
+
+    with first_use(tracking_uri):
+        client = MlflowClient(tracking_uri)
+        found = client.get_experiment_by_name(experiment)
+    if found is None or found.lifecycle_stage == "deleted":
+        return None
+    runs = client.search_runs([found.experiment_id], filter_string=(
+        f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'"),
+        order_by=["attributes.start_time DESC"], max_results=1)
+    if not runs:
+        return None
+    run = runs[0]
+    registered, _, version = run.data.tags.get("registered_model_version", "").rpartition("/")
+    return RunInfo(run.info.run_id, found.experiment_id, experiment, run.info.run_name, tracking_uri,
+                   run.data.tags.get("git_commit", "unknown"), registered_model=registered or None,
+                   model_version=version or None)
 
 
 # Who is writing a run, so a later `track` can tell a run abandoned by a killed process (kill -9,
@@ -476,8 +504,8 @@ class StudyRuns:
             self.client.log_artifacts(self.parent_id, staging)
         self.client.set_terminated(self.parent_id, "FINISHED")
         info = RunInfo(self.parent_id, self.experiment_id, self.experiment, self.study, self.tracking_uri, "")
-        log.info("MLflow: study run %s with %d nested trial runs; %s", self.parent_id, len(result.rows),
-                 ui_hint(info))
+        log.info("MLflow: study run %s with %d nested trial runs\n%s", self.parent_id, len(result.rows),
+                 "\n".join(ui_hint(info)))
 
 
 # --------------------------------------------------------------------------- CLI
