@@ -23,7 +23,9 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from mlic import calibration, metrics, thresholds
 from mlic.atomic import write_csv, write_json
@@ -82,11 +84,21 @@ def run(args: argparse.Namespace, params: Params) -> int:
     default = metrics.compute_metrics(test.y_true, test.y_prob, ev.threshold)
     c, b, pr = report["test_calibrated"], report["baseline"]["test_calibrated"], report["test_probability"]
     log.info("test macro-F1 %.3f at fitted thresholds (%s) vs %.3f at %.2f (the trivial predictor "
-             "calibrated the same way %.3f); micro-F1 %.3f vs %.3f", c["macro_f1"], cfg.strategy, default["macro_f1"],
-             ev.threshold, b["macro_f1"], c["micro_f1"], default["micro_f1"])
+             "calibrated the same way %.3f); micro-F1 %.3f vs %.3f", c["macro_f1"], fitted_by(cfg, cal.rules),
+             default["macro_f1"], ev.threshold, b["macro_f1"], c["micro_f1"], default["micro_f1"])
     log.info("temperature %s: test ECE %.4f -> %.4f, Brier %.4f -> %.4f", cfg.temperature, pr["ece_before"],
              pr["ece_after"], pr["brier_before"], pr["brier_after"])
     return 0
+
+
+def fitted_by(cfg: Any, rules: Sequence[str]) -> str:
+    """`fbeta, beta=2`: the strategy and what shaped it. beta scores the F-beta that `fbeta` and
+    `global` maximise; `precision` has its target, and beta only where it fell back to global."""
+    if cfg.strategy != "precision":
+        return f"{cfg.strategy}, beta={cfg.beta:g}"
+    n = sum(r in (thresholds.RULE_FEW_POSITIVES, thresholds.RULE_UNREACHABLE) for r in rules)
+    return (f"precision, target {cfg.precision_target:g}"
+            + (f"; {n} class(es) at the global threshold, beta={cfg.beta:g}" if n else ""))
 
 
 main = Stage(__doc__, SECTIONS, add_args, run)

@@ -119,3 +119,62 @@ def test_the_fbeta_figure_reads_thresholds_json_format_2(tables, tmp_path, monke
     drawn = figures.draw_all(tmp_path / "o2", fbeta_csv=paths["fbeta"], thresholds_json=path)
     assert list(drawn) == ["fbeta_vs_threshold.png"]
     assert seen["t"] == fitted  # the thresholds marked, not the file's other keys
+
+
+def _rendered(fig):
+    """`fig` laid out by Agg (the backend `save` uses): its artists' window extents are final."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+@pytest.mark.parametrize("n", [3, 12, 30])
+def test_f1_legend_covers_no_bar_and_not_the_title(n):
+    # Strong classes everywhere: the weakest bars (drawn at the bottom) still reach past 0.6,
+    # where a legend in the lower right corner would sit on them.
+    rng = np.random.default_rng(n)
+    names = [f"class {i}" for i in range(n)]
+    default = pd.DataFrame({"class": names, "f1": rng.uniform(0.6, 0.95, n), "support": rng.integers(5, 90, n)})
+    calibrated = pd.DataFrame({"class": names, "f1": rng.uniform(0.65, 0.98, n)})
+    fig = figures.f1_per_class(default, calibrated, 0.5)
+    renderer = _rendered(fig)
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    assert len(ax.patches) == 2 * n
+    assert not any(legend.overlaps(bar.get_window_extent(renderer)) for bar in ax.patches)
+    assert not legend.overlaps(ax.get_window_extent(renderer))                 # outside the plotting area
+    assert not legend.overlaps(ax.title.get_window_extent(renderer))
+    assert fig.bbox.contains(legend.x0, legend.y0) and fig.bbox.contains(legend.x1, legend.y1)
+    assert len({round(t.get_window_extent(renderer).y0) for t in ax.get_legend().get_texts()}) == 1  # one row
+
+
+@pytest.mark.parametrize("n", [3, 12, 30])
+def test_pr_curves_name_the_random_ranker_line_once_under_the_title(n):
+    rng = np.random.default_rng(n)
+    names = [f"class {i}" for i in range(n)]
+    y = (rng.random((60, n)) < 0.3).astype(int)
+    y[0] = 1
+    p = np.clip(0.3 * y + 0.7 * rng.random((60, n)), 0, 1)
+    fig = figures.pr_curves(metrics.pr_curve_table(y, p, names), metrics.per_class_table(y, p, names, 0.5))
+    assert len(fig.legends) == 1
+    key = fig.legends[0]
+    assert [t.get_text() for t in key.get_texts()] == [figures.RANDOM_RANKER]
+    assert "random ranker" in figures.RANDOM_RANKER and "prevalence" in figures.RANDOM_RANKER
+    # the key's sample is the panels' line
+    (handle,) = key.legend_handles
+    panel_line = next(line for line in fig.axes[0].get_lines() if line.get_label() == figures.RANDOM_RANKER)
+    assert (handle.get_linestyle(), handle.get_color()) == (panel_line.get_linestyle(), panel_line.get_color())
+    renderer = _rendered(fig)
+    box = key.get_window_extent(renderer)
+    title = next(t for t in fig.texts if t.get_text().startswith("Precision-recall"))
+    assert not box.overlaps(title.get_window_extent(renderer))
+    for ax in fig.axes:
+        if ax.get_visible():
+            assert not box.overlaps(ax.get_tightbbox(renderer))                # panel, its title and labels
+
+
+def test_pr_curves_without_the_per_class_table_have_no_key(tables):
+    paths, _ = tables
+    assert figures.pr_curves(figures._read(paths["pr"])).legends == []

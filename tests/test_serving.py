@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -166,6 +167,56 @@ def test_logging_skips_mlflows_serving_check_and_keeps_the_example(model_dir, tm
         assert (local / "serving_input_example.json").is_file()
     finally:
         mlflow.set_tracking_uri(None)
+
+
+MLFLOW_CHATTER = ("Validating input example", "Successfully registered model", "already exists. Creating a new version",
+                  "Created version", "serialized using CloudPickle")
+
+
+def test_logging_and_registering_hides_mlflows_chatter(model_dir, tmp_path: Path, capsys) -> None:
+    """What `track` printed per run; `track` logs "registered <name> version N" itself."""
+    import mlflow
+
+    from mlic.serving import log_packaged_model
+
+    mlflow_log = logging.getLogger("mlflow")
+    level = mlflow_log.level
+    mlflow_log.setLevel(logging.INFO)       # MLflow's default (MLFLOW_LOGGING_LEVEL), whatever the env says
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+    try:
+        capsys.readouterr()
+        versions = []
+        for _ in range(2):                  # a new registered model, then a new version of it
+            with mlflow.start_run():
+                info = log_packaged_model(model_dir.models / "model.keras", model_dir.models / "model_meta.json",
+                                          model_dir.thresholds, name="model", registered_model_name="quiet")
+            versions.append(info.registered_model_version)
+    finally:
+        mlflow.set_tracking_uri(None)
+        mlflow_log.setLevel(level)
+    assert versions == [1, 2]
+    out = capsys.readouterr()
+    for line in MLFLOW_CHATTER:
+        assert line not in out.err + out.out
+
+
+def test_only_the_named_mlflow_lines_are_hidden_and_only_for_the_call(capsys) -> None:
+    from mlflow.tracking._model_registry import fluent
+
+    printed, pyfunc_log = fluent.eprint, logging.getLogger("mlflow.pyfunc")
+    filters = list(pyfunc_log.filters)
+    with serving._quiet_mlflow():
+        fluent.eprint("Created version '3' of model 'mlic'.")
+        fluent.eprint("Registered model 'mlic' already exists. Creating a new version of this model...")
+        fluent.eprint("Staging model mlic version 3 for Databricks Model Serving...")
+        pyfunc_log.info("Validating input example against model signature")
+        pyfunc_log.warning("a warning MLflow has for the user")
+    assert fluent.eprint is printed and pyfunc_log.filters == filters
+    fluent.eprint("Created version '4' of model 'mlic'.")
+    err = capsys.readouterr().err
+    assert "Staging model mlic version 3" in err and "a warning MLflow has for the user" in err
+    assert "version '3'" not in err and "already exists" not in err and "Validating" not in err
+    assert "Created version '4' of model 'mlic'." in err
 
 
 def test_the_packaged_model_applies_calibrates_temperature(model_dir, predict_images, loaded,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from mlic.atomic import require_files
 from mlic.calibration import threshold_mapping
@@ -35,22 +36,29 @@ CURVE_PANELS = (
 )
 
 
+# The precision-recall panels' horizontal line: a ranker that orders images at random has, at
+# every recall, a precision equal to the class's prevalence.
+RANDOM_RANKER = "random ranker (precision = the class's prevalence in test)"
+RANDOM_RANKER_STYLE = {"color": "grey", "linestyle": ":", "linewidth": 1}
+
 # Report-table columns that hold text; every other column is read as numbers.
 TEXT_COLUMNS = ("class", "rule", "probabilities")
 
 
-def _grid(n: int, title: str, panel_w: float = 2.6, panel_h: float = 2.2) -> tuple[Figure, list]:
+def _grid(n: int, title: str, panel_w: float = 2.6, panel_h: float = 2.2,
+          key_h: float = 0.0) -> tuple[Figure, list]:
+    """`n` panels under `title`; `key_h` inches between title and panels for a figure-level key."""
     cols = min(COLUMNS, max(n, 1))
     rows = max(1, math.ceil(n / cols))
-    height = panel_h * rows + 0.6
+    height = panel_h * rows + 0.6 + key_h
     # Fixed margins rather than a layout engine: one drawing pass instead of two (track's time).
     fig = Figure(figsize=(panel_w * cols, height), dpi=DPI)
     fig.subplots_adjust(left=0.55 / (panel_w * cols), right=1 - 0.15 / (panel_w * cols), bottom=0.55 / height,
-                        top=1 - 0.75 / height, wspace=0.38, hspace=0.75)
+                        top=1 - (0.75 + key_h) / height, wspace=0.38, hspace=0.75)
     axes = fig.subplots(rows, cols, squeeze=False).ravel().tolist()
     for ax in axes[n:]:
         ax.set_visible(False)
-    fig.suptitle(title)
+    fig.suptitle(title, y=1 - 0.1 / height)  # in inches from the top, whatever the height
     return fig, axes[:n]
 
 
@@ -73,20 +81,28 @@ def pr_curves(curves: pd.DataFrame, per_class: pd.DataFrame | None = None) -> Fi
     """Test precision-recall curve per class (interpolated), with AP and prevalence when known."""
     classes = list(dict.fromkeys(curves["class"]))
     info = per_class.set_index("class") if per_class is not None else None
-    fig, axes = _grid(len(classes), "Precision-recall per class (test)")
+    baseline = info is not None and any(name in info.index for name in classes)
+    # The dotted line is named once, in a key under the title, not in a legend per panel: with
+    # 10-30 panels of 2.6 inches a legend would cover part of each curve (which can pass through
+    # any corner) and repeat the same words 30 times; the line's height is the class's own value.
+    fig, axes = _grid(len(classes), "Precision-recall per class (test)", key_h=0.3 if baseline else 0.0)
     for ax, name in zip(axes, classes):
         part = curves[curves["class"] == name]
         ax.plot(part["recall"], part["precision"], drawstyle="steps-post")
         title = str(name)
         if info is not None and name in info.index:
             row = info.loc[name]
-            ax.axhline(row["prevalence"], color="grey", linestyle=":", linewidth=1)  # a random ranker
+            ax.axhline(row["prevalence"], label=RANDOM_RANKER, **RANDOM_RANKER_STYLE)
             title += f"  AP {row['ap']:.2f}" if math.isfinite(row["ap"]) else "  AP n/a"
         ax.set_title(title, fontsize="medium")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
         ax.set_xlabel("recall")
         ax.set_ylabel("precision")
+    if baseline:
+        height = fig.get_figheight()
+        fig.legend(handles=[Line2D([], [], **RANDOM_RANKER_STYLE)], labels=[RANDOM_RANKER], loc="upper center",
+                   bbox_to_anchor=(0.5, 1 - 0.42 / height), frameon=False, fontsize="small", handlelength=3)
     return fig
 
 
@@ -96,9 +112,11 @@ def f1_per_class(default: pd.DataFrame, calibrated: pd.DataFrame, default_thresh
         calibrated[["class", "f1"]], on="class", suffixes=("_default", "_calibrated"))
     both = both.sort_values("f1_calibrated", kind="stable")
     n = len(both)
-    height = 1.2 + 0.32 * n
+    height = 1.5 + 0.32 * n
     fig = Figure(figsize=(7, height), dpi=DPI)
-    fig.subplots_adjust(left=0.28, right=0.97, bottom=0.6 / height, top=1 - 0.45 / height)
+    # Top margin in inches: the title, and under it the legend in one row (outside the axes: the
+    # bars are sorted ascending, and a legend inside would sit on the weakest classes').
+    fig.subplots_adjust(left=0.28, right=0.97, bottom=0.6 / height, top=1 - 0.75 / height)
     ax = fig.subplots()
     y = range(n)
     ax.barh([i + 0.2 for i in y], both["f1_default"], height=0.4, label=f"at {default_threshold:g}")
@@ -107,8 +125,9 @@ def f1_per_class(default: pd.DataFrame, calibrated: pd.DataFrame, default_thresh
     ax.set_xlim(0, 1)
     ax.set_xlabel("F1 on test")
     ax.set_ylabel("class (test positives)")
-    ax.set_title("Test F1 per class: default vs calibrated threshold")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.set_title("Test F1 per class: default vs calibrated threshold", pad=22)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False, fontsize="small",
+              borderaxespad=0.2)
     return fig
 
 

@@ -20,6 +20,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -202,22 +203,58 @@ def save_packaged_model(path: str | Path, keras_path: str | Path, meta_path: str
     return Path(path)
 
 
-class _KnownChoice(logging.Filter):
-    """Drops MLflow's advice against pickling `python_model`: MlicModel holds no state (its
-    artifacts are files), and models-from-code would ship the same code without the pickle."""
+# MLflow's console lines while the model is logged and registered that mlic hides: by logger,
+# a fragment of the message. Only these; MLflow's warnings and any other line still show.
+_HIDDEN_LOG = {"mlflow.pyfunc": (
+    # its advice against pickling `python_model`: MlicModel holds no state (its artifacts are
+    # files), and models-from-code would ship the same code without the pickle
+    "`python_model` causes it to be serialized using CloudPickle",
+    # an INFO line per `track` about a check that passes (the signature is mlic's own)
+    "Validating input example against model signature",
+)}
+# Printed, not logged, by mlflow.tracking._model_registry.fluent (its `eprint`), so no logger
+# level or filter reaches them; `track` says the same in its own line ("registered mlic version 3").
+_HIDDEN_PRINT = re.compile(r"Successfully registered model '.*'\.|Created version '\d+' of model '.*'\."
+                           r"|Registered model '.*' already exists\. Creating a new version of this model\.\.\.")
+
+
+class _Hide(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]) -> None:
+        super().__init__()
+        self.fragments = fragments
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "causes it to be serialized using CloudPickle" not in record.getMessage()
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
+
+
+@contextmanager
+def _quiet_mlflow() -> Iterator[None]:
+    """Hide `_HIDDEN_LOG` and `_HIDDEN_PRINT` for the duration, then put everything back."""
+    from mlflow.tracking._model_registry import fluent
+
+    filters = [(logging.getLogger(name), _Hide(fragments)) for name, fragments in _HIDDEN_LOG.items()]
+    printed = getattr(fluent, "eprint", None)  # if a later MLflow drops it, its lines show again
+
+    def eprint(*args: Any, **kwargs: Any) -> None:
+        if not _HIDDEN_PRINT.fullmatch(" ".join(map(str, args))):
+            printed(*args, **kwargs)
+
+    for logger, hide in filters:
+        logger.addFilter(hide)
+    if printed is not None:
+        fluent.eprint = eprint
+    try:
+        yield
+    finally:
+        for logger, hide in filters:
+            logger.removeFilter(hide)
+        if printed is not None:
+            fluent.eprint = printed
 
 
 def _save_pyfunc(validate_serving_input: bool = True, **kwargs: Any) -> Any:
-    pyfunc_log = logging.getLogger("mlflow.pyfunc")
-    known = _KnownChoice()
-    pyfunc_log.addFilter(known)
-    try:
-        return mlflow.pyfunc.save_model(**kwargs)
-    finally:
-        pyfunc_log.removeFilter(known)
+    return mlflow.pyfunc.save_model(**kwargs)
 
 
 # mlflow.pyfunc as a `Model.log` flavor ("a module with save_model", per its docs).
@@ -233,6 +270,8 @@ def log_packaged_model(keras_path: str | Path, meta_path: str | Path, thresholds
     it imports TensorFlow and loads the model (~5 s of every `track`), and the same path is
     tested (tests/test_tracking.py loads the logged model back and compares its predictions,
     the end-to-end test serves it). The input example is still saved with the model.
+    MLflow's lines about the registration and a few known ones are hidden (`_quiet_mlflow`):
+    the caller says what happened ("registered mlic version 3").
     """
     from mlflow.models import Model
 
@@ -241,9 +280,10 @@ def log_packaged_model(keras_path: str | Path, meta_path: str | Path, thresholds
                         Path(summary_path) if summary_path else None) as (artifacts, code):
         # Model.log is what mlflow.pyfunc.log_model calls; only it takes validate_serving_input, and
         # it hands its extra arguments on to the flavor's save_model, so the flavor drops it.
-        return Model.log(artifact_path=None, name=name, flavor=_PYFUNC_FLAVOR, artifacts=artifacts, code_paths=[code],
-                         registered_model_name=registered_model_name, params=params, tags=tags,
-                         validate_serving_input=False, **_model_kwargs(meta_path))
+        with _quiet_mlflow():
+            return Model.log(artifact_path=None, name=name, flavor=_PYFUNC_FLAVOR, artifacts=artifacts,
+                             code_paths=[code], registered_model_name=registered_model_name, params=params,
+                             tags=tags, validate_serving_input=False, **_model_kwargs(meta_path))
 
 
 def request_body(images_base64: Sequence[str]) -> bytes:
