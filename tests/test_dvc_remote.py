@@ -1,24 +1,28 @@
 """Remote data: `dvc push` to a remote, `git clone` + `dvc pull` elsewhere, and the clone is the
-project as it was committed, with nothing to re-run.
+project as it was committed, with nothing to re-run but `track`'s look into the MLflow store.
 
 The remote is a local folder (the same `dvc remote add` a bucket takes, without the network):
 the test proves what a teammate relies on, whatever the storage: every cached output comes back
-byte-identical, `dvc status` has nothing to report, and `dvc repro` runs no stage and touches
-no file. Slow only through the shared pipeline project (conftest.pipeline_project); the round
+byte-identical, `dvc status` reports only `track` (its output, the fingerprint of the state it
+logged, lives in no git and no cache: a clone has yet to log its run), and `dvc repro` runs only
+`track`, which finds the state's run in the shared store, logs nothing and touches no other file. Slow only through the shared pipeline project (conftest.pipeline_project); the round
 trip itself takes a few seconds.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import Project, run_ok
+from conftest import Project, mlflow_runs, run_ok
 
 pytestmark = pytest.mark.slow
+
+LOGGED = "reports/track/logged.json"   # track's output (see dvc.yaml)
 
 
 def _outputs(repo: Path) -> list[str]:
@@ -49,14 +53,16 @@ def test_push_clone_pull_gives_the_same_outputs_and_nothing_to_run(pipeline_proj
     pushed = project.run("dvc", "push").stdout
     print(f"dvc push: {time.perf_counter() - started:.1f} s")
     assert "pushed" in pushed, pushed
-    outputs = _outputs(project.repo)
+    outputs = [out for out in _outputs(project.repo) if not out.startswith(LOGGED)]
     assert {"data/sample", "data/tfrecords", "models/model.keras"} <= set(outputs)
     before = _files(project.repo, outputs)
     assert any(name.endswith(".tfrecord") for name in before)
+    runs_before = [r.info.run_id for r in mlflow_runs(project.env)]
 
     clone = tmp_path / "clone"
     run_ok(["git", "clone", "-q", str(project.repo), str(clone)], tmp_path, project.env)
     assert not (clone / "models/model.keras").exists() and not (clone / "data/tfrecords").exists()  # not in git
+    assert not (clone / LOGGED).exists()                           # in no git and no cache
     started = time.perf_counter()
     pulled = run_ok(["dvc", "pull"], clone, project.env).stdout
     print(f"dvc pull: {time.perf_counter() - started:.1f} s")
@@ -69,13 +75,18 @@ def test_push_clone_pull_gives_the_same_outputs_and_nothing_to_run(pipeline_proj
     # set): `track` depends on the whole src/mlic folder, and __pycache__ must not count.
     run_ok(["python", "-m", "compileall", "-q", "src/mlic", "stages"], clone, project.env)
     assert list((clone / "src/mlic/__pycache__").glob("*.pyc"))
-    status = run_ok(["dvc", "status"], clone, project.env).stdout
-    assert "Data and pipelines are up to date" in status, status
-    repro = run_ok(["dvc", "repro"], clone, project.env).stdout
-    assert "Running stage" not in repro, repro
+    status = run_ok(["dvc", "status", "--json"], clone, project.env).stdout
+    assert list(json.loads(status)) == ["track"], status           # only its output is missing
+    done = run_ok(["dvc", "repro"], clone, project.env)
+    repro = done.stdout
+    assert "already in the store" in done.stdout + done.stderr, done.stderr[-3000:]
+    assert repro.count("Running stage") == 1 and "Running stage 'track'" in repro, repro
     stages = yaml.safe_load((clone / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    for stage in stages:
+    for stage in set(stages) - {"track"}:
         assert f"Stage '{stage}' didn't change" in repro, (stage, repro)
     assert _files(clone, outputs) == after                       # not one output rewritten
+    assert (clone / LOGGED).read_bytes() == (project.repo / LOGGED).read_bytes()
     assert run_ok(["git", "status", "--porcelain"], clone, project.env).stdout == ""  # dvc.lock as committed
-    assert not (clone / ".mlic" / "mlflow_run.json").exists()     # `track` did not run: no new MLflow run
+    # the shared store held this state's run already: `track` found it and logged none
+    assert [r.info.run_id for r in mlflow_runs(project.env)] == runs_before
+    assert json.loads((clone / ".mlic" / "mlflow_run.json").read_text())["run_id"] == runs_before[-1]

@@ -263,6 +263,9 @@ def test_model_is_registered_as_champion_with_its_headline_metrics(tracked):
     assert version.tags["val/macro_ap"] == "0.7" and version.tags["test_calibrated/macro_f1"] == "0.78"
     assert version.tags["champion_decision"].startswith("promoted: no champion yet")
     assert "val/macro_ap 0.7" in version.description and "promoted" in version.description
+    # it says what it is before the run id (the list cuts long text); the model says what it is for
+    assert version.description.startswith(f"{run.info.run_name}: ") and version.description.endswith(run.info.run_id + ".")
+    assert "mlic predict" in client.get_registered_model("mlic-test-model").description
     assert run.data.tags["champion.promoted"] == "true"
     assert run.data.tags["registered_model_version"] == f"mlic-test-model/{version.version}"
     decision = json.loads(Path(client.download_artifacts(run.info.run_id, "champion.json")).read_text())

@@ -322,7 +322,7 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
                 client.log_artifacts(run_id, staging)
             model_info = decision = None
             if package is not None:
-                model_info, decision = _log_package(client, run_id, package, record.metrics)
+                model_info, decision = _log_package(client, run_id, package, record.metrics, record.name)
     except BaseException as exc:  # also covers start_run itself failing; Ctrl-C or SIGTERM -> KILLED
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -338,8 +338,18 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
                    champion=None if decision is None else decision.as_dict())
 
 
+def registered_model_description(champion_metric: str) -> str:
+    """What the registered model is, for its page in the registry (set once, never over a user's)."""
+    return ("mlic's multi-label image classifier. Each version is one pipeline run's packaged model: image "
+            "files in, each class's probability (temperature-scaled) and its 0/1 decision at the thresholds "
+            "calibrated on validation out. Use: `mlic predict IMAGES... --model models:/<name>@champion`, or "
+            "`mlflow models serve -m models:/<name>@champion`. The `champion` alias moves to a new version only "
+            f"if it beats the champion on `{champion_metric}` (validation); each version's tags hold its "
+            "headline metrics.")
+
+
 def _log_package(client: Any, run_id: str, package: PackageSpec,
-                 summary: Mapping[str, float]) -> tuple[Any, Any]:
+                 summary: Mapping[str, float], run_name: str = "") -> tuple[Any, Any]:
     """Log the packaged pyfunc model into the active run, register it, and hold the champion vote."""
     # MLflow 3 links the run's metrics, already logged, to the logged model it creates here.
     info = serving.log_packaged_model(package.keras_model, package.meta, package.thresholds, name=MODEL_NAME,
@@ -356,9 +366,13 @@ def _log_package(client: Any, run_id: str, package: PackageSpec,
         path = Path(tmp) / "champion.json"
         path.write_text(json.dumps(decision.as_dict(), indent=2) + "\n", encoding="utf-8")
         client.log_artifact(run_id, str(path))
+    # What the version is first (the list cuts long text), then its numbers; the run id last.
     client.update_model_version(package.registered_model, version, description=(
-        f"From run {run_id}. " + ", ".join(f"{k} {v:.4g}" for k, v in headline.items())
-        + f". Champion: {'promoted' if decision.promoted else 'not promoted'} ({decision.reason})."))
+        (f"{run_name}: " if run_name else "") + ", ".join(f"{k} {v:.4g}" for k, v in headline.items())
+        + f". Champion: {'promoted' if decision.promoted else 'not promoted'} ({decision.reason}). From run {run_id}."))
+    if not client.get_registered_model(package.registered_model).description:
+        client.update_registered_model(package.registered_model,
+                                       description=registered_model_description(package.champion_metric))
     client.set_tag(run_id, "champion.promoted", str(decision.promoted).lower())
     client.set_tag(run_id, "champion.reason", one_line(decision.reason, MAX_TAG_VALUE))
     client.set_tag(run_id, "registered_model_version", f"{package.registered_model}/{version}")

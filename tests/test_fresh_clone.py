@@ -1,0 +1,98 @@
+"""The project as a newcomer meets it: a real `git clone` of the committed repository, its
+committed `dvc.lock` and default params, `dvc repro`, then the MLflow store.
+
+This is how issue 16 broke: `track` had no outputs, so a clone whose reproduced files matched
+the committed lock had nothing for DVC to re-run, and the MLflow store stayed empty. Now
+`track` owns `reports/track/logged.json` (the fingerprint of the state it logged; not in git),
+which a clone lacks. Asserted here, with no MLFLOW_TRACKING_URI (the default store, `mlflow.db`
+in the project):
+- the first `dvc repro` leaves exactly one complete FINISHED run, and `git status` stays clean
+  (the clone reproduced the committed lock byte for byte, `track`'s output included);
+- a second `dvc repro` runs nothing and logs nothing;
+- DVC's run-cache: returning to the committed params after an experiment restores `calibrate`
+  from it, and `track` (never run-cached: `persist`) runs, finds the state's run and logs none.
+
+Slow: it reproduces the default pipeline from nothing (about 6-8 minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import check_complete_run, mlflow_runs, run_ok
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _committed(path: str) -> str:
+    return subprocess.run(["git", "show", f"HEAD:{path}"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.fixture(scope="module")
+def clone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    """A `git clone` of this repository's HEAD; the environment a newcomer has (no tracking URI)."""
+    if subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True).returncode != 0:
+        pytest.skip("not a git checkout")
+    repo = tmp_path_factory.mktemp("newcomer") / "mlic"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "DVC_"))}
+    env |= {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+            # the clone's own code, not the checkout this venv was installed from
+            "PYTHONPATH": str(repo / "src"),
+            "MLFLOW_DISABLE_TELEMETRY": "true", "GIT_AUTHOR_NAME": "newcomer", "GIT_COMMITTER_NAME": "newcomer",
+            "GIT_AUTHOR_EMAIL": "newcomer@example.invalid", "GIT_COMMITTER_EMAIL": "newcomer@example.invalid"}
+    run_ok(["git", "clone", "-q", str(ROOT), str(repo)], repo.parent, env)
+    return repo, env
+
+
+def test_a_fresh_clone_logs_one_run_and_a_second_repro_none(clone: tuple[Path, dict[str, str]]) -> None:
+    repo, env = clone
+    assert (repo / "dvc.lock").read_text() == _committed("dvc.lock")
+    assert not (repo / "reports/track/logged.json").exists() and not (repo / "mlflow.db").exists()
+    started = time.perf_counter()
+    run_ok(["dvc", "repro"], repo, env, timeout=3600)
+    print(f"fresh clone, dvc repro: {time.perf_counter() - started:.0f} s")
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}   # the default `track` used
+
+    runs = mlflow_runs(store)
+    assert [r.info.status for r in runs] == ["FINISHED"]
+    check_complete_run(runs[0], store, repo)
+    assert runs[0].data.tags["mlic.changed"] == "nothing" and runs[0].info.run_name.startswith("as committed")
+    # the clone reproduced the committed state byte for byte, `track`'s fingerprint included
+    status = run_ok(["git", "status", "--porcelain"], repo, env).stdout
+    assert status == "", status
+
+    again = run_ok(["dvc", "repro"], repo, env).stdout
+    assert "Running stage" not in again, again
+    assert [r.info.run_id for r in mlflow_runs(store)] == [runs[0].info.run_id]
+
+
+def test_run_cache_restores_calibrate_and_track_logs_a_state_once(clone: tuple[Path, dict[str, str]]) -> None:
+    repo, env = clone
+    store = {"MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    first = mlflow_runs(store)
+    if len(first) != 1:
+        pytest.skip("the fresh-clone repro did not run")
+    committed_beta = yaml.safe_load(_committed("params.yaml"))["calibrate"]["beta"]
+    other = 2.0 if committed_beta != 2.0 else 1.0
+
+    run_ok(["dvc", "exp", "run", "-S", f"calibrate.beta={other}"], repo, env)
+    runs = mlflow_runs(store)
+    assert len(runs) == 2 and runs[-1].data.tags["mlic.changed"] == f"calibrate.beta={other}"
+    assert runs[-1].info.run_name.startswith(f"calibrate.beta={other} (")
+
+    back = run_ok(["dvc", "exp", "run", "-S", f"calibrate.beta={committed_beta}"], repo, env)
+    out = back.stdout + back.stderr
+    assert "Stage 'calibrate' is cached - skipping run" in out, out[-3000:]   # DVC's run-cache
+    assert "Running stage 'track'" in out and "already in the store" in out, out[-3000:]
+    assert [r.info.run_id for r in mlflow_runs(store)] == [r.info.run_id for r in runs]   # none added
+    status = run_ok(["git", "status", "--porcelain"], repo, env).stdout
+    assert status == "", status                                   # back to the committed state
