@@ -93,6 +93,7 @@ def _build_project(root: Path) -> None:
         journal.write(root, journal.StageRun(stage, started, ended, facts))
     # A real mlic model (models/model.keras, model_meta.json) and calibrate's thresholds.json.
     make_model_dir(root, image_size=32, classes=("cat", "dog", "bird"), thresholds=(0.4, 0.5, 0.3))
+    write_text(root / "models/model_summary.txt", "Model: a 3-class test model\n")   # train writes it
 
 
 def _track_argv(root: Path) -> list[str]:
@@ -108,7 +109,7 @@ def _track_argv(root: Path) -> list[str]:
         "--per-class-calibrated", "reports/calibrate/per_class_test.csv",
         "--fbeta-curves", "reports/calibrate/fbeta_vs_threshold.csv",
         "--model", "models/model.keras", "--meta", "models/model_meta.json",
-        "--thresholds", "reports/calibrate/thresholds.json", "--manifests-dir", "data/tfrecords",
+        "--summary", "models/model_summary.txt", "--thresholds", "reports/calibrate/thresholds.json", "--manifests-dir", "data/tfrecords",
         "--note", ".mlic/mlflow_run.json", "--logged", "reports/track/logged.json",
     ]
 
@@ -247,7 +248,21 @@ def test_logged_model_is_the_package_and_predicts_like_the_files(tracked):
         buf = io.BytesIO()
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(buf, format="PNG")
         files.append(buf.getvalue())
-    logged = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    from mlic.serving import resolve_model_uri
+
+    # the run's id is enough: `runs:/<id>` finds the model it logged (named after the run)
+    logged = mlflow.pyfunc.load_model(resolve_model_uri(f"runs:/{run.info.run_id}"))
+    model = mlflow.get_logged_model(resolve_model_uri(f"runs:/{run.info.run_id}").split("/")[-1])
+    assert model.name == tracking.model_name(run.info.run_name) and "mlic predict" in model.tags["mlflow.note.content"]
+    # its page lists the datasets it was scored on: the split metrics carry dataset and model
+    scored = {(m.key, m.dataset_name) for m in model.metrics if m.dataset_name}
+    assert ("test/macro_f1", "test") in scored and ("val/macro_ap", "val") in scored, scored
+    digests = {d.dataset.name: d.dataset.digest for d in run.inputs.dataset_inputs}
+    assert all(m.dataset_digest == digests[m.dataset_name] for m in model.metrics if m.dataset_name)
+    assert all(len(d) == 12 for d in digests.values())
+    # MLmodel names the pipeline's files, never a temporary folder of this machine
+    mlmodel = Path(mlflow.artifacts.download_artifacts(f"{model.artifact_location}/MLmodel")).read_text()
+    assert "mlic-package" not in mlmodel and "models/model_summary.txt" in mlmodel, mlmodel
     frame = logged.predict(pd.DataFrame({"image": [base64.b64encode(f).decode() for f in files]}))
     direct = Predictor.from_files(project / "models/model.keras", project / "models/model_meta.json",
                                   project / "reports/calibrate/thresholds.json").predict(files)
@@ -331,6 +346,36 @@ def test_a_state_already_in_the_store_is_not_logged_twice(tracked, monkeypatch, 
     assert json.loads((project / ".mlic/mlflow_run.json").read_text())["run_id"] == run.info.run_id
     assert any("already in the store" in r.getMessage() and run.info.run_id in r.getMessage()
                for r in caplog.records)
+
+
+def test_consecutive_runs_get_different_colours(tracked):
+    _, uri, client, run = tracked
+    assert run.data.tags[tracking.RUN_COLOR_TAG] == tracking.RUN_COLORS[0]      # the experiment's first run
+    experiment_id = client.create_experiment("mlic-colours")
+    colours = []
+    for _ in range(len(tracking.RUN_COLORS) + 1):
+        colour = tracking.next_run_color(client, experiment_id)
+        client.create_run(experiment_id, tags={tracking.RUN_COLOR_TAG: colour})
+        colours.append(colour)
+    assert colours[:-1] == list(tracking.RUN_COLORS) and colours[-1] == tracking.RUN_COLORS[0]
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("as committed @16a7bd8", "as-committed-16a7bd8"),
+    ("calibrate.beta=2.0 (beta2)", "calibrate.beta-2.0-beta2"),
+    ("lr/train.learning_rate=0.001, train.dropout=0.2 +1 more (minus-pyre)",
+     "lr-train.learning_rate-0.001-train.dropout-0.2-1-more-minus-pyre"),
+    ("///", "model"),
+])
+def test_model_names_follow_the_run(name, expected):
+    assert tracking.model_name(name) == expected[:tracking.MAX_MODEL_NAME]
+
+
+@pytest.mark.parametrize("metric, split", [("test/macro_f1", "test"), ("test_calibrated/macro_f1", "test"),
+                                           ("test_probability/ece_after", "test"), ("val/macro_ap", "val"),
+                                           ("train/best_epoch", ""), ("epoch/val_loss", ""), ("testing/x", "")])
+def test_metric_split(metric, split):
+    assert tracking.metric_split(metric) == split
 
 
 def test_failure_half_way_marks_the_run_failed(tracked, monkeypatch):

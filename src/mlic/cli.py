@@ -3,7 +3,7 @@
 PATH: image files, folders (searched recursively for image files) and globs (quoted globs are
 expanded here, `**` included). --model: the pipeline's models folder (default `models`, with
 thresholds from calibrate as model_meta.json says), a packaged MLflow model folder, or an MLflow
-URI (`runs:/<run id>/model`, `models:/<name>@champion`, `models:/<name>/<version>`).
+URI (`runs:/<run id>`: the model that run logged, `models:/<name>@champion`, `models:/<name>/<version>`).
 Writes one row per readable image: filename, labels, prob_<class>... as CSV, or JSON if --out
 ends in .json. Unreadable images are logged with their reason (and listed in
 `<out stem>.errors.csv`); the rest are still predicted. Exit code: 0 all predicted, 1 some inputs

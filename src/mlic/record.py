@@ -126,6 +126,7 @@ class RunRecord:
     datasets: list[DatasetInput]
     started: float | None = None    # Unix seconds: the first stage of this pipeline run
     stages: tuple[str, ...] = ()    # the stages that ran since the previous `track`
+    contrast: str = ""              # the model against the trivial predictor, in words (`contrast_sentence`)
     # the pipeline files it was read from, by artifact name: what `state_fingerprint` hashes
     sources: dict[str, Path] = dataclasses.field(default_factory=dict)
 
@@ -486,7 +487,7 @@ def build_record(
     return RunRecord(name=run_name, tags=tags, params=params, metrics=metrics, curves=curves,
                      artifacts={name: path for path, name in names.items()}, datasets=datasets,
                      started=min((r.started for r in ran), default=None),
-                     stages=tuple(r.stage for r in ran),
+                     stages=tuple(r.stage for r in ran), contrast=contrast,
                      sources={name: path for path, name in names.items() if path.name not in NOT_FINGERPRINTED})
 
 

@@ -174,12 +174,14 @@ def _package_files(keras_path: Path, meta_path: Path, thresholds_path: Path,
     with tempfile.TemporaryDirectory(prefix="mlic-package-") as tmp:
         code = Path(tmp) / "mlic"
         shutil.copytree(Path(mlic.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        summary = Path(tmp) / "model_summary.txt"
+        # MLmodel records each artifact's path as given (`uri:`): the pipeline's own, project-relative
+        # paths say where a file came from; a temp folder's would be a dead path of this machine.
         if summary_path is not None:
-            shutil.copyfile(summary_path, summary)
+            summary = summary_path
         else:
             from mlic.model import load_model, summary_text
 
+            summary = Path(tmp) / "model_summary.txt"
             summary.write_text(summary_text(load_model(keras_path)), encoding="utf-8")
         artifacts = {ARTIFACT_KERAS: str(keras_path), ARTIFACT_META: str(meta_path),
                      ARTIFACT_THRESHOLDS: str(thresholds_path), ARTIFACT_SUMMARY: str(summary)}
@@ -344,9 +346,30 @@ def _pings(url: str) -> bool:
         return False
 
 
+_RUN_URI = re.compile(r"runs:/([0-9a-f]{32})/?")
+
+
+def resolve_model_uri(model_uri: str) -> str:
+    """`runs:/<run id>` (no model name) -> `models:/<id of the model that run logged>`; other URIs
+    as given. Each run names its logged model after itself, so its id is all a user needs."""
+    match = _RUN_URI.fullmatch(model_uri)
+    if match is None:
+        return model_uri
+    experiment = mlflow.MlflowClient().get_run(match.group(1)).info.experiment_id
+    found = mlflow.search_logged_models(experiment_ids=[experiment], output_format="list",
+                                        filter_string=f"source_run_id = '{match.group(1)}'")
+    if len(found) != 1:
+        from mlic.errors import InputError
+
+        raise InputError(f"{model_uri}: that run logged {len(found)} models; give its model URI "
+                         "(models:/<model id>, or models:/<name>@champion)")
+    return f"models:/{found[0].model_id}"
+
+
 def load_predictor(model_uri: str, tracking_uri: str | None = None) -> Any:
-    """The `inference.Predictor` inside a packaged model (`runs:/`, `models:/`, a local folder)."""
+    """The `inference.Predictor` inside a packaged model (`runs:/<run id>`, `runs:/<run id>/<name>`,
+    `models:/...`, a local folder)."""
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    model = mlflow.pyfunc.load_model(model_uri)
+    model = mlflow.pyfunc.load_model(resolve_model_uri(model_uri))
     return model.unwrap_python_model().predictor

@@ -64,7 +64,6 @@ from mlic.store import (  # noqa: F401 - re-exported: tracking is where users lo
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "mlic"
-MODEL_NAME = "model"
 # The experiment's kind as MLflow 3 records it. The 3.17 UI ignores it (measured in Chromium):
 # where a click on an experiment lands is the browser's own "GenAI | Model training" switch
 # (localStorage `mlflow.workflowType_v1`, default GenAI -> the traces overview), overridden by
@@ -291,14 +290,19 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
     from mlflow.tracking.context.registry import resolve_tags
 
     now_ms = int(time.time() * 1000)
-    metrics = [Metric(k, v, now_ms, 0) for k, v in sorted(record.metrics.items())]
+    digests = {d.name: d.fingerprint[:DIGEST_CHARS] for d in record.datasets}
+    # A split's metrics are measured on that split's dataset: logged with it (and, once the model is
+    # logged, with its id), they fill the logged model's "Datasets used" and its metric columns.
+    on_split = {k: v for k, v in record.metrics.items() if metric_split(k) in digests}
+    metrics = [Metric(k, v, now_ms, 0) for k, v in sorted(record.metrics.items())
+               if k not in on_split or package is None]
     metrics += [Metric(k, v, now_ms, step) for k, points in sorted(record.curves.items()) for step, v in points]
     with first_use(tracking_uri):  # opening the client opens (or creates) the store
         client = MlflowClient(tracking_uri)
         experiment_id = ensure_experiment(client, experiment, tracking_uri)
     settle_abandoned_runs(client, experiment_id)
     started = min(int(record.started * 1000) if record.started is not None else now_ms, now_ms)
-    tags = {**record.tags, **owner_tags()}
+    tags = {**record.tags, **owner_tags(), RUN_COLOR_TAG: next_run_color(client, experiment_id)}
     if record.tags.get(sweep.SWEEP_TAG):
         parent = sweep.parent_run(client, experiment_id, record.tags[sweep.SWEEP_TAG], started_ms=started)
         if parent:
@@ -322,7 +326,10 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
                 client.log_artifacts(run_id, staging)
             model_info = decision = None
             if package is not None:
-                model_info, decision = _log_package(client, run_id, package, record.metrics, record.name)
+                model_info, decision = _log_package(client, run_id, package, record)
+                client.log_batch(run_id, metrics=[
+                    Metric(k, v, now_ms, 0, model_id=model_info.model_id, dataset_name=metric_split(k),
+                           dataset_digest=digests[metric_split(k)]) for k, v in sorted(on_split.items())])
     except BaseException as exc:  # also covers start_run itself failing; Ctrl-C or SIGTERM -> KILLED
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -348,12 +355,52 @@ def registered_model_description(champion_metric: str) -> str:
             "headline metrics.")
 
 
-def _log_package(client: Any, run_id: str, package: PackageSpec,
-                 summary: Mapping[str, float], run_name: str = "") -> tuple[Any, Any]:
+def metric_split(name: str) -> str:
+    """The split a summary metric was measured on (`test_calibrated/macro_f1` -> test), else ""."""
+    head = name.split("/", 1)[0]
+    return next((split for split in ("val", "test") if head == split or head.startswith(split + "_")), "")
+
+
+def model_name(run_name: str) -> str:
+    """The logged model's name: the run's, in the characters a model name takes. Each run's model
+    is then told apart in the experiment's Models tab (they were all `model`)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip("-.")[:MAX_MODEL_NAME] or "model"
+
+
+def model_description(record: RunRecord, run_id: str) -> str:
+    """What the logged model is, for its page (tag mlflow.note.content)."""
+    contrast = record.contrast
+    return (f"The packaged mlic model of run {record.name!r}: image files in; each class's probability "
+            "(temperature-scaled) and its 0/1 decision at the thresholds calibrated on validation out. "
+            + (f"{contrast[0].upper()}{contrast[1:]}. " if contrast else "")
+            + f"Use: `mlic predict IMAGES... --model runs:/{run_id}`; datasets: the splits it was scored on.")
+
+
+# Run colours: MLflow picks one by hashing the run id, so consecutive runs can share it (two of
+# three did). Each new run takes the next colour of a categorical palette (Tableau 10) after the
+# latest run's; the UI's own colour picker writes the same tag, so a user's choice still wins.
+RUN_COLOR_TAG = "mlflow.runColor"
+RUN_COLORS = ("#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f", "#edc948", "#b07aa1", "#ff9da7",
+              "#9c755f", "#bab0ac")
+MAX_MODEL_NAME = 64
+
+
+def next_run_color(client: Any, experiment_id: str) -> str:
+    """The palette colour after the latest run's in this experiment (the first if none)."""
+    latest = client.search_runs([experiment_id], order_by=["attributes.start_time DESC"], max_results=1)
+    previous = latest[0].data.tags.get(RUN_COLOR_TAG, "") if latest else ""
+    index = RUN_COLORS.index(previous) + 1 if previous in RUN_COLORS else 0
+    return RUN_COLORS[index % len(RUN_COLORS)]
+
+
+def _log_package(client: Any, run_id: str, package: PackageSpec, record: RunRecord) -> tuple[Any, Any]:
     """Log the packaged pyfunc model into the active run, register it, and hold the champion vote."""
+    summary, run_name = record.metrics, record.name
     # MLflow 3 links the run's metrics, already logged, to the logged model it creates here.
-    info = serving.log_packaged_model(package.keras_model, package.meta, package.thresholds, name=MODEL_NAME,
-                                      registered_model_name=package.registered_model, summary_path=package.summary)
+    info = serving.log_packaged_model(package.keras_model, package.meta, package.thresholds,
+                                      name=model_name(run_name), registered_model_name=package.registered_model,
+                                      summary_path=package.summary,
+                                      tags={"mlflow.note.content": model_description(record, run_id)})
     if not package.registered_model:
         return info, None
     version = str(info.registered_model_version)
