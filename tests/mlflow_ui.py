@@ -229,6 +229,24 @@ def _read_virtual_grids(section: Locator) -> dict[str, tuple[str, ...]]:
     return {name: tuple(values) for name, values in section.evaluate(_READ_GRIDS)}
 
 
+def chart_sections(page: Page, base_url: str, experiment_id: str, timeout: float = 60_000) -> list[str]:
+    """The section titles of the experiment's chart view (the runs page's "Chart" mode), top to
+    bottom, as a fresh browser shows them: the metric prefixes, then "Model metrics" and
+    "System metrics"."""
+    page.goto(f"{base_url}/#/experiments/{experiment_id}/runs?workflowType={MACHINE_LEARNING}&compareRunsMode=CHART")
+    headers = page.get_by_test_id("experiment-view-compare-runs-section-header")
+    headers.first.wait_for(timeout=timeout)
+    return [h.locator("div").first.locator("div").first.inner_text().strip() for h in headers.all()]
+
+
+def runs_table_names(page: Page, base_url: str, experiment_id: str, timeout: float = 60_000) -> list[str]:
+    """The run names the experiment's runs table shows, top to bottom (newest first)."""
+    page.goto(f"{base_url}/#/experiments/{experiment_id}/runs?workflowType={MACHINE_LEARNING}")
+    links = page.get_by_role("grid").locator('a[href*="/runs/"]')
+    links.first.wait_for(timeout=timeout)
+    return [t.strip() for t in links.all_inner_texts() if t.strip()]
+
+
 def screenshot(page: Page, directory: Path, name: str) -> Path:
     """Save what the page shows now as `<directory>/<name>.png`; return the path."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -103,6 +103,10 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
         check_complete_run(runs[-1], env, repo)
         assert runs[-1].data.params["calibrate.beta"] == beta
         assert runs[-1].data.tags["pipeline_stages"] == "calibrate"   # the run spans its own stages only
+        # the run says what changed: its name and a tag (and the start of its description)
+        assert runs[-1].info.run_name == f"calibrate.beta={beta} ({name})"
+        assert runs[-1].data.tags["mlic.changed"] == f"calibrate.beta={beta}"
+        assert runs[-1].data.tags["mlflow.note.content"].startswith("Changed from params.yaml at ")
         assert "train/images_per_second" not in runs[-1].data.metrics
     # The default table shows the headline; --only-changed over these experiments fits 200 columns.
     header = _run(["dvc", "exp", "show", "--no-pager", "--csv"], repo, env).stdout.splitlines()[0].split(",")
@@ -142,20 +146,27 @@ def test_mlflow_ui_opens_runs_and_compares_them(project: tuple[Path, dict[str, s
     metrics it moved. Screenshots: reports/ui/."""
     repo, env = project
     runs = mlflow_runs(env)
-    if not {"beta2", "beta05"} <= {r.info.run_name for r in runs}:
+    if not {"beta2", "beta05"} <= {r.data.tags.get("dvc_exp_name") for r in runs}:
         pytest.skip("pipeline test did not run")
     import mlflow_ui
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-    named = {r.info.run_name: r for r in runs}
+    named = {r.data.tags["dvc_exp_name"]: r for r in runs}
     two, beta = named["beta2"], named["beta05"]
     experiment = beta.info.experiment_id
     with mlflow_ui.mlflow_server(env["MLFLOW_TRACKING_URI"], timeout=120) as url, mlflow_ui.browser() as browser:
-        # The link `track` prints (and the README gives) opens the runs table in a fresh browser.
+        # The link `track` prints (and the README gives) opens the runs table in a fresh browser,
+        # and each row says what changed: no need to open a run to tell them apart.
         with mlflow_ui.ui_page(browser, workflow=None) as page:
-            page.goto(f"{url}/#/experiments/{experiment}/runs?workflowType=machine_learning")
-            page.get_by_role("grid").get_by_text(beta.info.run_name, exact=True).first.wait_for(timeout=60_000)
+            names = mlflow_ui.runs_table_names(page, url, experiment)
             mlflow_ui.screenshot(page, SCREENSHOTS, "experiment-link")
+            assert "calibrate.beta=2.0 (beta2)" in names and "calibrate.beta=0.5 (beta05)" in names, names
+            assert any(n.startswith("as committed @") for n in names), names
+            # The chart view leads with the model's own figures; the trivial predictor has no section.
+            sections = mlflow_ui.chart_sections(page, url, experiment)
+            mlflow_ui.screenshot(page, SCREENSHOTS, "charts")
+            assert sections[0] == "epoch" and not any(s.startswith("baseline") for s in sections), sections
+            assert {"test", "test_calibrated", "val"} <= set(sections), sections
         # A user who chose "Model training" once: a click on the experiment lands on the runs table.
         with mlflow_ui.ui_page(browser) as page:
             landing = mlflow_ui.open_experiment(page, url, "mlic")
