@@ -362,13 +362,16 @@ def test_consecutive_runs_get_different_colours(tracked):
 
 @pytest.mark.parametrize("name, expected", [
     ("as committed @16a7bd8", "as-committed-16a7bd8"),
-    ("calibrate.beta=2.0 (beta2)", "calibrate.beta-2.0-beta2"),
+    ("calibrate.beta=2.0 (beta2)", "calibrate-beta-2-0-beta2"),
     ("lr/train.learning_rate=0.001, train.dropout=0.2 +1 more (minus-pyre)",
-     "lr-train.learning_rate-0.001-train.dropout-0.2-1-more-minus-pyre"),
+     "lr-train-learning_rate-0-001-train-dropout-0-2-1-more-minus-pyre"),
     ("///", "model"),
 ])
 def test_model_names_follow_the_run(name, expected):
+    from mlflow.utils.validation import _validate_logged_model_name
+
     assert tracking.model_name(name) == expected[:tracking.MAX_MODEL_NAME]
+    _validate_logged_model_name(tracking.model_name(name))          # what the store checks on log_model
 
 
 @pytest.mark.parametrize("metric, split", [("test/macro_f1", "test"), ("test_calibrated/macro_f1", "test"),

@@ -362,9 +362,10 @@ def metric_split(name: str) -> str:
 
 
 def model_name(run_name: str) -> str:
-    """The logged model's name: the run's, in the characters a model name takes. Each run's model
-    is then told apart in the experiment's Models tab (they were all `model`)."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "-", run_name).strip("-.")[:MAX_MODEL_NAME] or "model"
+    """The logged model's name: the run's, in the characters a model name takes (MLflow refuses
+    `/ : . % " '`). Each run's model is then told apart in the experiment's Models tab (they were
+    all `model`)."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", run_name).strip("-")[:MAX_MODEL_NAME] or "model"
 
 
 def model_description(record: RunRecord, run_id: str) -> str:
