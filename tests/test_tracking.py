@@ -348,6 +348,12 @@ def test_a_state_already_in_the_store_is_not_logged_twice(tracked, monkeypatch, 
                for r in caplog.records)
 
 
+def test_the_headline_is_logged_first_for_the_compare_views_default_plot(tracked):
+    """MLflow's parallel-coordinates plot takes the first metric in logged order (store order)."""
+    _, _, _, run = tracked
+    assert next(iter(run.data.metrics)) == tracking.LEAD_METRIC == "test_calibrated/macro_f1"
+
+
 def test_consecutive_runs_get_different_colours(tracked):
     _, uri, client, run = tracked
     assert run.data.tags[tracking.RUN_COLOR_TAG] == tracking.RUN_COLORS[0]      # the experiment's first run

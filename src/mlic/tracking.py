@@ -291,12 +291,16 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
 
     now_ms = int(time.time() * 1000)
     digests = {d.name: d.fingerprint[:DIGEST_CHARS] for d in record.datasets}
-    # A split's metrics are measured on that split's dataset: logged with it (and, once the model is
-    # logged, with its id), they fill the logged model's "Datasets used" and its metric columns.
-    on_split = {k: v for k, v in record.metrics.items() if metric_split(k) in digests}
-    metrics = [Metric(k, v, now_ms, 0) for k, v in sorted(record.metrics.items())
-               if k not in on_split or package is None]
-    metrics += [Metric(k, v, now_ms, step) for k, points in sorted(record.curves.items()) for step, v in points]
+
+    def metric_batch(model_id: str | None) -> list[Metric]:
+        """The summary in `metric_order`, then the curves. A split's metrics carry its dataset and
+        the model's id: MLflow copies metrics logged before the model without their dataset, so
+        with a package they are logged after it, filling its "Datasets used"."""
+        batch = [Metric(k, record.metrics[k], now_ms, 0, model_id=model_id,
+                        dataset_name=metric_split(k) if metric_split(k) in digests else None,
+                        dataset_digest=digests.get(metric_split(k))) for k in metric_order(record.metrics)]
+        return batch + [Metric(k, v, now_ms, step) for k, points in sorted(record.curves.items())
+                        for step, v in points]
     with first_use(tracking_uri):  # opening the client opens (or creates) the store
         client = MlflowClient(tracking_uri)
         experiment_id = ensure_experiment(client, experiment, tracking_uri)
@@ -313,7 +317,7 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
         # start_run: log_model needs an active run. Leaving the block marks the run FINISHED,
         # or FAILED if anything inside raised.
         with _sigterm_as_interrupt(), _tracking_uri(tracking_uri), mlflow.start_run(run_id=run_id):
-            client.log_batch(run_id, metrics=metrics,
+            client.log_batch(run_id, metrics=metric_batch(None) if package is None else [],
                              params=[Param(k, v) for k, v in sorted(record.params.items())])
             if record.datasets:
                 client.log_inputs(run_id, datasets=_dataset_inputs(record.datasets))
@@ -327,9 +331,7 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
             model_info = decision = None
             if package is not None:
                 model_info, decision = _log_package(client, run_id, package, record)
-                client.log_batch(run_id, metrics=[
-                    Metric(k, v, now_ms, 0, model_id=model_info.model_id, dataset_name=metric_split(k),
-                           dataset_digest=digests[metric_split(k)]) for k, v in sorted(on_split.items())])
+                client.log_batch(run_id, metrics=metric_batch(model_info.model_id))
     except BaseException as exc:  # also covers start_run itself failing; Ctrl-C or SIGTERM -> KILLED
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -353,6 +355,17 @@ def registered_model_description(champion_metric: str) -> str:
             "`mlflow models serve -m models:/<name>@champion`. The `champion` alias moves to a new version only "
             f"if it beats the champion on `{champion_metric}` (validation); each version's tags hold its "
             "headline metrics.")
+
+
+# The metric logged first: MLflow's compare view plots the params that differ against the first
+# metric every run has, in the order they were logged (it was baseline/test/hamming_loss, the same
+# for every run: a flat line). The calibrated test macro-F1 moves with the model and with calibrate.
+LEAD_METRIC = "test_calibrated/macro_f1"
+
+
+def metric_order(metrics: Mapping[str, float]) -> list[str]:
+    """Summary metric names in the order they are logged: LEAD_METRIC first, then sorted."""
+    return sorted(metrics, key=lambda k: (k != LEAD_METRIC, k))
 
 
 def metric_split(name: str) -> str:
