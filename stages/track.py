@@ -77,20 +77,6 @@ LOGGED_ABOUT = ("The pipeline state whose MLflow run `track` logged (or found al
                 "run `dvc repro --force --single-item track`, to log this state into another store.")
 
 
-def fingerprint_files(args: argparse.Namespace, rec: record.RunRecord) -> dict[str, Path]:
-    """Everything the run is made of, by a name that is the same in every clone: the record's
-    files, the figures' tables, the packaged model's files and the code that packages it."""
-    files = dict(rec.sources)
-    for path in (args.history, args.pr_curves, args.per_class_default, args.per_class_calibrated, args.fbeta_curves,
-                 args.reliability, args.model, args.meta, args.summary, args.thresholds):
-        if path is not None:
-            files[f"input/{Path(os.path.relpath(path)).as_posix()}"] = path
-    for path in sorted(Path(mlic.__file__).parent.glob("*.py")):
-        files[f"code/mlic/{path.name}"] = path
-    files["code/stages/track.py"] = Path(__file__)
-    return files
-
-
 def run(args: argparse.Namespace, params: Params) -> int:
     # MLflow draws a progress bar for every artifact it reads back while logging the model.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -109,7 +95,11 @@ def run(args: argparse.Namespace, params: Params) -> int:
         params_file=args.params, history_csv=args.history, metrics_files=args.metrics,
         artifacts=args.artifacts, manifests_dir=args.manifests_dir, model_meta=args.meta,
         project_root=Path.cwd(), keep=[cfg.champion_metric] if package else [], sweep=cfg.sweep)
-    fingerprint = record.state_fingerprint(fingerprint_files(args, rec))
+    # The project's src/mlic, which DVC tracks (an editable install may import another checkout's).
+    code = Path("src/mlic") if Path("src/mlic/__init__.py").is_file() else Path(mlic.__file__).parent
+    inputs = (args.history, args.pr_curves, args.per_class_default, args.per_class_calibrated, args.fbeta_curves,
+              args.reliability, args.model, args.meta, args.summary, args.thresholds)
+    fingerprint = record.state_fingerprint(rec.params, record.state_files(rec, inputs, code, Path.cwd()))
     rec = dataclasses.replace(rec, tags={**rec.tags, record.FINGERPRINT_TAG: fingerprint})
     info = tracking.logged_run(uri, cfg.experiment, fingerprint)
     if info is not None:

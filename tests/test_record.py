@@ -171,24 +171,51 @@ def test_committed_params_read_from_head(tmp_path, monkeypatch):
 def test_the_contrast_names_both_numbers():
     flat = {"test_calibrated/macro_f1": 0.8904, "baseline/test_calibrated/macro_f1": 0.3731, "test/macro_ap": 0.9,
             "baseline/test/macro_ap": 0.31}
-    assert record.contrast_sentence(flat) == ("calibrated test macro-F1 0.890 (trivial predictor 0.373); "
+    assert record.contrast_sentence(flat) == ("Calibrated test macro-F1 0.890 (trivial predictor 0.373); "
                                               "test mAP 0.900 (trivial predictor 0.310)")
     assert record.contrast_sentence({"test/macro_ap": 0.9}) == ""
 
 
-def test_state_fingerprint_is_content_and_settings_not_paths(tmp_path):
+def test_state_fingerprint_is_values_and_content_not_paths(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     for root in (a, b):
         write_text(root / "m.json", "{}")
         write_text(root / "d" / "x.csv", "1")
-    fp = record.state_fingerprint({"m.json": a / "m.json", "d": a / "d"})
-    assert fp == record.state_fingerprint({"d": b / "d", "m.json": b / "m.json"})
-    assert fp != record.state_fingerprint({"n.json": a / "m.json", "d": a / "d"})
+    params = {"calibrate.beta": "1.0"}
+    fp = record.state_fingerprint(params, {"m.json": a / "m.json", "d": a / "d"})
+    assert fp == record.state_fingerprint(dict(params), {"d": b / "d", "m.json": b / "m.json"})
+    assert fp != record.state_fingerprint({"calibrate.beta": "2.0"}, {"m.json": a / "m.json", "d": a / "d"})
+    assert fp != record.state_fingerprint(params, {"n.json": a / "m.json", "d": a / "d"})
     write_text(b / "d" / "x.csv", "2")
-    assert fp != record.state_fingerprint({"m.json": b / "m.json", "d": b / "d"})
+    assert fp != record.state_fingerprint(params, {"m.json": b / "m.json", "d": b / "d"})
     write_text(b / "d" / "x.csv", "1")
     (b / "d" / "x.csv").rename(b / "d" / "y.csv")                    # a renamed file is another state
-    assert fp != record.state_fingerprint({"m.json": b / "m.json", "d": b / "d"})
+    assert fp != record.state_fingerprint(params, {"m.json": b / "m.json", "d": b / "d"})
+
+
+def _state(root, params_text, model="weights"):
+    """The fingerprint `track` computes for a small project in `root`."""
+    write_text(root / "params.yaml", params_text)
+    write_text(root / "reports" / "e.json", json.dumps({"test": {"macro_f1": 0.5}}))
+    write_text(root / "models" / "model.keras", model)
+    write_text(root / "code" / "mod.py", "x = 1\n")
+    write_text(root / "dvc.lock", f"schema: '2.0'\n# {root}\n")            # logged, never fingerprinted
+    run = build_record(params_file=root / "params.yaml", metrics_files=[("", root / "reports" / "e.json")],
+                       artifacts=[root / "dvc.lock"], project_root=root, env={})
+    files = record.state_files(run, [root / "models" / "model.keras", None], root / "code", root)
+    assert set(files) == {"e.json", "input/models/model.keras", "code/mod.py"}
+    return record.state_fingerprint(run.params, files)
+
+
+def test_the_same_state_in_two_clones_has_one_fingerprint(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    committed = "calibrate:\n  beta: 1.0\ndata:\n  classes: null   # null: from the header\n"
+    # DVC's own rewrite of params.yaml (`dvc exp run -S ...` reformats the whole file): same values
+    rewritten = "calibrate:\n  beta: 1.0\ndata:\n  classes:        # null: from the header\n"
+    here = _state(tmp_path / "one", committed)
+    assert here == _state(tmp_path / "two", committed) == _state(tmp_path / "three", rewritten)
+    assert here != _state(tmp_path / "four", committed.replace("1.0", "2.0"))
+    assert here != _state(tmp_path / "five", committed, model="weightz")       # one byte of the model
 
 
 # --------------------------------------------------------------------------- datasets
@@ -303,7 +330,7 @@ def test_record_from_files(tmp_path, monkeypatch):
     assert run.tags["git_commit"] == "unknown" and run.name == "repro @nogit"
     assert run.tags["mlic.changed"] == "unknown"
     # dvc.lock is logged, not fingerprinted: DVC rewrites it after `track` runs
-    assert set(run.sources) == set(run.artifacts) - {"dvc.lock.yaml"}
+    assert set(run.sources) == set(run.artifacts) - {"dvc.lock.yaml", "params.yaml"}   # params: by value
 
 
 def test_a_run_says_what_changed_and_what_it_beats(tmp_path, monkeypatch):

@@ -348,10 +348,11 @@ def change_label(changes: Sequence[str] | None) -> str:
 
 def contrast_sentence(metrics: Mapping[str, float]) -> str:
     """The model against the trivial predictor (each class at its training prevalence), from the
-    flattened metrics files: `calibrated test macro-F1 0.890 (trivial predictor 0.373)`."""
+    flattened metrics files, as a sentence: `Calibrated test macro-F1 0.890 (trivial predictor 0.373)`."""
     parts = [f"{label} {metrics[name]:.3f} (trivial predictor {metrics['baseline/' + name]:.3f})"
              for name, label in CONTRAST if name in metrics and "baseline/" + name in metrics]
-    return "; ".join(parts)
+    text = "; ".join(parts)
+    return text[:1].upper() + text[1:]
 
 
 def run_context(env: Mapping[str, str], commit: str, label: str = "") -> tuple[str, dict[str, str]]:
@@ -481,20 +482,22 @@ def build_record(
         what = "Params: no committed params.yaml to compare with."
     contrast = contrast_sentence(flat)
     tags["mlflow.note.content"] = one_line(
-        what + (f" {contrast[0].upper()}{contrast[1:]}." if contrast else "")
+        what + (f" {contrast}." if contrast else "")
         + " Logged by the mlic `track` stage from the pipeline's files, which are the source of truth."
         + (f" Reproduce: {' or '.join(how)}." if how else ""), MAX_TAG_VALUE)
     return RunRecord(name=run_name, tags=tags, params=params, metrics=metrics, curves=curves,
                      artifacts={name: path for path, name in names.items()}, datasets=datasets,
                      started=min((r.started for r in ran), default=None),
                      stages=tuple(r.stage for r in ran), contrast=contrast,
-                     sources={name: path for path, name in names.items() if path.name not in NOT_FINGERPRINTED})
+                     sources={name: path for path, name in names.items()
+                              if path.name not in NOT_FINGERPRINTED and path != params_file})
 
 
 # --------------------------------------------------------------------------- the state it mirrors
 FINGERPRINT_TAG = "mlic.fingerprint"
 # Logged, not fingerprinted: DVC rewrites dvc.lock after `track` runs, so while `track` runs the file
 # still holds `track`'s previous entry; every other entry's content is fingerprinted through the files.
+# (The params file is fingerprinted by its values: `state_fingerprint`.)
 NOT_FINGERPRINTED = frozenset({"dvc.lock"})
 
 
@@ -507,16 +510,33 @@ def _hash_path(digest: Any, path: Path) -> None:
         digest.update(hashlib.sha256(f.read_bytes()).digest())
 
 
-def state_fingerprint(files: Mapping[str, Path]) -> str:
-    """sha256 of the pipeline state a run mirrors: the content of each named file or folder (the
-    params file, the outputs a run is read from, the model, the code that packages it).
+def state_fingerprint(params: Mapping[str, str], files: Mapping[str, Path]) -> str:
+    """sha256 of the pipeline state a run mirrors: the params' values (as `flatten_params` gives
+    them: DVC tracks values, so a comment or DVC's own rewrite of params.yaml is no new state) and
+    the content of each named file or folder (the outputs a run is read from, the model, the code
+    that packages it).
 
     Names, not paths, go in, so the same state in another clone or folder has the same fingerprint;
     nothing a run notes about its process (timing, run id, git commit, host) does. Equal
     fingerprints mean equal params, metrics, curves, artifacts, datasets and model.
     """
     digest = hashlib.sha256()
+    for key, value in sorted(params.items()):
+        digest.update(f"param {key}={value}\n".encode())
     for name, path in sorted(files.items()):
         digest.update(f"file {name}\n".encode())
         _hash_path(digest, path)
     return digest.hexdigest()
+
+
+def state_files(record: RunRecord, inputs: Sequence[Path | None], code: Path, root: Path) -> dict[str, Path]:
+    """Everything a run is made of, by a name that is the same in every clone: the files the record
+    was read from, further `inputs` (figure tables, the model's files) by their path under `root`,
+    and the `*.py` files of `code` (the package the model ships)."""
+    files = dict(record.sources)
+    for path in inputs:
+        if path is not None:
+            files[f"input/{_relative(Path(path), root)}"] = Path(path)
+    for path in sorted(Path(code).glob("*.py")):
+        files[f"code/{path.name}"] = path
+    return files

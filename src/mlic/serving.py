@@ -288,6 +288,13 @@ def log_packaged_model(keras_path: str | Path, meta_path: str | Path, thresholds
                              tags=tags, validate_serving_input=False, **_model_kwargs(meta_path))
 
 
+def register_model(model_uri: str, name: str) -> str:
+    """Register the logged model `model_uri` as a new version of `name`; returns the version.
+    MLflow's own lines about it are hidden (`_quiet_mlflow`): the caller says what happened."""
+    with _quiet_mlflow():
+        return str(mlflow.register_model(model_uri, name).version)
+
+
 def request_body(images_base64: Sequence[str]) -> bytes:
     """The JSON a client POSTs to `/invocations`: one row per base64 image file, column `image`."""
     return json.dumps({"dataframe_split": {"columns": [IMAGE_COLUMN],

@@ -18,9 +18,11 @@ How a record maps onto MLflow:
   state     tag `mlic.fingerprint` (`record.state_fingerprint`): `logged_run` finds the FINISHED
             run of a pipeline state, so `track` logs each state once per store.
   model     the packaged pyfunc model (`serving.py`: image files in, labels + probabilities out)
-            under name "model", registered as a new version of `tracking.registered_model` with
-            the headline metrics as version tags; the `champion` alias follows `registry.py`'s
-            rule and the decision is logged (`champion.json`, tags `champion.*`).
+            named after the run (`model_name`); then the summary metrics, headline first (the
+            compare view plots the first-logged), split ones with their dataset and all with the
+            model's id; then registered as a new version of `tracking.registered_model` with the
+            headline metrics as version tags; the `champion` alias follows `registry.py`'s rule
+            and the decision is logged (`champion.json`, tags `champion.*`).
   experiment created with its artifact folder beside a SQLite store and tagged so the UI opens
             it on its runs table (see `ensure_experiment`).
   sweep     a run of a sweep (`tracking.sweep`) is a child of the sweep's one parent run, which
@@ -39,7 +41,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -330,8 +332,8 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
                 client.log_artifacts(run_id, staging)
             model_info = decision = None
             if package is not None:
-                model_info, decision = _log_package(client, run_id, package, record)
-                client.log_batch(run_id, metrics=metric_batch(model_info.model_id))
+                model_info, decision = _log_package(
+                    client, run_id, package, record, lambda model_id: client.log_batch(run_id, metric_batch(model_id)))
     except BaseException as exc:  # also covers start_run itself failing; Ctrl-C or SIGTERM -> KILLED
         with contextlib.suppress(Exception):
             client.set_terminated(run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -347,11 +349,14 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
                    champion=None if decision is None else decision.as_dict())
 
 
+WHAT_THE_MODEL_DOES = ("image files in; each class's probability (temperature-scaled) and its 0/1 decision at "
+                       "the thresholds calibrated on validation out.")
+
+
 def registered_model_description(champion_metric: str) -> str:
     """What the registered model is, for its page in the registry (set once, never over a user's)."""
-    return ("mlic's multi-label image classifier. Each version is one pipeline run's packaged model: image "
-            "files in, each class's probability (temperature-scaled) and its 0/1 decision at the thresholds "
-            "calibrated on validation out. Use: `mlic predict IMAGES... --model models:/<name>@champion`, or "
+    return ("mlic's multi-label image classifier. Each version is one pipeline run's packaged model: "
+            f"{WHAT_THE_MODEL_DOES} Use: `mlic predict IMAGES... --model models:/<name>@champion`, or "
             "`mlflow models serve -m models:/<name>@champion`. The `champion` alias moves to a new version only "
             f"if it beats the champion on `{champion_metric}` (validation); each version's tags hold its "
             "headline metrics.")
@@ -378,15 +383,13 @@ def model_name(run_name: str) -> str:
     """The logged model's name: the run's, in the characters a model name takes (MLflow refuses
     `/ : . % " '`). Each run's model is then told apart in the experiment's Models tab (they were
     all `model`)."""
-    return re.sub(r"[^A-Za-z0-9_-]+", "-", run_name).strip("-")[:MAX_MODEL_NAME] or "model"
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", run_name)[:MAX_MODEL_NAME].strip("-") or "model"
 
 
 def model_description(record: RunRecord, run_id: str) -> str:
     """What the logged model is, for its page (tag mlflow.note.content)."""
-    contrast = record.contrast
-    return (f"The packaged mlic model of run {record.name!r}: image files in; each class's probability "
-            "(temperature-scaled) and its 0/1 decision at the thresholds calibrated on validation out. "
-            + (f"{contrast[0].upper()}{contrast[1:]}. " if contrast else "")
+    return (f"The packaged mlic model of run {record.name!r}: {WHAT_THE_MODEL_DOES} "
+            + (f"{record.contrast}. " if record.contrast else "")
             + f"Use: `mlic predict IMAGES... --model runs:/{run_id}`; datasets: the splits it was scored on.")
 
 
@@ -407,17 +410,19 @@ def next_run_color(client: Any, experiment_id: str) -> str:
     return RUN_COLORS[index % len(RUN_COLORS)]
 
 
-def _log_package(client: Any, run_id: str, package: PackageSpec, record: RunRecord) -> tuple[Any, Any]:
-    """Log the packaged pyfunc model into the active run, register it, and hold the champion vote."""
+def _log_package(client: Any, run_id: str, package: PackageSpec, record: RunRecord,
+                 log_metrics: Callable[[str], None]) -> tuple[Any, Any]:
+    """Log the packaged pyfunc model into the active run, then its metrics (`log_metrics(model
+    id)`), then register it and hold the champion vote. Registered last, so no other `track` (a
+    parallel queue worker) can meet this version as champion before its metrics are in the run."""
     summary, run_name = record.metrics, record.name
-    # MLflow 3 links the run's metrics, already logged, to the logged model it creates here.
     info = serving.log_packaged_model(package.keras_model, package.meta, package.thresholds,
-                                      name=model_name(run_name), registered_model_name=package.registered_model,
-                                      summary_path=package.summary,
+                                      name=model_name(run_name), summary_path=package.summary,
                                       tags={"mlflow.note.content": model_description(record, run_id)})
+    log_metrics(info.model_id)
     if not package.registered_model:
         return info, None
-    version = str(info.registered_model_version)
+    version = serving.register_model(info.model_uri, package.registered_model)
     # The few numbers a user decides on, as version tags: the registry's list shows them.
     headline = registry.headline(summary, package.champion_metric)
     registry.tag_version(client, package.registered_model, version, headline, {"run_id": run_id})
