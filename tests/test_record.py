@@ -14,6 +14,13 @@ from mlic import journal, metrics, record
 from mlic.record import build_record
 
 
+def _commit_all(repo):
+    """A git repo in `repo` with everything in it committed."""
+    git(repo, "init", "-q")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "a")
+
+
 # --------------------------------------------------------------------------- naming rules
 @pytest.mark.parametrize(
     "value, text",
@@ -104,9 +111,7 @@ def test_git_info_outside_a_repo_is_unknown(monkeypatch, tmp_path):
 def test_untracked_file_makes_the_tree_dirty(monkeypatch, tmp_path):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     write_text(tmp_path / "a.txt", "a")
-    git(tmp_path, "init", "-q")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-q", "-m", "a")
+    _commit_all(tmp_path)
     assert record.git_info(tmp_path).dirty == "false"
     write_text(tmp_path / "new.txt", "b")
     assert record.git_info(tmp_path) == record.GitInfo(git(tmp_path, "rev-parse", "HEAD"), "true", ("new.txt",))
@@ -157,9 +162,7 @@ def test_committed_params_read_from_head(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     write_text(tmp_path / "params.yaml", "train:\n  epochs: 80\n  learning_rate: 0.00001\n")
     assert record.committed_params(tmp_path / "params.yaml", tmp_path) is None      # no git yet
-    git(tmp_path, "init", "-q")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-q", "-m", "a")
+    _commit_all(tmp_path)
     # `dvc exp run -S` writes floats as Python's repr: 1e-05 must not count as a change
     write_text(tmp_path / "params.yaml", "train:\n  epochs: 2\n  learning_rate: 1e-05\n")
     committed = record.committed_params(tmp_path / "params.yaml", tmp_path)
@@ -336,9 +339,7 @@ def test_record_from_files(tmp_path, monkeypatch):
 def test_a_run_says_what_changed_and_what_it_beats(tmp_path, monkeypatch):
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
     write_text(tmp_path / "params.yaml", "calibrate:\n  beta: 1.0\ntracking:\n  sweep: null\n")
-    git(tmp_path, "init", "-q")
-    git(tmp_path, "add", "-A")
-    git(tmp_path, "commit", "-q", "-m", "a")
+    _commit_all(tmp_path)
     head = git(tmp_path, "rev-parse", "HEAD")
     report = {"test_calibrated": {"macro_f1": 0.89}, "baseline": {"test_calibrated": {"macro_f1": 0.37}}}
     write_text(tmp_path / "c.json", json.dumps(report))

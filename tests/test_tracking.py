@@ -348,6 +348,15 @@ def test_a_state_already_in_the_store_is_not_logged_twice(tracked, monkeypatch, 
                for r in caplog.records)
 
 
+@pytest.mark.parametrize("uri, first", [("sqlite:////x/mlflow.db", "  open the UI: mlflow ui --backend-store-uri"),
+                                        ("http://user:pw@mlflow.internal:5000/", "  runs table:  http://")])
+def test_the_links_are_one_a_line_and_carry_no_password(uri, first):
+    info = tracking.RunInfo("r" * 32, "7", "mlic", "n", uri, "c")
+    lines = tracking.ui_hint(info)
+    assert lines[0].startswith(first) and all("\n" not in line and "pw" not in line for line in lines)
+    assert lines[-1].endswith("#/experiments/7/runs/" + "r" * 32 + "?workflowType=machine_learning")
+
+
 def test_the_headline_is_logged_first_for_the_compare_views_default_plot(tracked):
     """MLflow's parallel-coordinates plot takes the first metric in logged order (store order)."""
     _, _, _, run = tracked
