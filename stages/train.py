@@ -18,6 +18,7 @@ import argparse
 import dataclasses
 import functools
 import logging
+import os
 from pathlib import Path
 
 from mlic.console import quiet_tensorflow
@@ -99,7 +100,10 @@ def run(args: argparse.Namespace, params: Params) -> int:
     if saved is not None:
         saved.clear()
     # What ran, not what was asked for: MLflow tags train.jit_compile etc. (params hold the requests).
-    journal.note(fit_seconds=round(result.seconds, 1),
+    used = os.times()  # what `time` reports for this stage: user + sys, its worker processes included
+    journal.note(cpu_seconds=round(used.user + used.system + used.children_user + used.children_system, 1),
+                 epoch_cpu_seconds=",".join(f"{t:.1f}" for t in result.epoch_cpu_seconds),
+                 fit_seconds=round(result.seconds, 1),
                  images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1),
                  jit_compile=_on(result.jit_compile), mixed_precision=_on(devices.mixed_precision),
                  deterministic_ops=_on(devices.deterministic_ops), devices=_devices_text(devices))

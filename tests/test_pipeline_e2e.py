@@ -75,6 +75,8 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert runs[0].info.start_time <= stages["train"].started * 1000 + 1
     assert runs[0].info.end_time >= stages["train"].ended * 1000
     assert runs[0].data.metrics["train/images_per_second"] > 0
+    assert runs[0].data.metrics["train/cpu_seconds"] > 0          # user + sys of the train stage
+    assert len(runs[0].data.tags["train.epoch_cpu_seconds"].split(",")) == runs[0].data.metrics["train/epochs_run"]
 
     # A reproduction is a no-op to git: nothing tracked changes (no timing, no path, no run id).
     _run(["git", "add", "-A"], repo, env)

@@ -104,6 +104,9 @@ def test_history_best_epoch_and_checkpoint(tfr, tmp_path: Path, schedule: str, m
     assert result.best_epoch == best
     assert result.best_value == pytest.approx(values[best], abs=0)
     assert result.images_seen == len(SPLITS["train"]) * epochs and result.seconds > 0
+    # the CPU clock at each epoch's end (bench/quality.py's cost axis): one per epoch, never falling
+    assert len(result.epoch_cpu_seconds) == epochs and np.all(np.diff(result.epoch_cpu_seconds) >= 0)
+    assert "cpu" not in " ".join(h.columns)                 # the history stays reproducible
 
     # The checkpoint is a loadable .keras model holding the best epoch's weights.
     path = tmp_path / "best.keras"

@@ -59,6 +59,9 @@ class TrainResult:
     seconds: float
     images_seen: int
     jit_compile: bool = False       # XLA as it really ran (Keras may refuse a request), last phase
+    # this process's CPU seconds (all threads) at the end of each epoch it ran: the cost axis of
+    # bench/quality.py's time-to-quality plot (not in the history, which must reproduce bit for bit)
+    epoch_cpu_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
 def _compile(model: keras.Model, lr: Any, loss: keras.losses.Loss, n_classes: int, jit: bool) -> None:
@@ -72,10 +75,12 @@ class EpochRecorder(keras.callbacks.Callback):
 
     def __init__(self, phase: str, rows: list[dict[str, Any]], stopped: list[str], checkpoint: Path,
                  best: keras.callbacks.ModelCheckpoint, early: keras.callbacks.EarlyStopping | None,
-                 resume: Resume | None, early_state: dict[str, Any] | None = None):
+                 resume: Resume | None, early_state: dict[str, Any] | None = None,
+                 cpu: list[float] | None = None):
         super().__init__()
         self.phase, self.rows, self.stopped, self.checkpoint = phase, rows, stopped, checkpoint
         self.best, self.early, self.resume, self.early_state = best, early, resume, early_state
+        self.cpu = cpu if cpu is not None else []
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         # EarlyStopping resets its counters when a fit starts; a resumed phase puts them back.
@@ -86,6 +91,7 @@ class EpochRecorder(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         # Plain floats, so a row saved for resuming and read back is the very same row.
         self.rows.append({"epoch": epoch, **{k: float(v) for k, v in (logs or {}).items()}, "phase": self.phase})
+        self.cpu.append(time.process_time())
         if self.model.stop_training:
             self.stopped.append(self.phase)
         if self.resume is not None:
@@ -133,6 +139,7 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     state = resume.load() if resume is not None else None
     rows: list[dict[str, Any]] = []
     stopped: list[str] = []
+    cpu: list[float] = []
     if state is not None:  # model variables, best checkpoint; the optimizer comes with its phase
         try:
             restore_model(model, state, best, checkpoint)
@@ -173,7 +180,8 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
                                                   patience=cfg.early_stopping_patience)
         if done < epochs and phase not in stopped:
             phase_callbacks = [LearningRateLogger(), best, *([early] if early else []), *callbacks,
-                               EpochRecorder(phase, rows, stopped, checkpoint, best, early, resume, early_state)]
+                               EpochRecorder(phase, rows, stopped, checkpoint, best, early, resume, early_state,
+                                             cpu)]
             log.info("phase %s: %d epochs at learning rate %g (%s), XLA %s", phase, epochs, lr0, cfg.lr_schedule,
                      "on" if xla else "off")
             model.fit(train_epochs(epochs=range(epoch0 + done, epoch0 + epochs)), steps_per_epoch=steps,
@@ -190,7 +198,7 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     values = history[cfg.monitor].to_numpy()
     idx = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
     return TrainResult(history=history, best_epoch=int(history["epoch"][idx]), best_value=float(values[idx]),
-                       seconds=seconds, images_seen=n_train * ran, jit_compile=xla)
+                       seconds=seconds, images_seen=n_train * ran, jit_compile=xla, epoch_cpu_seconds=cpu)
 
 
 def restore_model(model: keras.Model, state: State, best: keras.callbacks.ModelCheckpoint, checkpoint: Path) -> None:
