@@ -1,6 +1,7 @@
-"""Stage `sample`: draw the built-in synthetic multi-label image set.
+"""Stage `sample`: draw a built-in synthetic multi-label image set.
 
-Reads:  params.yaml sections `common` (seed) and `sample` (n_images, min_size, max_size).
+Reads:  params.yaml sections `common` (seed) and `sample` (kind, n_images, min_size, max_size);
+        kind shapes is the easy sample (`mlic.sample`), hard the benchmark (`mlic.sample_hard`).
 Writes: <out>/images/img_00000.jpg ... and <out>/labels.csv (`filename` + one 0/1 column per
         class), replacing <out> as a whole only when everything is written.
 
@@ -16,13 +17,16 @@ import logging
 import time
 from pathlib import Path
 
-from mlic.stage import Params, Stage
 from mlic.sample import generate_sample
+from mlic.sample_hard import generate_hard
+from mlic.stage import Params, Stage
 
 log = logging.getLogger("stages.sample")
 
 
 SECTIONS = ("common", "sample")
+# sample.kind -> generator (params.Sample.kind lists the same names: a test keeps them equal)
+GENERATORS = {"shapes": generate_sample, "hard": generate_hard}
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -34,13 +38,14 @@ def run(args: argparse.Namespace, params: Params) -> int:
     """Generate the sample set; return 0 on success."""
     common, sample = params.common, params.sample
     start = time.perf_counter()
-    labels = generate_sample(
+    labels = GENERATORS[sample.kind](
         args.out, sample.n_images, common.seed, sample.min_size, sample.max_size, workers=args.workers
     )
 
     prevalence = labels.drop(columns="filename").mean()
     log.info(
-        "%d images, %d classes, prevalence %.1f%% (%s) to %.1f%% (%s), %.1f labels/image, %.1f s -> %s",
+        "%s: %d images, %d classes, prevalence %.1f%% (%s) to %.1f%% (%s), %.1f labels/image, %.1f s -> %s",
+        sample.kind,
         len(labels),
         len(prevalence),
         100 * prevalence.min(),

@@ -71,6 +71,7 @@ class Data:
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
+    kind: Literal["shapes", "hard"] = "shapes"  # == stages/sample.py GENERATORS (a contract test keeps them equal)
     n_images: int = _in(2000, 10)
     min_size: int = _in(112, 8)
     max_size: int = _in(176, 8)

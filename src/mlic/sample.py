@@ -20,6 +20,7 @@ import math
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -96,24 +97,31 @@ _GOLDEN = 0.6180339887498949
 _EXIF_ORIENTATION = 0x0112
 
 
-def draw_labels(rng: np.random.Generator) -> np.ndarray:
-    """Draw one image's labels: a 0/1 uint8 vector in `CLASSES` order.
+def draw_labels(
+    rng: np.random.Generator,
+    classes: tuple[str, ...] = CLASSES,
+    base_rates: np.ndarray = _BASE,
+    cooccurrence: tuple[tuple[str, str, float], ...] = COOCCURRENCE,
+    empty_rate: float = EMPTY_RATE,
+    max_labels: int = MAX_LABELS,
+) -> np.ndarray:
+    """Draw one image's labels: a 0/1 uint8 vector in `classes` order (this module's by default).
 
-    Procedure: with probability `EMPTY_RATE` no labels; otherwise each class independently with
-    its `BASE_RATES` chance, then each `COOCCURRENCE` rule in order, then drop randomly chosen
-    labels beyond `MAX_LABELS`. Always consumes the same number of draws before the cap.
+    Procedure: with probability `empty_rate` no labels; otherwise each class independently with
+    its `base_rates` chance, then each `cooccurrence` rule in order, then drop randomly chosen
+    labels beyond `max_labels`. Always consumes the same number of draws before the cap.
     """
-    empty = rng.random() < EMPTY_RATE
-    labels = rng.random(len(CLASSES)) < _BASE
-    for given, then, prob in COOCCURRENCE:
-        if rng.random() < prob and labels[CLASSES.index(given)]:
-            labels[CLASSES.index(then)] = True
+    empty = rng.random() < empty_rate
+    labels = rng.random(len(classes)) < base_rates
+    for given, then, prob in cooccurrence:
+        if rng.random() < prob and labels[classes.index(given)]:
+            labels[classes.index(then)] = True
     if empty:
         labels[:] = False
     present = np.flatnonzero(labels)
-    if len(present) > MAX_LABELS:
+    if len(present) > max_labels:
         labels[:] = False
-        labels[rng.choice(present, size=MAX_LABELS, replace=False)] = True
+        labels[rng.choice(present, size=max_labels, replace=False)] = True
     return labels.astype(np.uint8)
 
 
@@ -169,7 +177,7 @@ SHAPES: dict[str, list[tuple[np.ndarray, int]]] = {
 }
 
 
-def _random_colour(
+def random_colour(
     rng: np.random.Generator, sat: tuple[float, float], val: tuple[float, float]
 ) -> np.ndarray:
     """An RGB colour (float, 0-255) with uniform hue and saturation/value in the given ranges."""
@@ -177,14 +185,14 @@ def _random_colour(
     return np.array(rgb) * 255
 
 
-def _background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
+def background(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     """A solid, linear-gradient or smooth-noise background, with optional lines and blobs."""
     kind = rng.choice(["solid", "gradient", "noise"])
-    base = _random_colour(rng, (0.0, 0.8), (0.1, 1.0))
+    base = random_colour(rng, (0.0, 0.8), (0.1, 1.0))
     if kind == "solid":
         arr = np.broadcast_to(base, (height, width, 3))
     elif kind == "gradient":
-        other = _random_colour(rng, (0.0, 0.8), (0.1, 1.0))
+        other = random_colour(rng, (0.0, 0.8), (0.1, 1.0))
         angle = rng.uniform(0, 2 * np.pi)
         yy, xx = np.mgrid[0:height, 0:width]
         t = xx * np.cos(angle) + yy * np.sin(angle)
@@ -207,14 +215,14 @@ def _background(rng: np.random.Generator, width: int, height: int) -> Image.Imag
                 [cx - r, cy - r * rng.uniform(0.5, 1.5), cx + r, cy + r], fill=int(rng.integers(100, 200))
             )
             mask = mask.filter(ImageFilter.GaussianBlur(r * rng.uniform(0.4, 0.7)))
-            colour = tuple(int(c) for c in _random_colour(rng, (0.0, 1.0), (0.0, 1.0)))
+            colour = tuple(int(c) for c in random_colour(rng, (0.0, 1.0), (0.0, 1.0)))
             img.paste(colour, (0, 0), mask)
     if rng.random() < 0.35:
-        _draw_lines(img, rng)
+        draw_lines(img, rng)
     return img
 
 
-def _draw_lines(img: Image.Image, rng: np.random.Generator) -> None:
+def draw_lines(img: Image.Image, rng: np.random.Generator) -> None:
     """Draw 1-6 thin straight lines right across `img` (clutter that is no class)."""
     width, height = img.size
     draw = ImageDraw.Draw(img)
@@ -226,30 +234,42 @@ def _draw_lines(img: Image.Image, rng: np.random.Generator) -> None:
             u = rng.random()
             points = [(u * width, 0), (width - 1, u * height), (u * width, height - 1), (0, u * height)]
             ends.append(points[side])
-        colour = tuple(int(c) for c in _random_colour(rng, (0.0, 1.0), (0.0, 1.0)))
+        colour = tuple(int(c) for c in random_colour(rng, (0.0, 1.0), (0.0, 1.0)))
         draw.line(ends, fill=colour, width=int(rng.integers(1, 3)))
 
 
-def _shape_mask(
-    name: str, radius: float, angle: float, aspect: float, offset: tuple[float, float]
+# A shape drawn as strokes: (polyline in unit coordinates, line width as a fraction of the radius).
+Stroke = tuple[np.ndarray, float]
+
+
+def shape_mask(
+    parts: list[tuple[np.ndarray, int]], radius: float, angle: float, aspect: float,
+    offset: tuple[float, float], strokes: list[Stroke] = (),
 ) -> Image.Image:
-    """An anti-aliased L mask of shape `name`, centred at `offset` inside a square box."""
+    """An anti-aliased L mask of a shape (`SHAPES`-style polygon `parts`, then `strokes` with
+    round joints and ends), centred at `offset` inside a square box of side 2.4 radius + 4."""
     side = int(math.ceil(2 * radius * 1.2)) + 4
     big = Image.new("L", (side * SUPERSAMPLE, side * SUPERSAMPLE), 0)
     draw = ImageDraw.Draw(big)
     rot = np.array([[math.cos(angle), -math.sin(angle)], [math.sin(angle), math.cos(angle)]])
-    for poly, fill in SHAPES[name]:
+    for poly, fill in parts:
         pts = poly * [aspect, 1 / aspect] * radius @ rot.T + offset
         draw.polygon([tuple(p) for p in pts * SUPERSAMPLE], fill=fill)
+    for line, width in strokes:
+        pts = (line * [aspect, 1 / aspect] * radius @ rot.T + offset) * SUPERSAMPLE
+        w = width * radius * SUPERSAMPLE
+        draw.line([tuple(p) for p in pts], fill=255, width=max(1, round(w)), joint="curve")
+        for x, y in (pts[0], pts[-1]):  # round caps: PIL ends wide lines square
+            draw.ellipse([x - w / 2, y - w / 2, x + w / 2, y + w / 2], fill=255)
     return big.reduce(SUPERSAMPLE)
 
 
-def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[int, int, int]:
+def contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[int, int, int]:
     """A random colour that stands out from the mean colour `under` it, in RGB and in luminance."""
     luma = np.array([0.299, 0.587, 0.114])
     best, best_score = None, -1.0
     for _ in range(20):
-        colour = _random_colour(rng, (0.0, 1.0), (0.05, 1.0))
+        colour = random_colour(rng, (0.0, 1.0), (0.05, 1.0))
         dist = float(np.linalg.norm(colour - under))
         dluma = abs(float((colour - under) @ luma))
         score = min(dist / 110, dluma / 50)
@@ -261,7 +281,7 @@ def _contrasting_colour(rng: np.random.Generator, under: np.ndarray) -> tuple[in
     return tuple(int(round(c)) for c in best)
 
 
-def _place(rng: np.random.Generator, radius: float, min_radius: float, width: int, height: int,
+def place(rng: np.random.Generator, radius: float, min_radius: float, width: int, height: int,
            placed: list[tuple[float, float, float]]) -> tuple[float, float, float]:
     """Choose a centre for a shape inside the image that keeps overlap partial; may shrink it."""
     best = None
@@ -290,7 +310,7 @@ def render_image(labels: np.ndarray, rng: np.random.Generator, width: int, heigh
     rotation and a mild aspect change, optionally outlined, over a random background; then mild
     blur and Gaussian noise. Only `rng` is used, so the same generator state gives the same image.
     """
-    img = _background(rng, width, height)
+    img = background(rng, width, height)
     short = min(width, height)
     objects = [CLASSES[k] for k in np.flatnonzero(labels)]
     repeats = [name for name in objects if rng.random() < REPEAT_RATE]
@@ -299,24 +319,24 @@ def render_image(labels: np.ndarray, rng: np.random.Generator, width: int, heigh
     placed: list[tuple[float, float, float]] = []
     for name in objects:
         radius = rng.uniform(*OBJECT_SIZE) * short / 2
-        cx, cy, radius = _place(rng, radius, OBJECT_SIZE[0] * short / 2, width, height, placed)
+        cx, cy, radius = place(rng, radius, OBJECT_SIZE[0] * short / 2, width, height, placed)
         placed.append((cx, cy, radius))
         angle = rng.uniform(0, 2 * np.pi)
         aspect = rng.uniform(0.92, 1.08)  # width:height up to ~1.17, so circles stay round-ish
         side = int(math.ceil(2 * radius * 1.2)) + 4
         x0, y0 = int(math.floor(cx - side / 2)), int(math.floor(cy - side / 2))
-        mask = _shape_mask(name, radius, angle, aspect, (cx - x0, cy - y0))
+        mask = shape_mask(SHAPES[name], radius, angle, aspect, (cx - x0, cy - y0))
         # Choose a colour against what is under the shape now (background and earlier shapes).
         region = np.asarray(img.crop((x0, y0, x0 + side, y0 + side)), dtype=np.float64)
         inside = np.asarray(mask) > 127
         under = region[inside].mean(axis=0) if inside.any() else region.reshape(-1, 3).mean(axis=0)
-        fill = _contrasting_colour(rng, under)
+        fill = contrasting_colour(rng, under)
         if rng.random() < 0.3:  # a darker or lighter rim, as in drawings and icons
             rim = tuple(int(c * 0.4) if sum(fill) > 300 else int(c + (255 - c) * 0.6) for c in fill)
             img.paste(rim, (x0, y0), mask.filter(ImageFilter.MaxFilter(int(rng.choice([3, 5])))))
         img.paste(fill, (x0, y0), mask)
     if rng.random() < 0.15:  # lines over the objects too: occluding clutter
-        _draw_lines(img, rng)
+        draw_lines(img, rng)
     if rng.random() < 0.4:
         img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.9)))
     arr = np.asarray(img, dtype=np.float32)
@@ -324,14 +344,59 @@ def render_image(labels: np.ndarray, rng: np.random.Generator, width: int, heigh
     return Image.fromarray(np.clip(np.rint(arr), 0, 255).astype(np.uint8))
 
 
-def _file_format(u: float) -> str:
-    """Map u in [0, 1) to a `FORMAT_MIX` key, or "rgb_jpeg" for the remainder."""
+def file_format(index: int, offset: float, mix: dict[str, float] = FORMAT_MIX) -> str:
+    """Image `index`'s format: a `mix` key (`FORMAT_MIX` by default), or "rgb_jpeg" for the remainder.
+
+    The golden-ratio point `(offset + index * 0.618...) mod 1` walks through the shares in turn.
+    """
+    u = (offset + index * _GOLDEN) % 1.0
     edge = 0.0
-    for name, share in FORMAT_MIX.items():
+    for name, share in mix.items():
         edge += share
         if u < edge:
             return name
     return "rgb_jpeg"
+
+
+def format_offset(seed: int) -> float:
+    """Where the golden-ratio format sequence starts for `seed`."""
+    return float(np.random.default_rng(seed).random())
+
+
+def save_image(img: Image.Image, images_dir: Path, stem: str, fmt: str, seed: int, index: int,
+               jpeg_quality: tuple[int, int] = JPEG_QUALITY) -> str:
+    """Save RGB `img` as `images_dir/<stem>.<ext>` in format `fmt`; return the filename.
+
+    `fmt` is "<mode>_<container>": rgb, gray (L), rgba, palette (P, 256-colour adaptive), cmyk or
+    exif (rotated pixels + Orientation tag) with jpeg or png. Quality and orientation come from
+    the image's own stream `default_rng([seed, index, 1])`, drawn in the same order for every format.
+    """
+    rng = np.random.default_rng([seed, index, 1])  # file details: a stream of their own
+    quality = int(rng.integers(jpeg_quality[0], jpeg_quality[1] + 1))
+    orientation = int(rng.choice([6, 8]))
+    if fmt.endswith("_png"):
+        filename = f"{stem}.png"
+        convert = {"rgba_png": lambda im: im.convert("RGBA"), "gray_png": lambda im: im.convert("L"),
+                   "palette_png": lambda im: im.quantize(colors=256), "rgb_png": lambda im: im}[fmt]
+        convert(img).save(images_dir / filename, format="PNG")
+        return filename
+    filename = f"{stem}.jpg"
+    kwargs: dict[str, object] = {"format": "JPEG", "quality": quality}
+    if fmt == "gray_jpeg":
+        img = img.convert("L")
+    elif fmt == "cmyk_jpeg":
+        img = img.convert("CMYK")
+    elif fmt == "exif_jpeg":
+        # Store the pixels turned so that the viewer's rotation (tag 6: 90 deg clockwise,
+        # tag 8: 90 deg counter-clockwise) restores the upright picture, as cameras do.
+        img = img.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
+        exif = Image.Exif()
+        exif[_EXIF_ORIENTATION] = orientation
+        kwargs["exif"] = exif.tobytes()
+    elif fmt != "rgb_jpeg":
+        raise ValueError(f"unknown image format {fmt!r}")
+    img.save(images_dir / filename, **kwargs)
+    return filename
 
 
 def make_example(seed: int, index: int, min_size: int, max_size: int) -> tuple[np.ndarray, Image.Image]:
@@ -346,31 +411,8 @@ def _make_one(index: int, *, seed: int, min_size: int, max_size: int, images_dir
               format_offset: float, name_width: int) -> tuple[str, np.ndarray]:
     """Draw, render and save image `index`; return its filename and labels."""
     labels, img = make_example(seed, index, min_size, max_size)
-    rng = np.random.default_rng([seed, index, 1])  # file details: a stream of their own
-    quality = int(rng.integers(JPEG_QUALITY[0], JPEG_QUALITY[1] + 1))
-    orientation = int(rng.choice([6, 8]))
-    fmt = _file_format((format_offset + index * _GOLDEN) % 1.0)
-    stem = f"img_{index:0{name_width}d}"
-    if fmt.endswith("_png"):
-        filename = f"{stem}.png"
-        out = img.convert("RGBA") if fmt == "rgba_png" else img.quantize(colors=256)
-        out.save(images_dir / filename, format="PNG")
-        return filename, labels
-    filename = f"{stem}.jpg"
-    kwargs: dict[str, object] = {"format": "JPEG", "quality": quality}
-    if fmt == "gray_jpeg":
-        img = img.convert("L")
-    elif fmt == "cmyk_jpeg":
-        img = img.convert("CMYK")
-    elif fmt == "exif_jpeg":
-        # Store the pixels turned so that the viewer's rotation (tag 6: 90 deg clockwise,
-        # tag 8: 90 deg counter-clockwise) restores the upright picture, as cameras do.
-        img = img.transpose(Image.Transpose.ROTATE_90 if orientation == 6 else Image.Transpose.ROTATE_270)
-        exif = Image.Exif()
-        exif[_EXIF_ORIENTATION] = orientation
-        kwargs["exif"] = exif.tobytes()
-    img.save(images_dir / filename, **kwargs)
-    return filename, labels
+    fmt = file_format(index, format_offset)
+    return save_image(img, images_dir, f"img_{index:0{name_width}d}", fmt, seed, index), labels
 
 
 def generate_sample(out_dir: Path, n_images: int, seed: int, min_size: int, max_size: int,
@@ -380,6 +422,19 @@ def generate_sample(out_dir: Path, n_images: int, seed: int, min_size: int, max_
     `out_dir` is replaced as a whole only when everything is written. Each side of each image
     is uniform in [min_size, max_size]. `workers` processes share the work (None or 0: all
     cores); the output is byte-identical for any number. Returns the labels table written.
+    """
+    return write_image_set(out_dir, n_images, seed, min_size, max_size, workers, _make_one, CLASSES)
+
+
+def write_image_set(out_dir: Path, n_images: int, seed: int, min_size: int, max_size: int,
+                    workers: int | None, make_one: Callable[..., tuple[str, np.ndarray]],
+                    classes: tuple[str, ...]) -> pd.DataFrame:
+    """Write images `0 .. n_images - 1` with `make_one` and their `labels.csv`, atomically.
+
+    `make_one(index, *, seed, min_size, max_size, images_dir, format_offset, name_width)` is a
+    module-level function (worker processes import it) that saves image `index` and returns its
+    filename and labels in `classes` order. The shared rules of every sample kind live here:
+    argument checks, the process pool, index order, and `out_dir` replaced only when complete.
     """
     if n_images < 1:
         raise ValueError(f"n_images must be >= 1, got {n_images}")
@@ -391,12 +446,12 @@ def generate_sample(out_dir: Path, n_images: int, seed: int, min_size: int, max_
         images_dir = tmp / "images"
         images_dir.mkdir()
         make = functools.partial(
-            _make_one,
+            make_one,
             seed=seed,
             min_size=min_size,
             max_size=max_size,
             images_dir=images_dir,
-            format_offset=float(np.random.default_rng(seed).random()),
+            format_offset=format_offset(seed),
             name_width=max(5, len(str(n_images - 1))),
         )
         log.info("drawing %d images (seed %d, %d-%d px) with %d worker(s)", n_images, seed,
@@ -410,7 +465,7 @@ def generate_sample(out_dir: Path, n_images: int, seed: int, min_size: int, max_
                 # imap keeps index order and streams results: only labels are held in memory.
                 rows = list(pool.imap(make, range(n_images), chunksize=16))
         matrix = np.stack([labels for _, labels in rows]).astype(np.int64)
-        frame = pd.DataFrame(matrix, columns=list(CLASSES))
+        frame = pd.DataFrame(matrix, columns=list(classes))
         frame.insert(0, "filename", [name for name, _ in rows])
         write_csv(tmp / "labels.csv", frame)
     seconds = time.perf_counter() - start
