@@ -339,8 +339,14 @@ def test_a_state_already_in_the_store_is_not_logged_twice(tracked, monkeypatch, 
     monkeypatch.chdir(project)
     logged = (project / "reports/track/logged.json").read_bytes()
     (project / "reports/track/logged.json").unlink()
+    gone = subprocess.Popen(["true"])
+    gone.wait()                                      # a `track` killed while logging (kill -9) left this
+    abandoned = client.create_run(run.info.experiment_id,
+                                  tags={**tracking.owner_tags(), tracking.OWNER_PID: str(gone.pid)}).info.run_id
     caplog.set_level(logging.INFO)
     assert _load_stage().main(_track_argv(project)) == 0
+    assert client.get_run(abandoned).info.status == "FAILED"      # settled, though nothing was logged
+    client.delete_run(abandoned)
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run.info.run_id]
     assert (project / "reports/track/logged.json").read_bytes() == logged
     assert json.loads((project / ".mlic/mlflow_run.json").read_text())["run_id"] == run.info.run_id

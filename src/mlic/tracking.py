@@ -172,7 +172,9 @@ def ensure_experiment(client: Any, name: str, tracking_uri: str) -> str:
 
 def logged_run(tracking_uri: str, experiment: str, fingerprint: str) -> RunInfo | None:
     """The newest FINISHED run of `experiment` that mirrors the pipeline state `fingerprint`
-    (tag `mlic.fingerprint`), or None if the store holds none."""
+    (tag `mlic.fingerprint`), or None if the store holds none. Runs a killed `track` left
+    RUNNING are settled first (`settle_abandoned_runs`), as logging would: finding the state
+    logged must not leave them behind."""
     from mlflow import MlflowClient
 
     with first_use(tracking_uri):
@@ -180,6 +182,7 @@ def logged_run(tracking_uri: str, experiment: str, fingerprint: str) -> RunInfo 
         found = client.get_experiment_by_name(experiment)
     if found is None or found.lifecycle_stage == "deleted":
         return None
+    settle_abandoned_runs(client, found.experiment_id)
     runs = client.search_runs([found.experiment_id], filter_string=(
         f"tags.`{FINGERPRINT_TAG}` = '{fingerprint}' and attributes.status = 'FINISHED'"),
         order_by=["attributes.start_time DESC"], max_results=1)
