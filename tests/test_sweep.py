@@ -18,7 +18,7 @@ import pytest
 from conftest import check_complete_run, make_project, run_ok
 from mlflow_ui import mlflow_server
 
-from mlic import sweep, tracking
+from mlic import record, sweep, tracking
 
 WORKERS = 4
 
@@ -217,6 +217,7 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
     client = MlflowClient(uri)
     experiment = client.get_experiment_by_name("mlic")
     runs = client.search_runs([experiment.experiment_id], run_view_type=3)
+    committed = record.committed_params(repo / "params.yaml", repo)
     assert not [r for r in runs if r.info.status != "FINISHED" or r.info.lifecycle_stage != "active"]
     in_sweep = [r for r in runs if r.data.tags.get(sweep.SWEEP_TAG) == "lr-dropout"]
     parents = [r for r in in_sweep if r.data.tags.get(sweep.PARENT_TAG) == "true"]
@@ -229,7 +230,10 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
         check_complete_run(run, dict(env, MLFLOW_TRACKING_URI=uri), repo)
         tags = run.data.tags
         assert tags[sweep.MLFLOW_PARENT] == parents[0].info.run_id
-        assert run.info.run_name == f"lr-dropout/{tags['dvc_exp_name']}"
+        # named for what it changed against the baseline commit's params, then the experiment
+        changes = record.changed_params({k: run.data.params[k] for k in committed}, committed)
+        assert tags["mlic.changed"] == (", ".join(changes) or "nothing")
+        assert run.info.run_name == f"lr-dropout/{record.change_label(changes)} ({tags['dvc_exp_name']})"
         assert tags["dvc_exp_baseline_rev"] == baseline_rev and tags["mlflow.source.name"] == "dvc exp run"
         # nothing upstream re-ran; `tune` (off: a 0.5 s no-op) depends on train's params, so it runs too
         assert [s for s in tags["pipeline_stages"].split() if s != "tune"] == ["train", "evaluate", "calibrate"]
