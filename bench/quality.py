@@ -48,6 +48,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "px96": {"preprocess.image_size": 96},
     "px128": {"preprocess.image_size": 128},
     "avgmax": {"train.pool": "avgmax"},
+    "asl": {"train.loss": "asl"},
+    "rfs05": {"train.repeat_threshold": 0.5},
     "px96-avgmax": {"preprocess.image_size": 96, "train.pool": "avgmax"},
     "px128-avgmax": {"preprocess.image_size": 128, "train.pool": "avgmax"},
     "px96-resnet_small": {"preprocess.image_size": 96, "train.backbone": "resnet_small"},
