@@ -37,6 +37,17 @@ def _committed(path: str) -> str:
                           check=True).stdout
 
 
+# dvc.lock as the first `dvc repro` of the clone left it (the second test returns to that state).
+AFTER_FIRST_REPRO: dict[str, str] = {}
+
+
+def _out_md5(lock: Path | None, stage: str, path: str) -> str | None:
+    """The md5 dvc.lock records for `stage`'s output `path` (lock None: the committed dvc.lock)."""
+    text = _committed("dvc.lock") if lock is None else lock.read_text()
+    outs = yaml.safe_load(text)["stages"][stage].get("outs", [])
+    return next((o.get("md5") for o in outs if o["path"] == path), None)
+
+
 @pytest.fixture(scope="module")
 def clone(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
     """A `git clone` of this repository's HEAD; the environment a newcomer has (no tracking URI)."""
@@ -66,13 +77,21 @@ def test_a_fresh_clone_logs_one_run_and_a_second_repro_none(clone: tuple[Path, d
     assert [r.info.status for r in runs] == ["FINISHED"]
     check_complete_run(runs[0], store, repo)
     assert runs[0].data.tags["mlic.changed"] == "nothing" and runs[0].info.run_name.startswith("as committed")
-    # the clone reproduced the committed state byte for byte, `track`'s fingerprint included
-    status = run_ok(["git", "status", "--porcelain"], repo, env).stdout
-    assert status == "", status
-
+    AFTER_FIRST_REPRO["lock"] = (repo / "dvc.lock").read_text()
     again = run_ok(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in again, again
     assert [r.info.run_id for r in mlflow_runs(store)] == [runs[0].info.run_id]
+
+    # The clone reproduced the committed state byte for byte, `track`'s fingerprint included...
+    status = run_ok(["git", "status", "--porcelain"], repo, env).stdout
+    if status and _out_md5(repo / "dvc.lock", "train", "models/model.keras") != _out_md5(
+            None, "train", "models/model.keras"):
+        # ...unless this CPU trains other weights: floating-point code paths differ between
+        # instruction sets (README), so the state, and with it dvc.lock, is another one. Then
+        # only dvc.lock may differ; everything above (one run, a second repro none) still held.
+        assert status.split() == ["M", "dvc.lock"], status
+        pytest.xfail("this CPU's training gives other weights than the committed dvc.lock's (see README)")
+    assert status == "", status
 
 
 def test_back_to_a_logged_state_logs_no_second_run(clone: tuple[Path, dict[str, str]]) -> None:
@@ -97,7 +116,8 @@ def test_back_to_a_logged_state_logs_no_second_run(clone: tuple[Path, dict[str, 
     assert "Running stage 'calibrate'" in out and "is cached" not in out, out[-3000:]
     assert "Running stage 'track'" in out and "already in the store" in out, out[-3000:]
     assert [r.info.run_id for r in mlflow_runs(store)] == [r.info.run_id for r in runs]   # none added
-    # Back to the committed state: dvc.lock as committed. DVC rewrites params.yaml in its own
-    # style (`null` -> empty, quotes), the values as committed.
-    assert (repo / "dvc.lock").read_text() == _committed("dvc.lock")
+    # Back to the committed params: dvc.lock as the first repro left it (the committed one, on a CPU
+    # that reproduces its weights). DVC rewrites params.yaml in its own style (`null` -> empty,
+    # quotes), the values as committed.
+    assert (repo / "dvc.lock").read_text() == AFTER_FIRST_REPRO.get("lock", _committed("dvc.lock"))
     assert yaml.safe_load((repo / "params.yaml").read_text()) == committed
