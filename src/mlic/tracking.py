@@ -301,9 +301,10 @@ def log_record(record: RunRecord, *, tracking_uri: str, experiment: str = DEFAUL
         """The summary in `metric_order`, then the curves. A split's metrics carry its dataset and
         the model's id: MLflow copies metrics logged before the model without their dataset, so
         with a package they are logged after it, filling its "Datasets used"."""
+        splits = {k: metric_split(k) for k in record.metrics}
         batch = [Metric(k, record.metrics[k], now_ms, 0, model_id=model_id,
-                        dataset_name=metric_split(k) if metric_split(k) in digests else None,
-                        dataset_digest=digests.get(metric_split(k))) for k in metric_order(record.metrics)]
+                        dataset_name=splits[k] if splits[k] in digests else None,
+                        dataset_digest=digests.get(splits[k])) for k in metric_order(record.metrics)]
         return batch + [Metric(k, v, now_ms, step) for k, points in sorted(record.curves.items())
                         for step, v in points]
     with first_use(tracking_uri):  # opening the client opens (or creates) the store
