@@ -58,7 +58,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
         log.error("train and val shards disagree on classes, image size or resize mode; "
                   "re-run `dvc repro preprocess`")
         return 2
-    aug = augment.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast)
+    aug = augment.Augmentation.from_params(cfg)
     train_epochs = functools.partial(dataset.make_dataset, train_m, cfg.batch_size, shuffle=True, augment=aug,
                                      seed=common.seed, shuffle_buffer=cfg.shuffle_buffer,
                                      repeat_threshold=cfg.repeat_threshold)  # epochs=range(a, b)

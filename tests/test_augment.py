@@ -75,9 +75,33 @@ def test_contrast_keeps_each_image_mean_and_values_stay_in_range() -> None:
     assert strong.min() >= 0.0 and strong.max() <= 255.0
 
 
+def test_colour_reorders_grays_or_inverts_each_image_and_nothing_else() -> None:
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0, 255, (64, 8, 8, 3)).astype(np.float32)
+    aug = dataclasses_replace(OFF, colour=True)
+    assert aug.active
+    out = augment.augment_batch(tf.constant(x), seed(), aug).numpy()
+    np.testing.assert_array_equal(out, augment.augment_batch(tf.constant(x), seed(), aug).numpy())
+    kinds = []
+    for o, i in zip(out, x):
+        for inverted in (False, True):
+            v = 255.0 - o if inverted else o
+            orders = [p for p in augment._CHANNEL_ORDERS if np.allclose(v, i[..., list(p)], atol=1e-3)]
+            gray = np.allclose(v, i[..., list(augment._CHANNEL_ORDERS[0])].mean(axis=-1, keepdims=True), atol=1e-3)
+            if orders or gray:
+                kinds.append((inverted, "gray" if gray else orders[0]))
+                break
+        else:
+            raise AssertionError("an image was changed into something other than a recolouring")
+    # every kind happens on 64 images: inverted or not, gray or one of several channel orders
+    assert {k[0] for k in kinds} == {False, True}
+    assert "gray" in {k[1] for k in kinds} and len({k[1] for k in kinds if k[1] != "gray"}) >= 4
+    assert sum(k[1] == "gray" for k in kinds) < 32 and sum(k[0] for k in kinds) < 32  # p = 0.2 each
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_any_batch_size_and_a_dynamic_one(n: int) -> None:
-    fn = tf.function(lambda images, s: augment.augment_batch(images, s, Augmentation()),
+    fn = tf.function(lambda images, s: augment.augment_batch(images, s, Augmentation(colour=True)),
                      input_signature=[tf.TensorSpec([None, 32, 32, 3], tf.float32), tf.TensorSpec([2], tf.int64)])
     assert fn(blocks(n), seed()).shape == (n, 32, 32, 3)
 

@@ -112,7 +112,15 @@ def test_resnet_small_keeps_full_resolution_in_the_stem_and_downsamples_by_its_s
         assert not np.any(keras.ops.convert_to_numpy(bn.gamma))
 
 
-@pytest.mark.parametrize("name", ["resnet_small", "mobilenet_v3_small", "efficientnetv2_b0"])
+def test_strided_cnn_halves_the_side_in_its_stem_and_ends_at_a_32nd():
+    backbone = mm.build_backbone("strided_cnn", (128, 128, 3), width=8)
+    assert backbone.get_layer("stem_conv").output.shape == (None, 64, 64, 16)
+    assert backbone.output.shape == (None, 4, 4, 64)
+    # its blocks are simple_cnn's, so at twice the side it has simple_cnn's feature map
+    assert mm.build_backbone("simple_cnn", (64, 64, 3), width=8).output.shape == (None, 4, 4, 64)
+
+
+@pytest.mark.parametrize("name", ["resnet_small", "strided_cnn", "mobilenet_v3_small", "efficientnetv2_b0"])
 def test_new_backbones_train_save_and_load(tmp_path, name):
     x, y = images(16), labels(16)
     model = mm.build_model(name, N_CLASSES, SIZE, width=8, pool="avgmax")
@@ -138,6 +146,7 @@ def test_fine_tuning_finds_the_backbone_of_a_renamed_application():
 KERAS_PREPROCESS = {
     "simple_cnn": lambda x: x / 255.0,
     "resnet_small": lambda x: x / 255.0,
+    "strided_cnn": lambda x: x / 255.0,
     "mobilenet_v2": keras.applications.mobilenet_v2.preprocess_input,
     # these four normalise inside the backbone: their preprocess_input is the identity
     "mobilenet_v3_small": keras.applications.mobilenet_v3.preprocess_input,

@@ -10,7 +10,10 @@ accelerator's step.
 
 Transforms, per image: horizontal flip (p = 0.5), rotation by up to `rotation` of a full turn,
 zoom in or out by up to `zoom` (one affine warp, bilinear, zero fill like the `pad` resize),
-and contrast scaled by a factor in [1 - contrast, 1 + contrast] around the image mean.
+contrast scaled by a factor in [1 - contrast, 1 + contrast] around the image mean, and with
+`colour` the colours themselves: the RGB channels in one of their 6 orders, then grayscale
+(p = 0.2) and inverted (p = 0.2), so a class is learnt by its shape and not by the colours its
+few training images happened to have (label-safe only where colour does not define a class).
 """
 
 from __future__ import annotations
@@ -29,10 +32,16 @@ class Augmentation:
     rotation: float = 0.05
     zoom: float = 0.1
     contrast: float = 0.1
+    colour: bool = False
+
+    @classmethod
+    def from_params(cls, cfg) -> "Augmentation":
+        """The augmentation a `params.Train` section asks for (train and tune's trials alike)."""
+        return cls(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast, cfg.augment_colour)
 
     @property
     def active(self) -> bool:
-        return bool(self.flip or self.rotation or self.zoom or self.contrast)
+        return bool(self.flip or self.rotation or self.zoom or self.contrast or self.colour)
 
 
 def batch_seed(seed: int, epoch: tf.Tensor, batch: tf.Tensor) -> tf.Tensor:
@@ -72,4 +81,24 @@ def augment_batch(images: tf.Tensor, seed: tf.Tensor, aug: Augmentation) -> tf.T
                                              maxval=1 + aug.contrast)
         mean = tf.reduce_mean(images, axis=[1, 2, 3], keepdims=True)
         images = (images - mean) * factor[:, None, None, None] + mean
-    return tf.clip_by_value(images, 0.0, 255.0)
+    images = tf.clip_by_value(images, 0.0, 255.0)
+    if aug.colour:
+        images = _recolour(images, seed + [0, 5])
+    return images
+
+
+# The 6 orders of the RGB channels.
+_CHANNEL_ORDERS = ((0, 1, 2), (0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0))
+COLOUR_GRAY_P = 0.2
+COLOUR_INVERT_P = 0.2
+
+
+def _recolour(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """Channel order, grayscale and inversion per image (`Augmentation.colour`), 0..255 in and out."""
+    n = tf.shape(images)[0]
+    order = tf.random.stateless_uniform([n], seed=seed, minval=0, maxval=len(_CHANNEL_ORDERS), dtype=tf.int32)
+    images = tf.gather(images, tf.gather(tf.constant(_CHANNEL_ORDERS), order), axis=3, batch_dims=1)
+    u = tf.random.stateless_uniform([n, 2], seed=seed + [0, 1])
+    gray = tf.repeat(tf.reduce_mean(images, axis=3, keepdims=True), 3, axis=3)
+    images = tf.where((u[:, 0] < COLOUR_GRAY_P)[:, None, None, None], gray, images)
+    return tf.where((u[:, 1] < COLOUR_INVERT_P)[:, None, None, None], 255.0 - images, images)

@@ -114,6 +114,28 @@ def _simple_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
     return keras.Model(inputs, x, name=BACKBONE_NAME)
 
 
+def _strided_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
+    """simple_cnn's four blocks behind a stride-2 stem: twice the input side for the same work.
+
+    The stem (one 3x3 Conv-BN-ReLU with stride 2 and 2w filters) turns each 2x2 patch of the
+    input into 2w learnt features instead of the one averaged pixel a resize to half the side
+    would leave, so a 128 px input keeps the detail of small objects that a 64 px resize
+    blurs away, and the blocks then run at 64 px cost: about 1.4x simple_cnn's multiply-adds
+    at half the input side (bench/quality.py: the hard benchmark, README "Choosing").
+    """
+    inputs = keras.Input(shape=input_shape, name="backbone_input")
+    x = keras.layers.Conv2D(2 * width, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    x = keras.layers.BatchNormalization(name="stem_bn")(x)
+    x = keras.layers.ReLU(name="stem_relu")(x)
+    for i, filters in enumerate((width, 2 * width, 4 * width, 8 * width), start=1):
+        for j in (1, 2):
+            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
+            x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
+            x = keras.layers.ReLU(name=f"block{i}_relu{j}")(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
+    return keras.Model(inputs, x, name=BACKBONE_NAME)
+
+
 def _basic_block(x, filters: int, stride: int, name: str):
     """ResNet basic block: two 3x3 Conv-BN, identity (or projection) shortcut, ReLU after the sum.
 
@@ -168,6 +190,7 @@ BACKBONES: dict[str, BackboneSpec] = {
     # From scratch, CPU-friendly.
     "simple_cnn": BackboneSpec(_simple_cnn, "unit", from_scratch=True),
     "resnet_small": BackboneSpec(_resnet_small, "unit", from_scratch=True),
+    "strided_cnn": BackboneSpec(_strided_cnn, "unit", from_scratch=True),
     # keras.applications, pretrained on ImageNet when weights ask for it.
     "mobilenet_v2": BackboneSpec(keras.applications.MobileNetV2, "tf"),
     # These four have their preprocessing as their own first layers (Rescaling, Normalization)

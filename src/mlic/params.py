@@ -107,7 +107,7 @@ class Preprocess:
 @dataclasses.dataclass(frozen=True)
 class Train:
     # the same names as model.BACKBONES (a contract test keeps them equal)
-    backbone: Literal["simple_cnn", "resnet_small", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
+    backbone: Literal["simple_cnn", "resnet_small", "strided_cnn", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
                       "efficientnet_b0", "efficientnetv2_b0", "convnext_tiny", "resnet50", "resnet50_v2",
                       "vgg16", "vgg19"] = "simple_cnn"
     width: int = _in(16, 1)
@@ -135,6 +135,7 @@ class Train:
     augment_rotation: float = _in(0.05, 0.0, 1.0)
     augment_zoom: float = _in(0.1, 0.0, 1.0, hi_open=True)
     augment_contrast: float = _in(0.1, 0.0, 1.0)
+    augment_colour: bool = False
     shuffle_buffer: int = _in(2048, 1)
     repeat_threshold: float = _in(0.2, 0.0, 1.0)
     # YAML 1.1 reads unquoted on/off as true/false: both spellings are accepted.

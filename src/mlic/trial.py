@@ -84,7 +84,7 @@ class Trainer:
         mlic_devices.set_seed(self.seed)
         devices = mlic_devices.configure_devices(cfg.mixed_precision, cfg.jit_compile, cfg.deterministic_ops)
         train_m, val_m, n_classes = self.train_m, self.val_m, len(self.train_m.classes)
-        aug = augment.Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom, cfg.augment_contrast)
+        aug = augment.Augmentation.from_params(cfg)
         train_epochs = functools.partial(dataset.make_dataset, train_m, cfg.batch_size, shuffle=True, augment=aug,
                                          seed=self.seed, shuffle_buffer=cfg.shuffle_buffer,
                                          repeat_threshold=cfg.repeat_threshold)
