@@ -54,10 +54,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "px128-avgmax": {"preprocess.image_size": 128, "train.pool": "avgmax"},
     "px96-resnet_small": {"preprocess.image_size": 96, "train.backbone": "resnet_small"},
     "px96-asl": {"preprocess.image_size": 96, "train.loss": "asl"},
-    # measured against the defaults that were before strided_cnn (image_size 64, simple_cnn, no colour)
-    "old-defaults": {"preprocess.image_size": 64, "train.backbone": "simple_cnn", "train.augment_colour": False},
-    "nocolour": {"train.augment_colour": False},
-    "simple_cnn-px128": {"train.backbone": "simple_cnn"},
+    "strided128": {"preprocess.image_size": 128, "train.backbone": "strided_cnn"},
+    "strided128-colour": {"preprocess.image_size": 128, "train.backbone": "strided_cnn", "train.augment_colour": True},
 }
 
 
