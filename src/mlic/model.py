@@ -103,7 +103,11 @@ def _simple_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
     at 96 px for the same CPU time (val AUC-PR 0.76 vs 0.52 after 40 epochs, 250 s vs 410 s).
     """
     inputs = keras.Input(shape=input_shape, name="backbone_input")
-    x = inputs
+    return keras.Model(inputs, _vgg_blocks(inputs, width), name=BACKBONE_NAME)
+
+
+def _vgg_blocks(x, width: int):
+    """simple_cnn's four blocks: two 3x3 Conv-BN-ReLU and a 2x2 MaxPool each, width .. 8w filters."""
     for i, filters in enumerate((width, 2 * width, 4 * width, 8 * width), start=1):
         for j in (1, 2):
             # No conv bias: the following BatchNorm's beta does the same job.
@@ -111,11 +115,11 @@ def _simple_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
             x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
             x = keras.layers.ReLU(name=f"block{i}_relu{j}")(x)
         x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
-    return keras.Model(inputs, x, name=BACKBONE_NAME)
+    return x
 
 
 def _strided_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
-    """simple_cnn's four blocks behind a stride-2 stem: twice the input side for the same work.
+    """simple_cnn's four blocks behind a stride-2 stem: twice the input side for 1.4x the work.
 
     The stem (one 3x3 Conv-BN-ReLU with stride 2 and 2w filters) turns each 2x2 patch of the
     input into 2w learnt features instead of the one averaged pixel a resize to half the side
@@ -127,13 +131,7 @@ def _strided_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
     x = keras.layers.Conv2D(2 * width, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
     x = keras.layers.BatchNormalization(name="stem_bn")(x)
     x = keras.layers.ReLU(name="stem_relu")(x)
-    for i, filters in enumerate((width, 2 * width, 4 * width, 8 * width), start=1):
-        for j in (1, 2):
-            x = keras.layers.Conv2D(filters, 3, padding="same", use_bias=False, name=f"block{i}_conv{j}")(x)
-            x = keras.layers.BatchNormalization(name=f"block{i}_bn{j}")(x)
-            x = keras.layers.ReLU(name=f"block{i}_relu{j}")(x)
-        x = keras.layers.MaxPooling2D(2, name=f"block{i}_pool")(x)
-    return keras.Model(inputs, x, name=BACKBONE_NAME)
+    return keras.Model(inputs, _vgg_blocks(x, width), name=BACKBONE_NAME)
 
 
 def _basic_block(x, filters: int, stride: int, name: str):
