@@ -128,10 +128,14 @@ def _strided_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
     at half the input side (bench/quality.py: the hard benchmark, README "Choosing").
     """
     inputs = keras.Input(shape=input_shape, name="backbone_input")
-    x = keras.layers.Conv2D(2 * width, 3, strides=2, padding="same", use_bias=False, name="stem_conv")(inputs)
+    return keras.Model(inputs, _vgg_blocks(_stem(inputs, 2 * width, stride=2), width), name=BACKBONE_NAME)
+
+
+def _stem(x, filters: int, stride: int = 1):
+    """The from-scratch backbones' first layer: one 3x3 Conv-BN-ReLU (stem_conv, stem_bn, stem_relu)."""
+    x = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False, name="stem_conv")(x)
     x = keras.layers.BatchNormalization(name="stem_bn")(x)
-    x = keras.layers.ReLU(name="stem_relu")(x)
-    return keras.Model(inputs, _vgg_blocks(x, width), name=BACKBONE_NAME)
+    return keras.layers.ReLU(name="stem_relu")(x)
 
 
 def _basic_block(x, filters: int, stride: int, name: str):
@@ -173,9 +177,7 @@ def _resnet_small(input_shape: tuple[int, int, int], width: int) -> keras.Model:
     the input side, at about simple_cnn's multiply-adds for the same input size.
     """
     inputs = keras.Input(shape=input_shape, name="backbone_input")
-    x = keras.layers.Conv2D(width, 3, padding="same", use_bias=False, name="stem_conv")(inputs)
-    x = keras.layers.BatchNormalization(name="stem_bn")(x)
-    x = keras.layers.ReLU(name="stem_relu")(x)
+    x = _stem(inputs, width)
     filters = (width, 2 * width, 4 * width, 8 * width)
     for i, (n_blocks, f, stride) in enumerate(zip(RESNET_SMALL_BLOCKS, filters, RESNET_SMALL_STRIDES), 1):
         for j in range(n_blocks):
