@@ -56,6 +56,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "px96-asl": {"preprocess.image_size": 96, "train.loss": "asl"},
     "strided128": {"preprocess.image_size": 128, "train.backbone": "strided_cnn"},
     "strided128-colour": {"preprocess.image_size": 128, "train.backbone": "strided_cnn", "train.augment_colour": True},
+    # progressive resizing: the first half of the epochs on images downscaled to half the side
+    "strided160-prog80": {"preprocess.image_size": 160, "train.backbone": "strided_cnn", "train.progressive_size": 80,
+                          "train.progressive_epochs": 40},
+    "strided128-prog64": {"preprocess.image_size": 128, "train.backbone": "strided_cnn", "train.progressive_size": 64,
+                          "train.progressive_epochs": 40},
 }
 
 

@@ -70,9 +70,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
                                    {"train": train_m.fingerprint, "val": val_m.fingerprint})
              if cfg.resume else None)
     with devices.strategy.scope():
-        model = mlic_model.build_model(
-            cfg.backbone, len(classes), size, weights=cfg.weights, dropout=cfg.dropout, seed=common.seed,
-            width=cfg.width, pool=cfg.pool)
+        model = mlic_model.from_params(cfg, len(classes), size, common.seed)
         loss = losses.loss_from_params(cfg, train_m.prevalence)
         with atomic_path(args.model) as tmp:
             ckpt = tmp.with_suffix(".keras")  # Keras insists on the extension

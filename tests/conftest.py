@@ -149,6 +149,28 @@ def make_set():
     return make_image_set
 
 
+@pytest.fixture(scope="session")
+def tiny_tfrecords(tmp_path_factory: pytest.TempPathFactory):
+    """`tiny_tfrecords(size)`: train (24) and val (8) records of a 32-image set at `size` px in
+    shards of 8, written once per size per session; returns (folder, number of classes)."""
+    from mlic.tfrecords import EncodeSettings, write_split  # TensorFlow only for the tests using it
+
+    made: dict[int, tuple[Path, int]] = {}
+
+    def get(size: int) -> tuple[Path, int]:
+        if size not in made:
+            image_set = make_image_set(tmp_path_factory.mktemp(f"tiny_set_{size}"), n=32, seed=7)
+            out = tmp_path_factory.mktemp(f"tiny_tfr_{size}")
+            settings = EncodeSettings(image_size=size, resize_mode="pad", encoding="jpeg", jpeg_quality=90)
+            for split, rows in {"train": np.arange(0, 24), "val": np.arange(24, 32)}.items():
+                write_split(split, [image_set.filenames[i] for i in rows], image_set.y[rows], image_set.classes,
+                            image_set.images_dir, out, settings, shard_size=8, seed=5)
+            made[size] = (out, len(image_set.classes))
+        return made[size]
+
+    return get
+
+
 TINY_PARAMS: dict[str, dict[str, Any]] = {
     "common": {"seed": 3},
     "data": {},

@@ -372,3 +372,22 @@ def test_the_pool_choices_of_params_are_exactly_the_built_ones() -> None:
     from mlic.params import Train
 
     assert set(typing.get_args(typing.get_type_hints(Train)["pool"])) == set(mm.POOLS)
+
+
+def test_an_any_size_model_is_the_same_function_and_its_view_shares_every_weight(tmp_path) -> None:
+    # Progressive resizing builds the backbone for any side: the model must stay what it was (the
+    # same function at its own size, saved and loaded like any model), and the view must train it.
+    fixed = mm.build_model("strided_cnn", 3, 64, width=4, seed=1, pool="avgmax")
+    free = mm.build_model("strided_cnn", 3, 64, width=4, seed=1, pool="avgmax", any_size=True)
+    free.set_weights(fixed.get_weights())
+    x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
+    want = fixed.predict(x, verbose=0)
+    np.testing.assert_allclose(free.predict(x, verbose=0), want, atol=1e-6)
+    free.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert loaded.input_shape == (None, 64, 64, 3)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), want, atol=1e-6)
+
+    view = mm.resized_view(free, 32)
+    assert view.input_shape == (None, 32, 32, 3) and view.output_shape == (None, 3)
+    assert {id(v) for v in view.weights} == {id(v) for v in free.weights}

@@ -56,16 +56,16 @@ def config(**overrides) -> Train:
     return dataclasses.replace(Train(), **{**small, **overrides})
 
 
-def build(cfg: Train, k: int) -> keras.Model:
+def build(cfg: Train, k: int, size: int = SIZE) -> keras.Model:
     devices.set_seed(SEED)
-    return mm.build_model("simple_cnn", k, SIZE, dropout=cfg.dropout, seed=SEED, width=8)
+    return mm.from_params(dataclasses.replace(cfg, width=8), k, size, SEED)
 
 
 def run(tfr, cfg: Train, checkpoint: Path, saved: resume.Resume | None, kill_after: int | None = None,
         monkeypatch: pytest.MonkeyPatch | None = None, pretrained: bool = False) -> tuple[keras.Model, training.TrainResult]:
     """fit() on a freshly built model; with `kill_after`, raise Killed once that epoch (0-based) is saved."""
     folder, k = tfr
-    model = build(cfg, k)
+    model = build(cfg, k, tfrecords.Manifest.read(folder, "train").image_size)
     train_epochs = functools.partial(dataset.make_dataset, tfrecords.Manifest.read(folder, "train"), cfg.batch_size,
                                      shuffle=True, seed=SEED, shuffle_buffer=cfg.shuffle_buffer,
                                      augment=Augmentation(cfg.augment_flip, cfg.augment_rotation, cfg.augment_zoom,
@@ -193,6 +193,32 @@ def test_two_phase_fine_tuning_resumes_in_the_right_phase(tfr, two_phase, tmp_pa
 
     assert flags(model_b) == flags(model_a) and any(flags(model_a)) and not all(flags(model_a))
     assert int(model_b.optimizer.iterations) == int(model_a.optimizer.iterations) == 2 * 3
+    for a, b in zip(model_b.optimizer.variables, model_a.optimizer.variables, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.fixture(scope="module")
+def progressive(tiny_tfrecords, tmp_path_factory) -> tuple[tuple[Path, int], Train, keras.Model, training.TrainResult, Path]:
+    """Progressive resizing in one go on 48 px shards: 2 epochs at 32 px, then 2 at 48."""
+    folder = tmp_path_factory.mktemp("progressive")
+    tfr48 = tiny_tfrecords(48)
+    cfg = config(progressive_size=32, progressive_epochs=2)
+    model, result = run(tfr48, cfg, folder / "through.keras", None)
+    assert result.history["phase"].tolist() == ["progressive"] * 2 + ["full"] * 2
+    return tfr48, cfg, model, result, folder / "through.keras"
+
+
+@pytest.mark.parametrize("kill_after", [0, 1, 2], ids=["inside-small", "at-the-size-change", "inside-full"])
+def test_progressive_resizing_resumes_on_either_side_of_the_size_change(progressive, tmp_path: Path, monkeypatch,
+                                                                        kill_after: int) -> None:
+    tfr48, cfg, model_a, want, want_ckpt = progressive
+    saved = resume.Resume(tmp_path / "key")
+    with pytest.raises(Killed):
+        run(tfr48, cfg, tmp_path / "killed.keras", saved, kill_after, monkeypatch)
+    model_b, got = run(tfr48, cfg, tmp_path / "best.keras", resume.Resume(saved.folder))
+    assert_same_training(got, want, tmp_path / "best.keras", want_ckpt)
+    # The one optimizer of both sizes, its step count and moments, came back whole.
+    assert int(model_b.optimizer.iterations) == int(model_a.optimizer.iterations) == 4 * 3
     for a, b in zip(model_b.optimizer.variables, model_a.optimizer.variables, strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 

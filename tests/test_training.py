@@ -210,3 +210,73 @@ def test_phase_2_starts_from_the_best_phase_1_weights(tfr, tmp_path: Path, monke
     phase1 = result.history[result.history["phase"] == "head"]
     assert int(phase1["loss"].to_numpy().argmax()) == 0  # the 'best' phase-1 epoch is not the last
     assert at_phase2 == {"equal": True}
+
+
+# --------------------------------------------------------------------------- progressive resizing
+BIG, SMALL = 48, 32  # shards' side and the progressive epochs' side (from-scratch minimum 32)
+
+
+def fit_progressive(tiny_tfrecords, checkpoint: Path, monkeypatch: pytest.MonkeyPatch | None = None, **overrides):
+    """fit() on 48 px shards, recording the input side and epochs of every `Model.fit` call."""
+    folder, k = tiny_tfrecords(BIG)
+    cfg = config(**{"epochs": 3, "learning_rate": 0.01, **overrides})
+    devices.set_seed(SEED)
+    model = mm.from_params(dataclasses.replace(cfg, width=8), k, BIG, SEED)
+    calls: list[tuple[int, int, int]] = []
+    if monkeypatch is not None:
+        real_fit = keras.Model.fit
+
+        def recording_fit(self, *args, **kwargs):
+            calls.append((self.input_shape[1], kwargs["initial_epoch"], kwargs["epochs"]))
+            return real_fit(self, *args, **kwargs)
+
+        monkeypatch.setattr(keras.Model, "fit", recording_fit)
+    train_epochs = functools.partial(dataset.make_dataset, tfrecords.Manifest.read(folder, "train"), cfg.batch_size,
+                                     shuffle=True, seed=SEED, shuffle_buffer=cfg.shuffle_buffer)
+    val_ds = dataset.make_dataset(tfrecords.Manifest.read(folder, "val"), cfg.batch_size)
+    result = training.fit(model, train_epochs, val_ds, cfg=cfg, n_classes=k, n_train=24, checkpoint=checkpoint)
+    return model, result, calls
+
+
+def test_progressive_resizing_trains_small_images_first_then_full_size(tiny_tfrecords, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    model, result, calls = fit_progressive(tiny_tfrecords, tmp_path / "best.keras", monkeypatch,
+                                           progressive_size=SMALL, progressive_epochs=2, epochs=4)
+    h = result.history
+    # Epochs 0-1 on 32 px images through the view, 2-3 on the 48 px model itself.
+    assert calls == [(SMALL, 0, 2), (BIG, 2, 4)]
+    assert h["phase"].tolist() == ["progressive", "progressive", "full", "full"]
+    assert np.isfinite(h["val_auc_pr"]).all()  # the small epochs are validated too (on small images)
+    # One optimizer and one cosine schedule over all 4 epochs: no restart at the size change.
+    lr0, steps = 0.01, math.ceil(24 / BATCH)
+    expected = [lr0 * 0.5 * (1 + math.cos(math.pi * (e + 1) / 4)) for e in range(4)]
+    np.testing.assert_allclose(h["learning_rate"], expected, rtol=1e-5, atol=1e-9)
+    assert int(model.optimizer.iterations) == 4 * steps
+    # The best epoch is a full-size one, and the checkpoint is the full-size model.
+    assert result.best_epoch in (2, 3)
+    assert result.best_value == h.loc[h["phase"] == "full", "val_auc_pr"].max()
+    loaded = keras.models.load_model(tmp_path / "best.keras")
+    assert loaded.input_shape == (None, BIG, BIG, 3)
+
+
+def test_progressive_epochs_train_the_model_itself(tiny_tfrecords, tmp_path: Path) -> None:
+    # Two runs alike but for the small epochs' side: were the view's updates lost, both models
+    # would start their full-size epoch from the same weights and end equal.
+    runs = [fit_progressive(tiny_tfrecords, tmp_path / f"{side}.keras", progressive_size=side, progressive_epochs=1,
+                            epochs=2)[0] for side in (SMALL, 40)]
+    assert any(not np.array_equal(a, b) for a, b in zip(runs[0].get_weights(), runs[1].get_weights()))
+
+
+def test_progressive_resizing_refuses_what_cannot_run(tiny_tfrecords) -> None:
+    with pytest.raises(ValueError, match="progressive_epochs 0 must lie between 1 and epochs - 1"):
+        config(progressive_size=SMALL, progressive_epochs=0)
+    with pytest.raises(ValueError, match="must lie between 1 and epochs - 1 \\(2\\)"):
+        config(epochs=3, progressive_size=SMALL, progressive_epochs=3)
+    with pytest.raises(ValueError, match="from-scratch backbone .* not mobilenet_v2"):
+        training.check_progressive(config(backbone="mobilenet_v2", progressive_size=SMALL, progressive_epochs=1), 64)
+    for side in (BIG, 16):
+        with pytest.raises(ValueError, match=f"progressive_size {side} must be below the shards' image size 48"):
+            training.check_progressive(config(progressive_size=side, progressive_epochs=1), BIG)
+    training.check_progressive(config(progressive_size=SMALL, progressive_epochs=1), BIG)  # fits
+    with pytest.raises(ValueError, match="any_size takes a from-scratch backbone"):
+        mm.build_model("mobilenet_v2", 3, 64, any_size=True)

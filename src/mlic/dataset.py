@@ -141,3 +141,12 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
         ds = ds.apply(tf.data.experimental.assert_cardinality(per_pass * len(epochs)))
     ds = ds.map(_parse_batch, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
     return ds.prefetch(AUTOTUNE)
+
+
+def downscaled(ds: tf.data.Dataset, size: int) -> tf.data.Dataset:
+    """`ds`'s batches with the images resized to `size` x `size` (antialiased, after any
+    augmentation): progressive resizing's early epochs train and validate on these."""
+    def resize(images: tf.Tensor, *rest: tf.Tensor) -> tuple[tf.Tensor, ...]:
+        return (tf.image.resize(images, (size, size), antialias=True), *rest)
+
+    return ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

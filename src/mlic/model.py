@@ -28,6 +28,8 @@ from typing import Callable
 import keras
 import numpy as np
 
+from mlic.params import Train
+
 log = logging.getLogger(__name__)
 
 BACKBONE_NAME = "backbone"
@@ -352,10 +354,13 @@ def build_model(
     seed: int = 0,
     width: int = SIMPLE_CNN_WIDTH,
     pool: str = "avg",
+    any_size: bool = False,
 ) -> keras.Model:
     """Build the full model: raw 0..255 RGB in, `n_classes` sigmoid probabilities out.
 
-    width: from-scratch backbones only. pool: one of POOLS (see `build_pool`). The head is
+    width: from-scratch backbones only. pool: one of POOLS (see `build_pool`). any_size: build a
+    from-scratch backbone for any input side, so `resized_view` can train the same weights on
+    smaller images (progressive resizing); the model itself still takes `image_size`. The head is
     pool -> Dropout -> Dense(sigmoid) in float32 so the output stays float32 under a
     mixed_float16 policy.
     """
@@ -375,13 +380,42 @@ def build_model(
     preprocess = build_preprocessing(backbone)
     if preprocess is not None:
         x = preprocess(x)
-    x = build_backbone(backbone, input_shape, weights=weights, width=width)(x)
+    if any_size:
+        if not BACKBONES[backbone].from_scratch:
+            raise ValueError(f"{backbone} has a fixed input size here; any_size takes a from-scratch backbone "
+                             f"({', '.join(n for n, s in BACKBONES.items() if s.from_scratch)})")
+        x = BACKBONES[backbone].factory((None, None, 3), width)(x)
+    else:
+        x = build_backbone(backbone, input_shape, weights=weights, width=width)(x)
     x = build_pool(pool)(x)
     x = keras.layers.Dropout(dropout, seed=_derive_seed(seed, 5), name="dropout")(x)
     outputs = keras.layers.Dense(
         n_classes, activation="sigmoid", dtype="float32", name="probabilities"
     )(x)
     return keras.Model(inputs, outputs, name=f"mlic_{backbone}")
+
+
+def from_params(cfg: Train, n_classes: int, image_size: int, seed: int) -> keras.Model:
+    """`build_model` as `train`'s params ask (the stage and tune's trials build it here)."""
+    return build_model(cfg.backbone, n_classes, image_size, weights=cfg.weights, dropout=cfg.dropout, seed=seed,
+                       width=cfg.width, pool=cfg.pool, any_size=cfg.progressive_size > 0)
+
+
+def resized_view(model: keras.Model, size: int) -> keras.Model:
+    """`model` (from `build_model(..., any_size=True)`) taking `size` px images: the same layers,
+    so the same weights: training the view trains the model (progressive resizing)."""
+    inputs = keras.Input(shape=(size, size, 3), dtype="float32", name="image")
+    x = inputs
+    names = {layer.name for layer in model.layers}
+    if "preprocess" in names:
+        x = model.get_layer("preprocess")(x)
+    x = model.get_layer(BACKBONE_NAME)(x)
+    if "pool_avg" in names:
+        x = model.get_layer("pool")([model.get_layer("pool_avg")(x), model.get_layer("pool_max")(x)])
+    else:
+        x = model.get_layer("pool")(x)
+    x = model.get_layer("dropout")(x)
+    return keras.Model(inputs, model.get_layer("probabilities")(x), name=f"{model.name}_{size}px")
 
 
 SUMMARY_WIDTH = 100  # characters per line of `summary_text`

@@ -149,14 +149,17 @@ class Resume:
 
     def save(self, model: keras.Model, *, epochs_done: int, phase: str, rows: list[dict[str, Any]],
              stopped: list[str], best: float | None, early_stopping: dict[str, Any] | None,
-             checkpoint: Path) -> None:
-        """Save the state at the end of an epoch: a new epoch folder, renamed in whole, then the old one goes."""
+             checkpoint: Path, optimizer: keras.optimizers.Optimizer | None = None) -> None:
+        """Save the state at the end of an epoch: a new epoch folder, renamed in whole, then the old one goes.
+
+        `optimizer`: the one training `model` when another model fits it (default `model.optimizer`)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         final = self.folder / f"epoch-{epochs_done:04d}"
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=self.folder))
         try:
             model_vars = _values(model.variables)
-            opt_vars = _values(model.optimizer.variables) if model.optimizer is not None else []
+            optimizer = optimizer if optimizer is not None else model.optimizer
+            opt_vars = _values(optimizer.variables) if optimizer is not None else []
             np.savez(tmp / ARRAYS_FILE, **{f"model_{i}": v for i, v in enumerate(model_vars)},
                      **{f"optimizer_{i}": v for i, v in enumerate(opt_vars)})
             meta = {"epochs_done": epochs_done, "phase": phase, "rows": rows, "stopped": stopped,

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 import pandas as pd
 
-from mlic import losses, model as mlic_model
+from mlic import dataset, losses, model as mlic_model
 from mlic.metrics import greater_is_better
 from mlic.params import ParamsError, Train
 from mlic.resume import Resume, State, assign
@@ -64,9 +64,27 @@ class TrainResult:
     epoch_cpu_seconds: list[float] = dataclasses.field(default_factory=list)
 
 
-def _compile(model: keras.Model, lr: Any, loss: keras.losses.Loss, n_classes: int, jit: bool) -> None:
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=lr), loss=loss,
-                  metrics=losses.make_metrics(n_classes), jit_compile=jit)
+def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: keras.losses.Loss, n_classes: int,
+             jit: bool) -> None:
+    model.compile(optimizer=optimizer, loss=loss, metrics=losses.make_metrics(n_classes), jit_compile=jit)
+
+
+PROGRESSIVE = "progressive"  # the history's phase name of progressive resizing's small-image epochs
+
+
+def check_progressive(cfg: Train, image_size: int) -> None:
+    """Refuse, in one line, progressive resizing that cannot run: a pretrained backbone (its input
+    is fixed here, and phase 1 trains only the head), or a small size not below the shards' size."""
+    if cfg.progressive_size <= 0:
+        return
+    spec = mlic_model.BACKBONES[cfg.backbone]
+    if not spec.from_scratch:
+        names = ", ".join(n for n, s in mlic_model.BACKBONES.items() if s.from_scratch)
+        raise ParamsError(f"train.progressive_size works with a from-scratch backbone ({names}), not "
+                          f"{cfg.backbone}; set train.progressive_size: 0")
+    if not spec.min_size <= cfg.progressive_size < image_size:
+        raise ParamsError(f"train.progressive_size {cfg.progressive_size} must be below the shards' image size "
+                          f"{image_size} (preprocess.image_size) and at least {spec.min_size} for {cfg.backbone}")
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -76,11 +94,12 @@ class EpochRecorder(keras.callbacks.Callback):
     def __init__(self, phase: str, rows: list[dict[str, Any]], stopped: list[str], checkpoint: Path,
                  best: keras.callbacks.ModelCheckpoint, early: keras.callbacks.EarlyStopping | None,
                  resume: Resume | None, early_state: dict[str, Any] | None = None,
-                 cpu: list[float] | None = None):
+                 cpu: list[float] | None = None, saved: keras.Model | None = None):
         super().__init__()
         self.phase, self.rows, self.stopped, self.checkpoint = phase, rows, stopped, checkpoint
         self.best, self.early, self.resume, self.early_state = best, early, resume, early_state
         self.cpu = cpu if cpu is not None else []
+        self.saved = saved  # the model whose variables a resume state holds (default: the one fitting)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         # EarlyStopping resets its counters when a fit starts; a resumed phase puts them back.
@@ -97,7 +116,8 @@ class EpochRecorder(keras.callbacks.Callback):
         if self.resume is not None:
             early = None if self.early is None else {
                 name: _plain(getattr(self.early, name)) for name in ("wait", "best", "best_epoch")}
-            self.resume.save(self.model, epochs_done=len(self.rows), phase=self.phase, rows=self.rows,
+            self.resume.save(self.saved or self.model, optimizer=self.model.optimizer, epochs_done=len(self.rows),
+                             phase=self.phase, rows=self.rows,
                              stopped=self.stopped, best=_plain(self.best.best), early_stopping=early,
                              checkpoint=self.checkpoint)
 
@@ -115,7 +135,11 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     `train_epochs(epochs=range(a, b))` gives the training batches of epochs a..b-1, one epoch after
     another, each epoch's order fixed by its number (`dataset.make_dataset(epochs=...)`).
     `pretrained`: freeze the backbone for phase 1, then run `cfg.finetune_epochs` with the top
-    `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`. `loss`: None is plain BCE;
+    `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`. With `cfg.progressive_size`
+    (progressive resizing; `model` from `model.from_params`), phase 1's first
+    `cfg.progressive_epochs` train and validate on images downscaled to that side, through a view
+    of `model` sharing its layers, with the one optimizer and learning-rate schedule of the whole
+    phase; the best checkpoint and early stopping look at full-size epochs only. `loss`: None is plain BCE;
     the stage passes `losses.loss_from_params(cfg, prevalence)`.
     `resume`: save the state after every epoch there, and first continue from a saved state.
     `callbacks`: more epoch callbacks (tune's pruning one), run after checkpointing and early
@@ -132,7 +156,16 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     mode = monitor_mode(cfg.monitor)
     best = keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=cfg.monitor, mode=mode,
                                            save_best_only=True, verbose=0)
+    check_progressive(cfg, int(model.input_shape[1]))
+    small = cfg.progressive_size if cfg.progressive_size > 0 else None
     phases = [("head" if pretrained else "full", cfg.epochs, cfg.learning_rate)]
+    if small:  # one phase in two parts: a small-image start, then full size
+        phases = [(PROGRESSIVE, cfg.progressive_epochs, cfg.learning_rate),
+                  ("full", cfg.epochs - cfg.progressive_epochs, cfg.learning_rate)]
+        shared = keras.optimizers.Adam(learning_rate(cfg.lr_schedule, cfg.learning_rate, cfg.epochs * steps))
+        # Built on the full model's variables, so its slots keep one order whichever model fits
+        # first (a resume state stores them in that order).
+        shared.build(model.trainable_variables)
     if pretrained and cfg.finetune_epochs > 0:
         phases.append(("finetune", cfg.finetune_epochs, cfg.finetune_learning_rate))
 
@@ -163,30 +196,39 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
                 log.info("phase 2 starts from the best phase-1 weights (%s)", checkpoint.name)
             n = mlic_model.unfreeze_top(model, cfg.finetune_layers)
             log.info("phase 2: %d backbone layers trainable (BatchNorm frozen)", n)
-        _compile(model, learning_rate(cfg.lr_schedule, lr0, epochs * steps), loss, n_classes, jit_compile)
-        xla = bool(model.jit_compile)  # Keras turns a requested XLA off for op determinism or a non-XLA layer
+        net = mlic_model.resized_view(model, small) if phase == PROGRESSIVE else model
+        optimizer = shared if small else keras.optimizers.Adam(learning_rate(cfg.lr_schedule, lr0, epochs * steps))
+        _compile(net, optimizer, loss, n_classes, jit_compile)
+        xla = bool(net.jit_compile)  # Keras turns a requested XLA off for op determinism or a non-XLA layer
         if jit_compile and not xla:
             log.warning("jit_compile was requested but Keras compiled phase %s without XLA: op determinism "
                         "is on (set train.deterministic_ops: auto or false for XLA), or a layer has no "
                         "XLA kernel", phase)
         early_state = None
         if state is not None and state.phase == phase:  # the phase the run was killed in
-            model.optimizer.build(model.trainable_variables)
-            assign(model.optimizer.variables, state.optimizer_variables, "optimizer variables")
+            optimizer.build(model.trainable_variables)  # no-op when already built
+            assign(optimizer.variables, state.optimizer_variables, "optimizer variables")
             early_state = state.early_stopping
         early = None
         if cfg.early_stopping_patience > 0:
             early = keras.callbacks.EarlyStopping(monitor=cfg.monitor, mode=mode,
                                                   patience=cfg.early_stopping_patience)
         if done < epochs and phase not in stopped:
-            phase_callbacks = [LearningRateLogger(), best, *([early] if early else []), *callbacks,
-                               EpochRecorder(phase, rows, stopped, checkpoint, best, early, resume, early_state,
-                                             cpu)]
-            log.info("phase %s: %d epochs at learning rate %g (%s), XLA %s", phase, epochs, lr0, cfg.lr_schedule,
-                     "on" if xla else "off")
-            model.fit(train_epochs(epochs=range(epoch0 + done, epoch0 + epochs)), steps_per_epoch=steps,
-                      validation_data=val_ds, epochs=epoch0 + epochs, initial_epoch=epoch0 + done,
-                      callbacks=phase_callbacks, verbose=2, shuffle=False)  # tf.data shuffles, seeded by epoch
+            recorder = EpochRecorder(phase, rows, stopped, checkpoint, best,
+                                     None if phase == PROGRESSIVE else early, resume, early_state, cpu, saved=model)
+            train_ds, val = train_epochs(epochs=range(epoch0 + done, epoch0 + epochs)), val_ds
+            if phase == PROGRESSIVE:
+                # Small-image scores are not comparable with full-size ones: no checkpoint, no
+                # early stopping, no extra callbacks (tune's pruning scores the full model).
+                train_ds, val = dataset.downscaled(train_ds, small), dataset.downscaled(val_ds, small)
+                phase_callbacks = [LearningRateLogger(), recorder]
+            else:
+                phase_callbacks = [LearningRateLogger(), best, *([early] if early else []), *callbacks, recorder]
+            log.info("phase %s: %d epochs at learning rate %g (%s)%s, XLA %s", phase, epochs, lr0, cfg.lr_schedule,
+                     f" on {small} px images" if phase == PROGRESSIVE else "", "on" if xla else "off")
+            net.fit(train_ds, steps_per_epoch=steps, validation_data=val, epochs=epoch0 + epochs,
+                    initial_epoch=epoch0 + done, callbacks=phase_callbacks, verbose=2,
+                    shuffle=False)  # tf.data shuffles, seeded by epoch
         epoch0 += sum(row["phase"] == phase for row in rows)  # early stopping may have cut it short
     seconds = time.perf_counter() - start  # of this process: a resumed run times its own epochs
     ran = len(rows) - (state.epochs_done if state is not None else 0)
@@ -195,7 +237,8 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     if cfg.monitor not in history:
         raise ParamsError(f"train.monitor {cfg.monitor!r} is not a logged metric; "
                          f"choose one of {', '.join(sorted(history.columns))}")
-    values = history[cfg.monitor].to_numpy()
+    # The best epoch is a full-size one: the checkpoint saved only those.
+    values = history[cfg.monitor].where(history["phase"] != PROGRESSIVE).to_numpy()
     idx = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
     return TrainResult(history=history, best_epoch=int(history["epoch"][idx]), best_value=float(values[idx]),
                        seconds=seconds, images_seen=n_train * ran, jit_compile=xla, epoch_cpu_seconds=cpu)

@@ -91,8 +91,7 @@ class Trainer:
         val_ds = dataset.make_dataset(val_m, cfg.batch_size)
         scorer = ValidationAP(val_ds, report)
         with devices.strategy.scope(), tempfile.TemporaryDirectory(prefix="mlic-trial-") as tmp:
-            model = mlic_model.build_model(cfg.backbone, n_classes, train_m.image_size, weights=cfg.weights,
-                                           dropout=cfg.dropout, seed=self.seed, width=cfg.width, pool=cfg.pool)
+            model = mlic_model.from_params(cfg, n_classes, train_m.image_size, self.seed)
             loss = losses.loss_from_params(cfg, train_m.prevalence)
             result = training.fit(model, train_epochs, val_ds, cfg=cfg, n_classes=n_classes, n_train=train_m.count,
                                   checkpoint=Path(tmp) / "best.keras", loss=loss, jit_compile=devices.jit_compile,
