@@ -199,23 +199,23 @@ def test_two_phase_fine_tuning_resumes_in_the_right_phase(tfr, two_phase, tmp_pa
 
 @pytest.fixture(scope="module")
 def progressive(tiny_tfrecords, tmp_path_factory) -> tuple[tuple[Path, int], Train, keras.Model, training.TrainResult, Path]:
-    """Progressive resizing in one go on 48 px shards: 2 epochs at 32 px, then 2 at 48."""
+    """Progressive resizing in one go on 64 px shards: 2 epochs at 32 px, then 2 at 64."""
     folder = tmp_path_factory.mktemp("progressive")
-    tfr48 = tiny_tfrecords(48)
-    cfg = config(progressive_size=32, progressive_epochs=2)
-    model, result = run(tfr48, cfg, folder / "through.keras", None)
+    tfr64 = tiny_tfrecords(64)
+    cfg = config(progressive_scale=0.5, progressive_fraction=0.5)
+    model, result = run(tfr64, cfg, folder / "through.keras", None)
     assert result.history["phase"].tolist() == ["progressive"] * 2 + ["full"] * 2
-    return tfr48, cfg, model, result, folder / "through.keras"
+    return tfr64, cfg, model, result, folder / "through.keras"
 
 
 @pytest.mark.parametrize("kill_after", [0, 1, 2], ids=["inside-small", "at-the-size-change", "inside-full"])
 def test_progressive_resizing_resumes_on_either_side_of_the_size_change(progressive, tmp_path: Path, monkeypatch,
                                                                         kill_after: int) -> None:
-    tfr48, cfg, model_a, want, want_ckpt = progressive
+    tfr64, cfg, model_a, want, want_ckpt = progressive
     saved = resume.Resume(tmp_path / "key")
     with pytest.raises(Killed):
-        run(tfr48, cfg, tmp_path / "killed.keras", saved, kill_after, monkeypatch)
-    model_b, got = run(tfr48, cfg, tmp_path / "best.keras", resume.Resume(saved.folder))
+        run(tfr64, cfg, tmp_path / "killed.keras", saved, kill_after, monkeypatch)
+    model_b, got = run(tfr64, cfg, tmp_path / "best.keras", resume.Resume(saved.folder))
     assert_same_training(got, want, tmp_path / "best.keras", want_ckpt)
     # The one optimizer of both sizes, its step count and moments, came back whole.
     assert int(model_b.optimizer.iterations) == int(model_a.optimizer.iterations) == 4 * 3

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from pathlib import Path
 
@@ -213,7 +214,7 @@ def test_phase_2_starts_from_the_best_phase_1_weights(tfr, tmp_path: Path, monke
 
 
 # --------------------------------------------------------------------------- progressive resizing
-BIG, SMALL = 48, 32  # shards' side and the progressive epochs' side (from-scratch minimum 32)
+BIG, SMALL = 64, 32  # shards' side and the progressive epochs' side (from-scratch minimum 32)
 
 
 def fit_progressive(tiny_tfrecords, checkpoint: Path, monkeypatch: pytest.MonkeyPatch | None = None, **overrides):
@@ -241,9 +242,9 @@ def fit_progressive(tiny_tfrecords, checkpoint: Path, monkeypatch: pytest.Monkey
 def test_progressive_resizing_trains_small_images_first_then_full_size(tiny_tfrecords, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     model, result, calls = fit_progressive(tiny_tfrecords, tmp_path / "best.keras", monkeypatch,
-                                           progressive_size=SMALL, progressive_epochs=2, epochs=4)
+                                           progressive_scale=0.5, progressive_fraction=0.5, epochs=4)
     h = result.history
-    # Epochs 0-1 on 32 px images through the view, 2-3 on the 48 px model itself.
+    # Epochs 0-1 on 32 px images through the view, 2-3 on the 64 px model itself.
     assert calls == [(SMALL, 0, 2), (BIG, 2, 4)]
     assert h["phase"].tolist() == ["progressive", "progressive", "full", "full"]
     assert np.isfinite(h["val_auc_pr"]).all()  # the small epochs are validated too (on small images)
@@ -262,21 +263,34 @@ def test_progressive_resizing_trains_small_images_first_then_full_size(tiny_tfre
 def test_progressive_epochs_train_the_model_itself(tiny_tfrecords, tmp_path: Path) -> None:
     # Two runs alike but for the small epochs' side: were the view's updates lost, both models
     # would start their full-size epoch from the same weights and end equal.
-    runs = [fit_progressive(tiny_tfrecords, tmp_path / f"{side}.keras", progressive_size=side, progressive_epochs=1,
-                            epochs=2)[0] for side in (SMALL, 40)]
+    runs = [fit_progressive(tiny_tfrecords, tmp_path / f"{scale}.keras", progressive_scale=scale,
+                            progressive_fraction=0.5, epochs=2)[0] for scale in (0.5, 0.75)]
     assert any(not np.array_equal(a, b) for a, b in zip(runs[0].get_weights(), runs[1].get_weights()))
 
 
-def test_progressive_resizing_refuses_what_cannot_run(tiny_tfrecords) -> None:
-    with pytest.raises(ValueError, match="progressive_epochs 0 must lie between 1 and epochs - 1"):
-        config(progressive_size=SMALL, progressive_epochs=0)
-    with pytest.raises(ValueError, match="must lie between 1 and epochs - 1 \\(2\\)"):
-        config(epochs=3, progressive_size=SMALL, progressive_epochs=3)
-    with pytest.raises(ValueError, match="from-scratch backbone .* not mobilenet_v2"):
-        training.check_progressive(config(backbone="mobilenet_v2", progressive_size=SMALL, progressive_epochs=1), 64)
-    for side in (BIG, 16):
-        with pytest.raises(ValueError, match=f"progressive_size {side} must be below the shards' image size 48"):
-            training.check_progressive(config(progressive_size=side, progressive_epochs=1), BIG)
-    training.check_progressive(config(progressive_size=SMALL, progressive_epochs=1), BIG)  # fits
+@pytest.mark.parametrize("overrides, size, plan, why", [
+    (dict(progressive_scale=0.5, progressive_fraction=0.5), 160, (80, 40), None),
+    (dict(progressive_scale=0.5, progressive_fraction=0.5, epochs=5), 64, (32, 2), None),  # round half to even
+    (dict(progressive_scale=0.5, progressive_fraction=0.9, epochs=4), 64, (32, 3), None),  # the last at full size
+    (dict(progressive_scale=0.0), 160, None, None),
+    (dict(progressive_scale=0.5, epochs=1), 160, None, "1 epochs leave none to spare"),
+    (dict(progressive_scale=0.5, progressive_fraction=0.0), 160, None, "80 epochs leave none"),
+    (dict(progressive_scale=0.5), 48, None, "24 px is not between strided_cnn's minimum 32 px"),
+    (dict(progressive_scale=0.5, backbone="mobilenet_v2"), 224, None, "mobilenet_v2 is a keras.applications"),
+])
+def test_progressive_plan_says_when_it_does_not_apply(overrides, size, plan, why, caplog) -> None:
+    cfg = dataclasses.replace(Train(), **{"backbone": "strided_cnn", "epochs": 80, **overrides})
+    with caplog.at_level(logging.INFO, logger="mlic.training"):
+        assert training.progressive_plan(cfg, size) == plan
+    if why:
+        assert f"progressive resizing off: {why}" in caplog.text
+    else:
+        assert "progressive resizing off" not in caplog.text
+
+
+def test_any_size_is_for_from_scratch_backbones() -> None:
     with pytest.raises(ValueError, match="any_size takes a from-scratch backbone"):
         mm.build_model("mobilenet_v2", 3, 64, any_size=True)
+    # from_params asks for it only where it applies: a pretrained family builds as before
+    cfg = dataclasses.replace(Train(), backbone="mobilenet_v2", progressive_scale=0.5)
+    assert mm.from_params(cfg, 3, 64, 0).get_layer(mm.BACKBONE_NAME).input_shape == (None, 64, 64, 3)

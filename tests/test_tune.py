@@ -102,16 +102,6 @@ def test_bad_tune_settings_are_rejected(tmp_path: Path, text: str, words: list[s
         assert word in str(err.value), str(err.value)
 
 
-def test_a_trial_keeps_progressive_resizings_share_of_its_shorter_budget() -> None:
-    train = Train(epochs=80, progressive_size=64, progressive_epochs=40)
-    assert tune.trial_train(train, Tune(epochs=10), {}).progressive_epochs == 5
-    assert tune.trial_train(train, Tune(epochs=2), {}).progressive_epochs == 1   # the last epoch at full size
-    assert tune.trial_train(train, Tune(epochs=10), {"train.progressive_epochs": 3}).progressive_epochs == 3
-    assert tune.trial_train(Train(epochs=80), Tune(epochs=10), {}).progressive_epochs == 0  # off stays off
-    with pytest.raises(ParamsError, match="progressive_epochs"):
-        tune.trial_train(train, Tune(epochs=1), {})  # no room for a full-size epoch
-
-
 def test_the_shipped_tune_section_is_the_default_and_off() -> None:
     cfg = load_section("tune", ROOT / "params.yaml")
     assert cfg == Tune() and not cfg.enabled and cfg.searched()

@@ -397,8 +397,9 @@ def build_model(
 
 def from_params(cfg: Train, n_classes: int, image_size: int, seed: int) -> keras.Model:
     """`build_model` as `train`'s params ask (the stage and tune's trials build it here)."""
+    progressive = cfg.progressive_scale > 0 and BACKBONES[cfg.backbone].from_scratch
     return build_model(cfg.backbone, n_classes, image_size, weights=cfg.weights, dropout=cfg.dropout, seed=seed,
-                       width=cfg.width, pool=cfg.pool, any_size=cfg.progressive_size > 0)
+                       width=cfg.width, pool=cfg.pool, any_size=progressive)
 
 
 def resized_view(model: keras.Model, size: int) -> keras.Model:

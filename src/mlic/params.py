@@ -138,19 +138,13 @@ class Train:
     augment_colour: bool = False
     shuffle_buffer: int = _in(2048, 1)
     repeat_threshold: float = _in(0.2, 0.0, 1.0)
-    progressive_size: int = _in(0, 0)
-    progressive_epochs: int = _in(0, 0)
+    progressive_scale: float = _in(0.0, 0.0, 1.0, hi_open=True)
+    progressive_fraction: float = _in(0.5, 0.0, 1.0, hi_open=True)
     # YAML 1.1 reads unquoted on/off as true/false: both spellings are accepted.
     mixed_precision: Literal["auto", "on", "off"] | bool = "auto"
     jit_compile: Literal["auto", "on", "off"] | bool = "auto"
     deterministic_ops: Literal["auto"] | bool = "auto"
     resume: bool = True
-
-    def __post_init__(self) -> None:
-        if self.progressive_size > 0 and not 0 < self.progressive_epochs < self.epochs:
-            raise ParamsError(
-                f"progressive_epochs {self.progressive_epochs} must lie between 1 and epochs - 1 "
-                f"({self.epochs - 1}) when progressive_size is on: the last epochs must train at full size")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,19 +72,27 @@ def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: ke
 PROGRESSIVE = "progressive"  # the history's phase name of progressive resizing's small-image epochs
 
 
-def check_progressive(cfg: Train, image_size: int) -> None:
-    """Refuse, in one line, progressive resizing that cannot run: a pretrained backbone (its input
-    is fixed here, and phase 1 trains only the head), or a small size not below the shards' size."""
-    if cfg.progressive_size <= 0:
-        return
+def progressive_plan(cfg: Train, image_size: int) -> tuple[int, int] | None:
+    """(small side in px, epochs at that side) of progressive resizing, or None when it does not
+    apply: off, a keras.applications backbone (its input is fixed here, and pretrained, phase 1
+    trains only its head: like `train.width`, the param is for from-scratch backbones), a side
+    under the backbone's minimum, or no epoch to spare (phase 1's last epoch always runs at full
+    size). Says why in the log."""
+    if cfg.progressive_scale <= 0:
+        return None
     spec = mlic_model.BACKBONES[cfg.backbone]
+    side = int(round(image_size * cfg.progressive_scale))
+    epochs = min(int(round(cfg.epochs * cfg.progressive_fraction)), cfg.epochs - 1)
     if not spec.from_scratch:
-        names = ", ".join(n for n, s in mlic_model.BACKBONES.items() if s.from_scratch)
-        raise ParamsError(f"train.progressive_size works with a from-scratch backbone ({names}), not "
-                          f"{cfg.backbone}; set train.progressive_size: 0")
-    if not spec.min_size <= cfg.progressive_size < image_size:
-        raise ParamsError(f"train.progressive_size {cfg.progressive_size} must be below the shards' image size "
-                          f"{image_size} (preprocess.image_size) and at least {spec.min_size} for {cfg.backbone}")
+        why = f"{cfg.backbone} is a keras.applications backbone (from-scratch backbones only)"
+    elif not spec.min_size <= side < image_size:
+        why = f"{side} px is not between {cfg.backbone}'s minimum {spec.min_size} px and the image size"
+    elif epochs < 1:
+        why = f"{cfg.epochs} epochs leave none to spare"
+    else:
+        return side, epochs
+    log.info("progressive resizing off: %s; every epoch at %d px", why, image_size)
+    return None
 
 
 class EpochRecorder(keras.callbacks.Callback):
@@ -136,8 +144,8 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     another, each epoch's order fixed by its number (`dataset.make_dataset(epochs=...)`).
     `pretrained`: freeze the backbone for phase 1, then run `cfg.finetune_epochs` with the top
     `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`. With `cfg.progressive_size`
-    (progressive resizing; `model` from `model.from_params`), phase 1's first
-    `cfg.progressive_epochs` train and validate on images downscaled to that side, through a view
+    (progressive resizing; `model` from `model.from_params`), the first `cfg.progressive_fraction`
+    of phase 1's epochs train and validate on images downscaled by that scale, through a view
     of `model` sharing its layers, with the one optimizer and learning-rate schedule of the whole
     phase; the best checkpoint and early stopping look at full-size epochs only. `loss`: None is plain BCE;
     the stage passes `losses.loss_from_params(cfg, prevalence)`.
@@ -156,12 +164,11 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     mode = monitor_mode(cfg.monitor)
     best = keras.callbacks.ModelCheckpoint(str(checkpoint), monitor=cfg.monitor, mode=mode,
                                            save_best_only=True, verbose=0)
-    check_progressive(cfg, int(model.input_shape[1]))
-    small = cfg.progressive_size if cfg.progressive_size > 0 else None
+    plan = progressive_plan(cfg, int(model.input_shape[1]))
+    small = plan[0] if plan else None
     phases = [("head" if pretrained else "full", cfg.epochs, cfg.learning_rate)]
-    if small:  # one phase in two parts: a small-image start, then full size
-        phases = [(PROGRESSIVE, cfg.progressive_epochs, cfg.learning_rate),
-                  ("full", cfg.epochs - cfg.progressive_epochs, cfg.learning_rate)]
+    if plan:  # one phase in two parts: a small-image start, then full size
+        phases = [(PROGRESSIVE, plan[1], cfg.learning_rate), ("full", cfg.epochs - plan[1], cfg.learning_rate)]
         shared = keras.optimizers.Adam(learning_rate(cfg.lr_schedule, cfg.learning_rate, cfg.epochs * steps))
         # Built on the full model's variables, so its slots keep one order whichever model fits
         # first (a resume state stores them in that order).

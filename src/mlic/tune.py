@@ -132,15 +132,8 @@ def nested(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def trial_train(train: Train, cfg: Tune, values: Mapping[str, Any]) -> Train:
-    """`train` with the trial's values and the trial budget: what the trial trains with.
-
-    Progressive resizing keeps its share of the epochs: `train.progressive_epochs` of
-    `train.epochs` become the same fraction of `tune.epochs` (unless the trial sets it)."""
-    changes = {**nested(values).get("train", {}), "epochs": cfg.epochs, "resume": False}
-    if changes.get("progressive_size", train.progressive_size) > 0 and "progressive_epochs" not in changes:
-        share = train.progressive_epochs / train.epochs
-        changes["progressive_epochs"] = min(max(1, round(share * cfg.epochs)), cfg.epochs - 1)
-    return dataclasses.replace(train, **changes)
+    """`train` with the trial's values and the trial budget: what the trial trains with."""
+    return dataclasses.replace(train, **nested(values).get("train", {}), epochs=cfg.epochs, resume=False)
 
 
 _HYDRA_WORDS = {"true", "false", "null", "none", "nan", "inf", "-inf", "+inf"}
