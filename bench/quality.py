@@ -51,6 +51,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "defaults": {},  # strided_cnn at 160 px, progressive resizing from 80 px for the first half
     "no-progressive": {"train.progressive_scale": 0.0},
     "strided128-prog": {"preprocess.image_size": 128},
+    "defaults-rfs05": {"train.repeat_threshold": 0.5},
+    "defaults-avgmax": {"train.pool": "avgmax"},
     "old-defaults": OLD,
     **{name: {**OLD, **changes} for name, changes in {
         "px96": {"preprocess.image_size": 96},
