@@ -53,6 +53,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "strided128-prog": {"preprocess.image_size": 128},
     "defaults-rfs05": {"train.repeat_threshold": 0.5},
     "defaults-avgmax": {"train.pool": "avgmax"},
+    "defaults-frac06": {"train.progressive_fraction": 0.6},
     "old-defaults": OLD,
     **{name: {**OLD, **changes} for name, changes in {
         "px96": {"preprocess.image_size": 96},
