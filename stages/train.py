@@ -104,6 +104,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
                  fit_seconds=round(result.seconds, 1),
                  images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1),
                  jit_compile=_on(result.jit_compile), mixed_precision=_on(devices.mixed_precision),
+                 progressive=result.progressive,
                  deterministic_ops=_on(devices.deterministic_ops), devices=_devices_text(devices))
     log.info("best %s %.4f at epoch %d; %d epochs in %.0f s", cfg.monitor, result.best_value,
              result.best_epoch, len(result.history), result.seconds)

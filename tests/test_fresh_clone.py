@@ -77,6 +77,12 @@ def test_a_fresh_clone_logs_one_run_and_a_second_repro_none(clone: tuple[Path, d
     assert [r.info.status for r in runs] == ["FINISHED"]
     check_complete_run(runs[0], store, repo)
     assert runs[0].data.tags["mlic.changed"] == "nothing" and runs[0].info.run_name.startswith("as committed")
+    # What train ran, as the committed params ask (the defaults resize progressively)
+    params = yaml.safe_load(_committed("params.yaml"))
+    train, side = params["train"], params["preprocess"]["image_size"]
+    if train["progressive_scale"] > 0:
+        small = f"{round(side * train['progressive_scale'])} px x {round(train['epochs'] * train['progressive_fraction'])} epochs"
+        assert runs[0].data.tags["train.progressive"] == small
     AFTER_FIRST_REPRO["lock"] = (repo / "dvc.lock").read_text()
     again = run_ok(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in again, again

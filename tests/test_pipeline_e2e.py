@@ -77,6 +77,7 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
     assert runs[0].data.metrics["train/images_per_second"] > 0
     assert runs[0].data.metrics["train/cpu_seconds"] > 0          # user + sys of the train stage
     assert len(runs[0].data.tags["train.epoch_cpu_seconds"].split(",")) == runs[0].data.metrics["train/epochs_run"]
+    assert runs[0].data.tags["train.progressive"] == "off"  # 32 px: half of it is under the 32 px minimum
 
     # A reproduction is a no-op to git: nothing tracked changes (no timing, no path, no run id).
     _run(["git", "add", "-A"], repo, env)

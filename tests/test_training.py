@@ -256,6 +256,7 @@ def test_progressive_resizing_trains_small_images_first_then_full_size(tiny_tfre
     # The best epoch is a full-size one, and the checkpoint is the full-size model.
     assert result.best_epoch in (2, 3)
     assert result.best_value == h.loc[h["phase"] == "full", "val_auc_pr"].max()
+    assert result.progressive == "32 px x 2 epochs"
     loaded = keras.models.load_model(tmp_path / "best.keras")
     assert loaded.input_shape == (None, BIG, BIG, 3)
 

@@ -62,6 +62,7 @@ class TrainResult:
     # this process's CPU seconds (all threads) at the end of each epoch it ran: the cost axis of
     # bench/quality.py's time-to-quality plot (not in the history, which must reproduce bit for bit)
     epoch_cpu_seconds: list[float] = dataclasses.field(default_factory=list)
+    progressive: str = "off"        # progressive resizing as it ran: "<side> px x <epochs> epochs" or "off"
 
 
 def _compile(model: keras.Model, optimizer: keras.optimizers.Optimizer, loss: keras.losses.Loss, n_classes: int,
@@ -143,7 +144,7 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     `train_epochs(epochs=range(a, b))` gives the training batches of epochs a..b-1, one epoch after
     another, each epoch's order fixed by its number (`dataset.make_dataset(epochs=...)`).
     `pretrained`: freeze the backbone for phase 1, then run `cfg.finetune_epochs` with the top
-    `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`. With `cfg.progressive_size`
+    `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`. With `cfg.progressive_scale`
     (progressive resizing; `model` from `model.from_params`), the first `cfg.progressive_fraction`
     of phase 1's epochs train and validate on images downscaled by that scale, through a view
     of `model` sharing its layers, with the one optimizer and learning-rate schedule of the whole
@@ -248,7 +249,8 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     values = history[cfg.monitor].where(history["phase"] != PROGRESSIVE).to_numpy()
     idx = int(np.nanargmin(values) if mode == "min" else np.nanargmax(values))
     return TrainResult(history=history, best_epoch=int(history["epoch"][idx]), best_value=float(values[idx]),
-                       seconds=seconds, images_seen=n_train * ran, jit_compile=xla, epoch_cpu_seconds=cpu)
+                       seconds=seconds, images_seen=n_train * ran, jit_compile=xla, epoch_cpu_seconds=cpu,
+                       progressive=f"{plan[0]} px x {plan[1]} epochs" if plan else "off")
 
 
 def restore_model(model: keras.Model, state: State, best: keras.callbacks.ModelCheckpoint, checkpoint: Path) -> None:
