@@ -78,11 +78,12 @@ def test_a_fresh_clone_logs_one_run_and_a_second_repro_none(clone: tuple[Path, d
     check_complete_run(runs[0], store, repo)
     assert runs[0].data.tags["mlic.changed"] == "nothing" and runs[0].info.run_name.startswith("as committed")
     # What train ran, as the committed params ask (the defaults resize progressively)
+    from mlic.params import Train, section_from_dict
+    from mlic.training import progressive_plan
+
     params = yaml.safe_load(_committed("params.yaml"))
-    train, side = params["train"], params["preprocess"]["image_size"]
-    if train["progressive_scale"] > 0:
-        small = f"{round(side * train['progressive_scale'])} px x {round(train['epochs'] * train['progressive_fraction'])} epochs"
-        assert runs[0].data.tags["train.progressive"] == small
+    plan = progressive_plan(section_from_dict(Train, params["train"], "train"), params["preprocess"]["image_size"])
+    assert runs[0].data.tags["train.progressive"] == (f"{plan[0]} px x {plan[1]} epochs" if plan else "off")
     AFTER_FIRST_REPRO["lock"] = (repo / "dvc.lock").read_text()
     again = run_ok(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in again, again

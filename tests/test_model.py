@@ -388,6 +388,12 @@ def test_an_any_size_model_is_the_same_function_and_its_view_shares_every_weight
     assert loaded.input_shape == (None, 64, 64, 3)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), want, atol=1e-6)
 
+    # built for any side, it still refuses what a fixed-size build refuses
+    with pytest.raises(ValueError, match="weights must be None"):
+        mm.build_model("strided_cnn", 3, 64, weights="backbone.weights.h5", any_size=True)
+    with pytest.raises(ValueError, match="needs images of at least 32 px"):
+        mm.build_model("strided_cnn", 3, 16, any_size=True)
+
     view = mm.resized_view(free, 32)
     assert view.input_shape == (None, 32, 32, 3) and view.output_shape == (None, 3)
     assert {id(v) for v in view.weights} == {id(v) for v in free.weights}

@@ -268,3 +268,27 @@ def test_clear_removes_this_state_and_stale_ones(tmp_path: Path) -> None:
     (root / "stale" / "epoch-0007").mkdir(parents=True)
     resume.Resume(root / "ours").clear()
     assert not root.exists() and (tmp_path / ".mlic").is_dir()
+
+
+@pytest.fixture
+def mixed_policy():
+    """mixed_float16 for one test (compile wraps the optimizer in a LossScaleOptimizer), then float32."""
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    yield
+    keras.mixed_precision.set_global_policy("float32")
+
+
+@pytest.mark.parametrize("progressive", [False, True], ids=["one-size", "progressive"])
+def test_mixed_precision_resumes_with_its_loss_scale(tiny_tfrecords, mixed_policy, tmp_path: Path, monkeypatch,
+                                                     progressive: bool) -> None:
+    # The saved optimizer state is the wrapper's (loss scale, then Adam's slots): it must go back
+    # into the wrapper the resumed model compiles, whichever model (the view or the full one) holds it.
+    tfr64 = tiny_tfrecords(64)
+    cfg = config(epochs=3, **({"progressive_scale": 0.5, "progressive_fraction": 0.5} if progressive else {}))
+    _, want = run(tfr64, cfg, tmp_path / "through.keras", None)
+    saved = resume.Resume(tmp_path / "key")
+    with pytest.raises(Killed):
+        run(tfr64, cfg, tmp_path / "killed.keras", saved, 0, monkeypatch)
+    model_b, got = run(tfr64, cfg, tmp_path / "best.keras", resume.Resume(saved.folder))
+    assert isinstance(model_b.optimizer, keras.optimizers.LossScaleOptimizer)
+    assert_same_training(got, want, tmp_path / "best.keras", tmp_path / "through.keras")

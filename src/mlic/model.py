@@ -266,14 +266,9 @@ def build_backbone(
     weights: None (random init) | "imagenet" (download into ~/.keras/models) | a local file path.
     width: from-scratch backbones only, filters of the first block (then x2 per block).
     """
-    if name not in BACKBONES:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    _check_backbone_args(name, input_shape, weights)
     spec = BACKBONES[name]
-    if min(input_shape[:2]) < spec.min_size:
-        raise ValueError(f"{name} needs images of at least {spec.min_size} px, got {input_shape}")
     if spec.from_scratch:
-        if weights is not None:
-            raise ValueError(f"{name} is trained from scratch: weights must be None, got {weights!r}")
         return spec.factory(input_shape, width)
 
     if weights == "imagenet":
@@ -295,6 +290,16 @@ def build_backbone(
             _fold_efficientnet_imagenet_std(backbone)
         log.info("loaded %s weights from %s", name, weights)
     return backbone
+
+
+def _check_backbone_args(name: str, input_shape: tuple[int, int, int], weights: str | Path | None) -> None:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    spec = BACKBONES[name]
+    if min(input_shape[:2]) < spec.min_size:
+        raise ValueError(f"{name} needs images of at least {spec.min_size} px, got {input_shape}")
+    if spec.from_scratch and weights is not None:
+        raise ValueError(f"{name} is trained from scratch: weights must be None, got {weights!r}")
 
 
 # --------------------------------------------------------------------------- full model
@@ -384,6 +389,7 @@ def build_model(
         if not BACKBONES[backbone].from_scratch:
             raise ValueError(f"{backbone} has a fixed input size here; any_size takes a from-scratch backbone "
                              f"({', '.join(n for n, s in BACKBONES.items() if s.from_scratch)})")
+        _check_backbone_args(backbone, input_shape, weights)
         x = BACKBONES[backbone].factory((None, None, 3), width)(x)
     else:
         x = build_backbone(backbone, input_shape, weights=weights, width=width)(x)

@@ -82,14 +82,15 @@ def progressive_plan(cfg: Train, image_size: int) -> tuple[int, int] | None:
     if cfg.progressive_scale <= 0:
         return None
     spec = mlic_model.BACKBONES[cfg.backbone]
-    side = int(round(image_size * cfg.progressive_scale))
-    epochs = min(int(round(cfg.epochs * cfg.progressive_fraction)), cfg.epochs - 1)
+    side = math.floor(image_size * cfg.progressive_scale + 0.5)  # halves up, unlike round()
+    epochs = min(math.floor(cfg.epochs * cfg.progressive_fraction + 0.5), cfg.epochs - 1)
     if not spec.from_scratch:
         why = f"{cfg.backbone} is a keras.applications backbone (from-scratch backbones only)"
     elif not spec.min_size <= side < image_size:
         why = f"{side} px is not between {cfg.backbone}'s minimum {spec.min_size} px and the image size"
     elif epochs < 1:
-        why = f"{cfg.epochs} epochs leave none to spare"
+        why = (f"progressive_fraction {cfg.progressive_fraction} of {cfg.epochs} epochs is no small epoch "
+               "before the last, full-size one")
     else:
         return side, epochs
     log.info("progressive resizing off: %s; every epoch at %d px", why, image_size)
@@ -214,8 +215,12 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
                         "XLA kernel", phase)
         early_state = None
         if state is not None and state.phase == phase:  # the phase the run was killed in
-            optimizer.build(model.trainable_variables)  # no-op when already built
-            assign(optimizer.variables, state.optimizer_variables, "optimizer variables")
+            # Into the optimizer the fitting model holds: under mixed precision compile wraps ours
+            # in a LossScaleOptimizer, whose variables (its loss scale's, then ours) were saved.
+            held = net.optimizer
+            if not held.built:
+                held.build(model.trainable_variables)
+            assign(held.variables, state.optimizer_variables, "optimizer variables")
             early_state = state.early_stopping
         early = None
         if cfg.early_stopping_patience > 0:

@@ -407,6 +407,7 @@ def optimize(study: Any, cfg: Tune, train: Train, seed: int, make_trainer: Calla
                 trainer = make_trainer()
             trial_cfg = trial_train(train, cfg, values)
             last = trial_cfg.epochs + (trial_cfg.finetune_epochs if trial_cfg.weights is not None else 0) - 1
+            scored: list[int] = []
 
             def report(epoch: int, logs: Mapping[str, float]) -> bool:
                 runs.log_epoch(run_id, epoch, logs)
@@ -414,8 +415,11 @@ def optimize(study: Any, cfg: Tune, train: Train, seed: int, make_trainer: Calla
                 if value is None or not math.isfinite(value):
                     return False
                 trial.report(float(value), epoch)
+                scored.append(epoch)
                 # Never after the last epoch: stopping then saves nothing, and the trial is complete.
-                return epoch < last and trial.should_prune()
+                # The warm-up counts scored epochs: progressive resizing's small epochs are not
+                # scored, and the first full-size ones must not be judged at once.
+                return epoch < last and len(scored) > cfg.pruner_warmup_epochs and trial.should_prune()
 
             outcome = trainer(trial_cfg, report)
         except KeyboardInterrupt:
