@@ -296,3 +296,22 @@ def test_any_size_is_for_from_scratch_backbones() -> None:
     # from_params asks for it only where it applies: a pretrained family builds as before
     cfg = dataclasses.replace(Train(), backbone="mobilenet_v2", progressive_scale=0.5)
     assert mm.from_params(cfg, 3, 64, 0).get_layer(mm.BACKBONE_NAME).input_shape == (None, 64, 64, 3)
+
+
+def test_small_epochs_downscale_before_augmenting(tiny_tfrecords) -> None:
+    import tensorflow as tf
+
+    from mlic.augment import Augmentation
+
+    folder, _ = tiny_tfrecords(BIG)
+    train = tfrecords.Manifest.read(folder, "train")
+    plain = next(iter(dataset.make_dataset(train, BATCH)))[0]
+    small = next(iter(dataset.make_dataset(train, BATCH, resize_to=SMALL)))[0]
+    np.testing.assert_allclose(small, tf.image.resize(plain, (SMALL, SMALL), antialias=True), atol=1e-4)
+    # augmented at the small side: the warps and colour changes run on 32 px images
+    aug = Augmentation(flip=True, rotation=0.05, zoom=0.1, contrast=0.1, colour=True)
+    augmented = next(iter(dataset.make_dataset(train, BATCH, shuffle=True, augment=aug, resize_to=SMALL)))[0]
+    assert augmented.shape == (BATCH, SMALL, SMALL, 3)
+    # the validation batches of small epochs: the same downscaling, applied to a finished dataset
+    val_small = next(iter(dataset.downscaled(dataset.make_dataset(train, BATCH), SMALL)))[0]
+    np.testing.assert_allclose(val_small, small, atol=1e-4)

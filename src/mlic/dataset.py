@@ -60,7 +60,7 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
                  seed: int = 0, shuffle_buffer: int = 2048, epochs: range | None = None,
                  repeat: bool = False, with_filenames: bool = False, drop_remainder: bool = False,
                  deterministic: bool = True, augment: Augmentation | None = None,
-                 repeat_threshold: float = 0.0) -> tf.data.Dataset:
+                 repeat_threshold: float = 0.0, resize_to: int | None = None) -> tf.data.Dataset:
     """Batches of (images float32 0..255 [B,H,W,3], multi-hot labels float32 [B,k]) of one split.
 
     The dataset is the passes `epochs` (default one pass, epoch 0) one after another, or with
@@ -73,6 +73,8 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
     stay 0..255: the model applies its backbone's own preprocessing, so it cannot happen twice.
     `augment` (training): each batch augmented with the stateless seed of (seed, epoch, batch index),
     so batch b of epoch e gets the same transforms in any process, resumed or not.
+    `resize_to`: images downscaled to that side (antialiased) before augmentation (progressive
+    resizing's small epochs).
     `repeat_threshold` (training, with `shuffle`): repeat-factor sampling (`repeat_factors`) of
     images holding classes rarer than it, then the pass cut back to the split's size: an epoch
     costs the same, rare classes are seen more often and commoner images make room at random.
@@ -122,6 +124,10 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
     def _parse_batch(epoch: tf.Tensor, index: tf.Tensor, serialized: tf.Tensor) -> tuple[Any, ...]:
         images, labels, filenames = tf.map_fn(_parse_one, serialized, fn_output_signature=one_signature)
         images = tf.cast(images, tf.float32)  # one cast per batch
+        if resize_to is not None and resize_to != size:
+            # Progressive resizing's small epochs: downscaled before augmenting, so the warps and
+            # colour changes cost the small side's pixels, not the shards'.
+            images = tf.image.resize(images, (resize_to, resize_to), antialias=True)
         if augmenting:
             images = augment_batch(images, batch_seed(seed, epoch, index), augment)
         return (images, labels, filenames) if with_filenames else (images, labels)

@@ -143,7 +143,8 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
     """Train `model`; the best epoch's model is saved at `checkpoint` (a `.keras` path).
 
     `train_epochs(epochs=range(a, b))` gives the training batches of epochs a..b-1, one epoch after
-    another, each epoch's order fixed by its number (`dataset.make_dataset(epochs=...)`).
+    another, each epoch's order fixed by its number (`dataset.make_dataset(epochs=...)`); for
+    progressive resizing it is also called with `resize_to=<side>` (make_dataset's).
     `pretrained`: freeze the backbone for phase 1, then run `cfg.finetune_epochs` with the top
     `cfg.finetune_layers` unfrozen at `cfg.finetune_learning_rate`. With `cfg.progressive_scale`
     (progressive resizing; `model` from `model.from_params`), the first `cfg.progressive_fraction`
@@ -229,11 +230,12 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
         if done < epochs and phase not in stopped:
             recorder = EpochRecorder(phase, rows, stopped, checkpoint, best,
                                      None if phase == PROGRESSIVE else early, resume, early_state, cpu, saved=model)
-            train_ds, val = train_epochs(epochs=range(epoch0 + done, epoch0 + epochs)), val_ds
+            todo = range(epoch0 + done, epoch0 + epochs)
+            train_ds, val = train_epochs(epochs=todo), val_ds
             if phase == PROGRESSIVE:
                 # Small-image scores are not comparable with full-size ones: no checkpoint, no
                 # early stopping, no extra callbacks (tune's pruning scores the full model).
-                train_ds, val = dataset.downscaled(train_ds, small), dataset.downscaled(val_ds, small)
+                train_ds, val = train_epochs(epochs=todo, resize_to=small), dataset.downscaled(val_ds, small)
                 phase_callbacks = [LearningRateLogger(), recorder]
             else:
                 phase_callbacks = [LearningRateLogger(), best, *([early] if early else []), *callbacks, recorder]
