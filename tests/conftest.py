@@ -258,8 +258,10 @@ class ModelDir:
 
 
 def make_model_dir(root: Path, backbone: str = "simple_cnn", image_size: int = 32,
-                   classes: tuple[str, ...] = CLASSES, thresholds: tuple[float, ...] | None = None) -> ModelDir:
-    """An untrained (seeded) model saved as `train` saves it, with metadata and thresholds."""
+                   classes: tuple[str, ...] = CLASSES, thresholds: tuple[float, ...] | None = None,
+                   any_size: bool = False) -> ModelDir:
+    """An untrained (seeded) model saved as `train` saves it, with metadata and thresholds
+    (`any_size`: built as progressive resizing builds it)."""
     import json
 
     import keras
@@ -268,7 +270,7 @@ def make_model_dir(root: Path, backbone: str = "simple_cnn", image_size: int = 3
     from mlic.model_meta import ModelMeta
 
     keras.utils.set_random_seed(0)
-    model = mlic_model.build_model(backbone, len(classes), image_size, seed=0)
+    model = mlic_model.build_model(backbone, len(classes), image_size, seed=0, any_size=any_size)
     models = root / "models"
     models.mkdir(parents=True, exist_ok=True)
     model.save(models / "model.keras")

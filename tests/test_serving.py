@@ -70,6 +70,26 @@ def test_predicts_like_the_predictor_on_the_same_files(loaded, model_dir, predic
     assert [list(x) for x in frame["labels"]] == direct.labels
 
 
+def test_a_model_built_for_progressive_resizing_packages_and_predicts_like_the_predictor(
+        tmp_path: Path, predict_images) -> None:
+    # Its backbone takes any side (the small epochs' view shares it); what is saved, packaged and
+    # served is the full-size model, so every route gives the predictor's answer.
+    import mlflow.pyfunc
+
+    from conftest import make_model_dir
+
+    md = make_model_dir(tmp_path / "prog", backbone="strided_cnn", image_size=64, any_size=True)
+    package = serving.save_packaged_model(tmp_path / "pkg", md.models / "model.keras",
+                                          md.models / "model_meta.json", md.thresholds)
+    paths = [predict_images.images_dir / f for f in predict_images.filenames]
+    frame = mlflow.pyfunc.load_model(str(package)).predict(pd.DataFrame({"image": [b64(p.read_bytes()) for p in paths]}))
+    direct = Predictor.from_files(md.models / "model.keras", md.models / "model_meta.json",
+                                  md.thresholds).predict([str(p) for p in paths])
+    assert direct.probabilities.std() > 0  # not a constant answer
+    np.testing.assert_allclose(frame.iloc[:, 1:].to_numpy(), direct.probabilities, atol=1e-6)
+    assert [list(x) for x in frame["labels"]] == direct.labels
+
+
 def test_rows_that_are_not_images_are_named_in_the_error(loaded, predict_images) -> None:
     from mlflow.exceptions import MlflowException
 
