@@ -55,6 +55,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "no-progressive": {"train.progressive_scale": 0.0},
     "strided128-prog": {"preprocess.image_size": 128},
     "defaults-avgmax": {"train.pool": "avgmax"},
+    "defaults-rfs10": {"train.repeat_threshold": 1.0},
+    "defaults-weighted": {"train.loss": "weighted_bce"},
     "old-defaults": OLD,
     **{name: {**OLD, **changes} for name, changes in {
         "px96": {"preprocess.image_size": 96},
