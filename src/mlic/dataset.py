@@ -127,7 +127,7 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
         if resize_to is not None and resize_to != size:
             # Progressive resizing's small epochs: downscaled before augmenting, so the warps and
             # colour changes cost the small side's pixels, not the shards'.
-            images = tf.image.resize(images, (resize_to, resize_to), antialias=True)
+            images = downscale(images, resize_to)
         if augmenting:
             images = augment_batch(images, batch_seed(seed, epoch, index), augment)
         return (images, labels, filenames) if with_filenames else (images, labels)
@@ -149,10 +149,15 @@ def make_dataset(manifest: Manifest, batch_size: int, *, shuffle: bool = False,
     return ds.prefetch(AUTOTUNE)
 
 
+def downscale(images: tf.Tensor, size: int) -> tf.Tensor:
+    """A batch of images resized to `size` x `size`, antialiased (progressive resizing's small side)."""
+    return tf.image.resize(images, (size, size), antialias=True)
+
+
 def downscaled(ds: tf.data.Dataset, size: int) -> tf.data.Dataset:
-    """`ds`'s batches with the images resized to `size` x `size` (antialiased, after any
-    augmentation): progressive resizing's early epochs train and validate on these."""
+    """`ds`'s batches with the images downscaled to `size`: progressive resizing's small epochs
+    validate on these (their training batches come from `make_dataset(resize_to=)`)."""
     def resize(images: tf.Tensor, *rest: tf.Tensor) -> tuple[tf.Tensor, ...]:
-        return (tf.image.resize(images, (size, size), antialias=True), *rest)
+        return (downscale(images, size), *rest)
 
     return ds.map(resize, num_parallel_calls=AUTOTUNE, deterministic=True).prefetch(AUTOTUNE)

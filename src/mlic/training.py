@@ -231,13 +231,13 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
             recorder = EpochRecorder(phase, rows, stopped, checkpoint, best,
                                      None if phase == PROGRESSIVE else early, resume, early_state, cpu, saved=model)
             todo = range(epoch0 + done, epoch0 + epochs)
-            train_ds, val = train_epochs(epochs=todo), val_ds
             if phase == PROGRESSIVE:
                 # Small-image scores are not comparable with full-size ones: no checkpoint, no
                 # early stopping, no extra callbacks (tune's pruning scores the full model).
                 train_ds, val = train_epochs(epochs=todo, resize_to=small), dataset.downscaled(val_ds, small)
                 phase_callbacks = [LearningRateLogger(), recorder]
             else:
+                train_ds, val = train_epochs(epochs=todo), val_ds
                 phase_callbacks = [LearningRateLogger(), best, *([early] if early else []), *callbacks, recorder]
             log.info("phase %s: %d epochs at learning rate %g (%s)%s, XLA %s", phase, epochs, lr0, cfg.lr_schedule,
                      f" on {small} px images" if phase == PROGRESSIVE else "", "on" if xla else "off")
