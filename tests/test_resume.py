@@ -28,10 +28,9 @@ from mlic.augment import Augmentation
 from mlic import dataset, devices, resume, tfrecords, training
 from mlic import model as mm
 from mlic.params import Train
-from mlic.tfrecords import EncodeSettings, write_split
 
 SIZE, BATCH, SEED = 32, 8, 5
-SPLITS = {"train": range(0, 24), "val": range(24, 32)}
+SPLITS = {"train": range(0, 24), "val": range(24, 32)}  # as conftest's tiny_tfrecords writes them
 
 
 class Killed(Exception):
@@ -39,15 +38,9 @@ class Killed(Exception):
 
 
 @pytest.fixture(scope="module")
-def tfr(tmp_path_factory: pytest.TempPathFactory, make_set) -> tuple[Path, int]:
-    image_set = make_set(tmp_path_factory.mktemp("resume_set"), n=32, seed=7)
-    out = tmp_path_factory.mktemp("resume_tfr")
-    settings = EncodeSettings(image_size=SIZE, resize_mode="pad", encoding="jpeg", jpeg_quality=90)
-    for split, rows in SPLITS.items():
-        rows = np.asarray(rows)
-        write_split(split, [image_set.filenames[i] for i in rows], image_set.y[rows], image_set.classes,
-                    image_set.images_dir, out, settings, shard_size=8, seed=SEED)
-    return out, len(image_set.classes)
+def tfr(tiny_tfrecords) -> tuple[Path, int]:
+    """Tiny train/val TFRecords at 32 px (conftest's `tiny_tfrecords`): (folder, number of classes)."""
+    return tiny_tfrecords(SIZE)
 
 
 def config(**overrides) -> Train:
