@@ -94,10 +94,10 @@ def test_a_fresh_clone_logs_one_run_and_a_second_repro_none(clone: tuple[Path, d
     if status and _out_md5(repo / "dvc.lock", "train", "models/model.keras") != _out_md5(
             None, "train", "models/model.keras"):
         # ...unless this CPU trains other weights: floating-point code paths differ between
-        # instruction sets (README), so the state, and with it dvc.lock, is another one. Then
+        # instruction sets (docs/experiments.md), so the state, and with it dvc.lock, is another one. Then
         # only dvc.lock may differ; everything above (one run, a second repro none) still held.
         assert status.split() == ["M", "dvc.lock"], status
-        pytest.xfail("this CPU's training gives other weights than the committed dvc.lock's (see README)")
+        pytest.xfail("this CPU's training gives other weights than the committed dvc.lock's (see docs/experiments.md)")
     assert status == "", status
 
 

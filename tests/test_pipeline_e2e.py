@@ -158,7 +158,7 @@ def test_mlflow_ui_opens_runs_and_compares_them(project: tuple[Path, dict[str, s
     two, beta = named["beta2"], named["beta05"]
     experiment = beta.info.experiment_id
     with mlflow_ui.mlflow_server(env["MLFLOW_TRACKING_URI"], timeout=120) as url, mlflow_ui.browser() as browser:
-        # The link `track` prints (and the README gives) opens the runs table in a fresh browser,
+        # The link `track` prints (and docs/experiments.md gives) opens the runs table in a fresh browser,
         # and each row says what changed: no need to open a run to tell them apart.
         with mlflow_ui.ui_page(browser, workflow=None) as page:
             names = mlflow_ui.runs_table_names(page, url, experiment)

@@ -237,7 +237,7 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
         assert tags["dvc_exp_baseline_rev"] == baseline_rev and tags["mlflow.source.name"] == "dvc exp run"
         # nothing upstream re-ran; `tune` (off: a 0.5 s no-op) depends on train's params, so it runs too
         assert [s for s in tags["pipeline_stages"].split() if s != "tune"] == ["train", "evaluate", "calibrate"]
-    # What the README tells users to type in the UI's filter box finds the sweep.
+    # What docs/team.md tells users to type in the UI's filter box finds the sweep.
     found = client.search_runs([experiment.experiment_id], "tags.mlic.sweep = 'lr-dropout'")
     assert len(found) == 5
     # the registry: one version per run, the baseline's included

@@ -1,6 +1,6 @@
 """A team's tracking server: `mlflow server` over PostgreSQL, artifacts proxied into a folder.
 
-The README's server command, for real: a fresh PostgreSQL cluster (initdb, as an unprivileged
+The server command of docs/team.md, for real: a fresh PostgreSQL cluster (initdb, as an unprivileged
 account when run as root), `mlflow server --backend-store-uri postgresql+psycopg2://...
 --artifacts-destination <folder>` on loopback, then the small project's `track` stage run by DVC
 with MLFLOW_TRACKING_URI=http://... as a teammate's machine would. The run on the server must be
