@@ -39,24 +39,34 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The benchmark's data: what `sample.kind: hard` is measured at (README: "Choosing").
+# The benchmark's data: what `sample.kind: hard` is measured at (docs/choosing.md).
 HARD = {"sample.kind": "hard", "sample.min_size": 96, "sample.max_size": 320}
 
-# The defaults before progressive resizing: simple_cnn at 64 px, repeat threshold 0.2. The
-# configurations measured then are changes from these, so they are written on top of them here.
-OLD = {"preprocess.image_size": 64, "train.backbone": "simple_cnn", "train.progressive_scale": 0.0,
+# The defaults before the attention head: global average pooling, Adam without weight decay, no
+# test-time flip. The configurations measured then are changes from these, written on top of them.
+PREV = {"train.pool": "avg", "train.weight_decay": 0.0, "train.tta_flip": False}
+
+# The defaults before progressive resizing: simple_cnn at 64 px, repeat threshold 0.2 (and PREV).
+OLD = {**PREV, "preprocess.image_size": 64, "train.backbone": "simple_cnn", "train.progressive_scale": 0.0,
        "train.repeat_threshold": 0.2}
 
 # Configurations, as `dvc exp run -S` overrides on top of the committed defaults. Add yours here.
 CONFIGS: dict[str, dict[str, Any]] = {
-    "defaults": {},  # strided_cnn at 160 px, progressive resizing from 80 px for the first half, repeat threshold 0.5
-    "prog160-rfs02": {"train.repeat_threshold": 0.2},
-    "prog160-rfs02-frac06": {"train.repeat_threshold": 0.2, "train.progressive_fraction": 0.6},
-    "no-progressive": {"train.progressive_scale": 0.0},
-    "strided128-prog": {"preprocess.image_size": 128},
-    "defaults-avgmax": {"train.pool": "avgmax"},
-    "defaults-rfs10": {"train.repeat_threshold": 1.0},
-    "defaults-weighted": {"train.loss": "weighted_bce"},
+    # strided_cnn at 160 px, progressive resizing from 80 px for the first half, repeat threshold 0.5,
+    # the class-attention head, AdamW, the test-time flip
+    "defaults": {},
+    "defaults-no-tta": {"train.tta_flip": False},
+    "attention-l02": {**PREV, "train.pool": "attention", "train.attention_lambda": 0.2},
+    "prev-defaults": PREV,
+    **{name: {**PREV, **changes} for name, changes in {
+        "prog160-rfs02": {"train.repeat_threshold": 0.2},
+        "prog160-rfs02-frac06": {"train.repeat_threshold": 0.2, "train.progressive_fraction": 0.6},
+        "no-progressive": {"train.progressive_scale": 0.0},
+        "strided128-prog": {"preprocess.image_size": 128},
+        "defaults-avgmax": {"train.pool": "avgmax"},
+        "defaults-rfs10": {"train.repeat_threshold": 1.0},
+        "defaults-weighted": {"train.loss": "weighted_bce"},
+    }.items()},
     "old-defaults": OLD,
     **{name: {**OLD, **changes} for name, changes in {
         "px96": {"preprocess.image_size": 96},

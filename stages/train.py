@@ -78,6 +78,12 @@ def run(args: argparse.Namespace, params: Params) -> int:
                 result = training.fit(model, train_epochs, val_ds, cfg=cfg, n_classes=len(classes),
                                       n_train=train_m.count, checkpoint=ckpt, loss=loss,
                                       jit_compile=devices.jit_compile, pretrained=pretrained, resume=saved)
+                if cfg.tta_flip and cfg.augment_flip:
+                    # The best checkpoint, wrapped: the file every later stage and server loads.
+                    model = mlic_model.with_flip_tta(mlic_model.load_model(ckpt))
+                    model.save(ckpt)
+                elif cfg.tta_flip:
+                    log.info("tta_flip is off: augment_flip is false, so a mirror image may not keep its labels")
                 model_file.make_deterministic(ckpt)  # same weights, same bytes: DVC skips what follows
                 ckpt.replace(tmp)
             finally:  # atomic_path removes its own temp file, not this one

@@ -66,10 +66,13 @@ def test_build_model_rejects_bad_arguments(kwargs, message):
         mm.build_model(args.pop("backbone"), args.pop("n_classes"), args.pop("image_size"), **args)
 
 
-def test_head_stays_float32_under_mixed_precision(float32_policy):
+@pytest.mark.parametrize("pool", ["avg", "attention"])
+def test_head_stays_float32_under_mixed_precision(float32_policy, pool):
     keras.mixed_precision.set_global_policy("mixed_float16")
-    model = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8)
+    model = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8, pool=pool)
     assert model.get_layer("backbone").layers[1].compute_dtype == "float16"
+    if pool == "attention":  # a softmax over a score map in float16 would saturate
+        assert model.get_layer("class_maps").compute_dtype == model.get_layer("pool").compute_dtype == "float32"
     assert model.get_layer("preprocess").compute_dtype == "float32"
     assert model.output.dtype == "float32"
     assert model.predict(images(2), verbose=0).dtype == np.float32
@@ -184,6 +187,46 @@ def test_preprocessing_layer_matches_imagenet_utils_and_round_trips(mode):
 def test_preprocessing_layer_rejects_unknown_mode():
     with pytest.raises(ValueError, match="mode"):
         mm.ImagenetPreprocessing("bgr")
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 2.0])
+def test_attention_head_is_the_mean_plus_lambda_times_the_attention_of_each_class_map(tmp_path, lam):
+    # CSRA (Zhu & Wu 2021) written out in numpy: per class, mean of the score map + lam * the
+    # softmax(map)-weighted sum of the map; lam 0 is global average pooling then the classifier.
+    model = mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8, pool="attention", attention_lambda=lam, dropout=0.5)
+    x = images(4)
+    maps = keras.Model(model.input, model.get_layer("class_maps").output).predict(x, verbose=0)
+    assert maps.shape == (4, 2, 2, N_CLASSES)  # simple_cnn: a 16th of 32 px
+    s = maps.reshape(4, -1, N_CLASSES)
+    w = np.exp(s - s.max(axis=1, keepdims=True))
+    w /= w.sum(axis=1, keepdims=True)
+    logits = s.mean(axis=1) + lam * (w * s).sum(axis=1)
+    probs = model.predict(x, verbose=0)
+    np.testing.assert_allclose(probs, 1 / (1 + np.exp(-logits)), rtol=1e-5, atol=1e-6)
+    if lam == 0:  # = avg pooling + Dense: the 1x1 conv's kernel is the Dense kernel
+        features = model.get_layer("backbone").predict(x / 255.0, verbose=0).mean((1, 2))
+        kernel, bias = model.get_layer("class_maps").get_weights()
+        np.testing.assert_allclose(logits, features @ kernel[0, 0] + bias, rtol=1e-4, atol=1e-5)
+    model.save(tmp_path / "m.keras")
+    loaded = mm.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), probs)
+    assert loaded.get_layer("pool").lam == lam
+    with pytest.raises(ValueError, match="lam must be >= 0"):
+        mm.ClassAttentionPool(-1.0)
+
+
+def test_flip_tta_is_the_mean_of_the_image_and_its_mirror_with_the_same_weights(tmp_path):
+    model = mm.build_model("strided_cnn", N_CLASSES, SIZE, width=4, pool="attention", seed=3)
+    tta = mm.with_flip_tta(model)
+    x = images(3)
+    want = (model.predict(x, verbose=0) + model.predict(x[:, :, ::-1], verbose=0)) / 2
+    np.testing.assert_allclose(tta.predict(x, verbose=0), want, rtol=1e-5, atol=1e-6)
+    assert {id(v) for v in tta.weights} == {id(v) for v in model.weights}
+    assert tta.count_params() == model.count_params()
+    tta.save(tmp_path / "m.keras")
+    loaded = mm.load_model(tmp_path / "m.keras")
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), tta.predict(x, verbose=0))
+    assert loaded.output.dtype == "float32"
 
 
 # --------------------------------------------------------------------------- train, save, load
@@ -374,11 +417,12 @@ def test_the_pool_choices_of_params_are_exactly_the_built_ones() -> None:
     assert set(typing.get_args(typing.get_type_hints(Train)["pool"])) == set(mm.POOLS)
 
 
-def test_an_any_size_model_is_the_same_function_and_its_view_shares_every_weight(tmp_path) -> None:
+@pytest.mark.parametrize("pool", ["avgmax", "attention"])
+def test_an_any_size_model_is_the_same_function_and_its_view_shares_every_weight(tmp_path, pool) -> None:
     # Progressive resizing builds the backbone for any side: the model must stay what it was (the
     # same function at its own size, saved and loaded like any model), and the view must train it.
-    fixed = mm.build_model("strided_cnn", 3, 64, width=4, seed=1, pool="avgmax")
-    free = mm.build_model("strided_cnn", 3, 64, width=4, seed=1, pool="avgmax", any_size=True)
+    fixed = mm.build_model("strided_cnn", 3, 64, width=4, seed=1, pool=pool)
+    free = mm.build_model("strided_cnn", 3, 64, width=4, seed=1, pool=pool, any_size=True)
     free.set_weights(fixed.get_weights())
     x = np.random.default_rng(0).uniform(0, 255, (2, 64, 64, 3)).astype("float32")
     want = fixed.predict(x, verbose=0)

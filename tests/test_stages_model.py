@@ -156,6 +156,11 @@ def test_train_writes_model_meta_history_and_metrics(project: Project) -> None:
     assert model.input_shape == (None, SIZE, SIZE, 3)
     assert model.output_shape == (None, len(project.classes))
     assert meta["parameters"] == model.count_params() > 0
+    # train.tta_flip (on, with augment_flip): the saved model averages each image with its mirror
+    # image, so it cannot tell them apart
+    assert meta["train"]["tta_flip"] and meta["train"]["augment_flip"] and model.name.endswith("_flip_tta")
+    x = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
+    np.testing.assert_allclose(model.predict(x, verbose=0), model.predict(x[:, :, ::-1], verbose=0), atol=1e-6)
 
 
 def test_train_stops_before_training_when_the_tracking_store_is_unreachable(

@@ -261,6 +261,22 @@ def test_progressive_resizing_trains_small_images_first_then_full_size(tiny_tfre
     assert loaded.input_shape == (None, BIG, BIG, 3)
 
 
+def test_weight_decay_is_adamw_through_both_sizes_and_shrinks_the_weights(tiny_tfrecords, tmp_path: Path) -> None:
+    # The attention head and AdamW together, as the defaults train: one AdamW across the size
+    # change; with a huge decay and no learning signal left to fight it, the weights shrink.
+    kw = dict(progressive_scale=0.5, progressive_fraction=0.5, epochs=2, pool="attention", attention_lambda=1.0)
+    plain, _, _ = fit_progressive(tiny_tfrecords, tmp_path / "a.keras", **kw)
+    decayed, result, _ = fit_progressive(tiny_tfrecords, tmp_path / "b.keras", weight_decay=5.0, **kw)
+    assert isinstance(decayed.optimizer, keras.optimizers.AdamW) and decayed.optimizer.weight_decay == 5.0
+    assert type(plain.optimizer) is keras.optimizers.Adam
+    assert result.progressive == "32 px x 1 epochs"
+
+    def norm(m: keras.Model) -> float:
+        return float(np.sqrt(sum(np.sum(np.square(np.asarray(w))) for w in m.get_layer("backbone").trainable_weights)))
+
+    assert norm(decayed) < 0.9 * norm(plain)
+
+
 @pytest.mark.parametrize("overrides, size, plan, why", [
     (dict(progressive_scale=0.5, progressive_fraction=0.5), 160, (80, 40), None),
     (dict(progressive_scale=0.5, progressive_fraction=0.5, epochs=5), 64, (32, 3), None),  # halves round up

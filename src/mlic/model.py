@@ -7,6 +7,8 @@ preprocess twice.
 
 Layer layout (names are used by `freeze_backbone` / `unfreeze_top` and by tests):
     image -> preprocess -> backbone -> pool -> dropout -> probabilities
+or, with the class-attention head (`pool: attention`):
+    image -> preprocess -> backbone -> dropout -> class_maps -> pool -> probabilities
 
 Training augmentation is not in the model: it runs in the tf.data pipeline (`augment.py`),
 where it cannot switch XLA off (Keras's RandomRotation/RandomZoom have no XLA kernel).
@@ -127,7 +129,7 @@ def _strided_cnn(input_shape: tuple[int, int, int], width: int) -> keras.Model:
     input into 2w learnt features instead of the one averaged pixel a resize to half the side
     would leave, so a 128 px input keeps the detail of small objects that a 64 px resize
     blurs away, and the blocks then run at 64 px cost: about 1.4x simple_cnn's multiply-adds
-    at half the input side (bench/quality.py: the hard benchmark, README "Choosing").
+    at half the input side (bench/quality.py: the hard benchmark, docs/choosing.md).
     """
     inputs = keras.Input(shape=input_shape, name="backbone_input")
     return keras.Model(inputs, _vgg_blocks(_stem(inputs, 2 * width, stride=2), width), name=BACKBONE_NAME)
@@ -317,7 +319,37 @@ def build_preprocessing(backbone: str) -> keras.layers.Layer | None:
     return ImagenetPreprocessing(mode, dtype="float32", name="preprocess")
 
 
-POOLS = ("avg", "max", "avgmax")  # params' train.pool Literal equals this (a test keeps it)
+POOLS = ("avg", "max", "avgmax", "attention")  # params' train.pool Literal equals this (a test keeps it)
+
+
+@keras.saving.register_keras_serializable(package="mlic")
+class ClassAttentionPool(keras.layers.Layer):
+    """Class-specific residual attention (CSRA, Zhu & Wu, ICCV 2021) over per-class score maps.
+
+    Input (B, H, W, K): one logit map per class (a 1x1 convolution of the feature map, i.e. the
+    classifier applied at every position). Output (B, K): each map's mean plus `lam` times its
+    softmax-attention pooling, sum_i softmax(T * s)_i * s_i, which tends to the map's max as
+    the temperature T grows. The mean is global average pooling followed by the classifier
+    (the usual head); the attention term lets a class whose object lights a few cells of the
+    map score as if it filled it: what small objects need, at the cost of one 1x1 convolution.
+    """
+
+    def __init__(self, lam: float = 1.0, temperature: float = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        if lam < 0 or temperature <= 0:
+            raise ValueError(f"lam must be >= 0 and temperature > 0, got {lam}, {temperature}")
+        self.lam, self.temperature = float(lam), float(temperature)
+
+    def call(self, maps):
+        flat = keras.ops.reshape(maps, (keras.ops.shape(maps)[0], -1, maps.shape[-1]))
+        weights = keras.ops.softmax(flat * self.temperature, axis=1)
+        return keras.ops.mean(flat, axis=1) + self.lam * keras.ops.sum(weights * flat, axis=1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], input_shape[-1])
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "lam": self.lam, "temperature": self.temperature}
 
 
 def build_pool(pool: str):
@@ -327,6 +359,7 @@ def build_pool(pool: str):
     map is 2 % of the vector). max: global max (a feature fires if the object is *anywhere*:
     presence, which is what a multi-label answer is, whatever the object's size). avgmax: both,
     concatenated (twice the features into the Dense layer). The output layer is named "pool".
+    (`attention` pools class score maps, not features: `build_model` builds that head.)
     """
     if pool == "avg":
         return keras.layers.GlobalAveragePooling2D(name="pool")
@@ -359,6 +392,7 @@ def build_model(
     seed: int = 0,
     width: int = SIMPLE_CNN_WIDTH,
     pool: str = "avg",
+    attention_lambda: float = 1.0,
     any_size: bool = False,
 ) -> keras.Model:
     """Build the full model: raw 0..255 RGB in, `n_classes` sigmoid probabilities out.
@@ -367,7 +401,8 @@ def build_model(
     from-scratch backbone for any input side, so `resized_view` can train the same weights on
     smaller images (progressive resizing); the model itself still takes `image_size`. The head is
     pool -> Dropout -> Dense(sigmoid) in float32 so the output stays float32 under a
-    mixed_float16 policy.
+    mixed_float16 policy; with pool "attention", Dropout -> a 1x1 Conv2D giving one score map per
+    class -> `ClassAttentionPool(attention_lambda)` -> sigmoid, in float32 too.
     """
     if backbone not in BACKBONES:
         raise ValueError(f"unknown backbone {backbone!r}; choose one of {sorted(BACKBONES)}")
@@ -393,6 +428,12 @@ def build_model(
         x = BACKBONES[backbone].factory((None, None, 3), width)(x)
     else:
         x = build_backbone(backbone, input_shape, weights=weights, width=width)(x)
+    if pool == "attention":
+        x = keras.layers.Dropout(dropout, seed=_derive_seed(seed, 5), name="dropout")(x)
+        x = keras.layers.Conv2D(n_classes, 1, dtype="float32", name="class_maps")(x)
+        x = ClassAttentionPool(attention_lambda, dtype="float32", name="pool")(x)
+        outputs = keras.layers.Activation("sigmoid", dtype="float32", name="probabilities")(x)
+        return keras.Model(inputs, outputs, name=f"mlic_{backbone}")
     x = build_pool(pool)(x)
     x = keras.layers.Dropout(dropout, seed=_derive_seed(seed, 5), name="dropout")(x)
     outputs = keras.layers.Dense(
@@ -405,7 +446,8 @@ def from_params(cfg: Train, n_classes: int, image_size: int, seed: int) -> keras
     """`build_model` as `train`'s params ask (the stage and tune's trials build it here)."""
     progressive = cfg.progressive_scale > 0 and BACKBONES[cfg.backbone].from_scratch
     return build_model(cfg.backbone, n_classes, image_size, weights=cfg.weights, dropout=cfg.dropout, seed=seed,
-                       width=cfg.width, pool=cfg.pool, any_size=progressive)
+                       width=cfg.width, pool=cfg.pool, attention_lambda=cfg.attention_lambda,
+                       any_size=progressive)
 
 
 def resized_view(model: keras.Model, size: int) -> keras.Model:
@@ -417,12 +459,37 @@ def resized_view(model: keras.Model, size: int) -> keras.Model:
     if "preprocess" in names:
         x = model.get_layer("preprocess")(x)
     x = model.get_layer(BACKBONE_NAME)(x)
+    if "class_maps" in names:  # the attention head pools class score maps
+        x = model.get_layer("pool")(model.get_layer("class_maps")(model.get_layer("dropout")(x)))
+        return keras.Model(inputs, model.get_layer("probabilities")(x), name=f"{model.name}_{size}px")
     if "pool_avg" in names:
         x = model.get_layer("pool")([model.get_layer("pool_avg")(x), model.get_layer("pool_max")(x)])
     else:
         x = model.get_layer("pool")(x)
     x = model.get_layer("dropout")(x)
     return keras.Model(inputs, model.get_layer("probabilities")(x), name=f"{model.name}_{size}px")
+
+
+@keras.saving.register_keras_serializable(package="mlic")
+class HorizontalFlip(keras.layers.Layer):
+    """Mirror a (B, H, W, C) batch left to right, always (test-time augmentation, not a random layer)."""
+
+    def call(self, inputs):
+        return keras.ops.flip(inputs, axis=2)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+def with_flip_tta(model: keras.Model) -> keras.Model:
+    """`model` with horizontal-flip test-time augmentation: the mean of its probabilities for the
+    image and for its mirror image, one model, so evaluate, `mlic predict` and the served model
+    all see the same thing. Valid where training flipped images (a flip keeps every label true).
+    The trained model is nested inside, with every weight shared; nothing else changes."""
+    inputs = keras.Input(shape=model.input_shape[1:], dtype="float32", name="image")
+    both = [model(inputs), model(HorizontalFlip(name="flip")(inputs))]
+    outputs = keras.layers.Average(dtype="float32", name="flip_average")(both)
+    return keras.Model(inputs, outputs, name=f"{model.name}_flip_tta")
 
 
 SUMMARY_WIDTH = 100  # characters per line of `summary_text`

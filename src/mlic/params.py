@@ -111,11 +111,13 @@ class Train:
                       "efficientnet_b0", "efficientnetv2_b0", "convnext_tiny", "resnet50", "resnet50_v2",
                       "vgg16", "vgg19"] = "simple_cnn"
     width: int = _in(16, 1)
-    pool: Literal["avg", "max", "avgmax"] = "avg"  # == model.POOLS
+    pool: Literal["avg", "max", "avgmax", "attention"] = "avg"  # == model.POOLS
+    attention_lambda: float = _in(1.0, 0.0)
     weights: str | None = None
     batch_size: int = _in(16, 1)
     epochs: int = _in(80, 1)
     learning_rate: float = _in(0.003, 0.0, lo_open=True)
+    weight_decay: float = _in(0.0, 0.0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     dropout: float = _in(0.3, 0.0, 1.0, hi_open=True)
     loss: Literal["bce", "weighted_bce", "focal", "asl"] = "bce"  # == losses.LOSSES
@@ -132,6 +134,7 @@ class Train:
     monitor: str = "val_auc_pr"
     early_stopping_patience: int = _in(12, 0)
     augment_flip: bool = True
+    tta_flip: bool = True
     augment_rotation: float = _in(0.05, 0.0, 1.0)
     augment_zoom: float = _in(0.1, 0.0, 1.0, hi_open=True)
     augment_contrast: float = _in(0.1, 0.0, 1.0)
