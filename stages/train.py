@@ -66,7 +66,8 @@ def run(args: argparse.Namespace, params: Params) -> int:
     pretrained = cfg.weights is not None
     # Epoch-by-epoch state in .mlic/train-resume/<key>/ (outside git and DVC): a killed train re-run
     # continues where it stopped (resume.py); removed once every output is written.
-    saved = (resume.Resume.for_run(dataclasses.asdict(cfg), common.seed,
+    # tta_flip shapes only the saved file, not the training: it is not part of the resume key.
+    saved = (resume.Resume.for_run({k: v for k, v in dataclasses.asdict(cfg).items() if k != "tta_flip"}, common.seed,
                                    {"train": train_m.fingerprint, "val": val_m.fingerprint})
              if cfg.resume else None)
     with devices.strategy.scope():
@@ -78,7 +79,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
                 result = training.fit(model, train_epochs, val_ds, cfg=cfg, n_classes=len(classes),
                                       n_train=train_m.count, checkpoint=ckpt, loss=loss,
                                       jit_compile=devices.jit_compile, pretrained=pretrained, resume=saved)
-                if cfg.tta_flip and cfg.augment_flip:
+                if mlic_model.flips_at_test_time(cfg):
                     # The best checkpoint, wrapped: the file every later stage and server loads.
                     model = mlic_model.with_flip_tta(mlic_model.load_model(ckpt))
                     model.save(ckpt)
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
                  fit_seconds=round(result.seconds, 1),
                  images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1),
                  jit_compile=_on(result.jit_compile), mixed_precision=_on(devices.mixed_precision),
-                 progressive=result.progressive,
+                 progressive=result.progressive, tta_flip=_on(mlic_model.flips_at_test_time(cfg)),
                  deterministic_ops=_on(devices.deterministic_ops), devices=_devices_text(devices))
     log.info("best %s %.4f at epoch %d; %d epochs in %.0f s", cfg.monitor, result.best_value,
              result.best_epoch, len(result.history), result.seconds)

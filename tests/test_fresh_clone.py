@@ -78,12 +78,15 @@ def test_a_fresh_clone_logs_one_run_and_a_second_repro_none(clone: tuple[Path, d
     check_complete_run(runs[0], store, repo)
     assert runs[0].data.tags["mlic.changed"] == "nothing" and runs[0].info.run_name.startswith("as committed")
     # What train ran, as the committed params ask (the defaults resize progressively)
+    from mlic.model import flips_at_test_time
     from mlic.params import Train, section_from_dict
     from mlic.training import progressive_plan
 
     params = yaml.safe_load(_committed("params.yaml"))
-    plan = progressive_plan(section_from_dict(Train, params["train"], "train"), params["preprocess"]["image_size"])
+    cfg = section_from_dict(Train, params["train"], "train")
+    plan = progressive_plan(cfg, params["preprocess"]["image_size"])
     assert runs[0].data.tags["train.progressive"] == (f"{plan[0]} px x {plan[1]} epochs" if plan else "off")
+    assert runs[0].data.tags["train.tta_flip"] == ("on" if flips_at_test_time(cfg) else "off")
     AFTER_FIRST_REPRO["lock"] = (repo / "dvc.lock").read_text()
     again = run_ok(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in again, again

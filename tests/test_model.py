@@ -215,6 +215,24 @@ def test_attention_head_is_the_mean_plus_lambda_times_the_attention_of_each_clas
         mm.ClassAttentionPool(-1.0)
 
 
+@pytest.mark.parametrize("tta_flip, augment_flip, flips", [(True, True, True), (True, False, False),
+                                                          (False, True, False)])
+def test_the_saved_model_flips_only_when_asked_and_trained_on_flips(tta_flip, augment_flip, flips):
+    from mlic.params import Train
+
+    assert mm.flips_at_test_time(Train(tta_flip=tta_flip, augment_flip=augment_flip)) is flips
+
+
+def test_flip_tta_keeps_float32_pixels_under_mixed_precision(float32_policy):
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    tta = mm.with_flip_tta(mm.build_model("simple_cnn", N_CLASSES, SIZE, width=8))
+    assert tta.get_layer("flip").compute_dtype == "float32" and tta.output.dtype == "float32"
+    x = images(2) + 0.3  # not integers: float16 would round them
+    symmetric = (x + x[:, :, ::-1]) / 2  # its own mirror image: both branches must see the same pixels
+    out = tta.predict(symmetric, verbose=0)
+    np.testing.assert_array_equal(out, tta.predict(symmetric[:, :, ::-1], verbose=0))
+
+
 def test_flip_tta_is_the_mean_of_the_image_and_its_mirror_with_the_same_weights(tmp_path):
     model = mm.build_model("strided_cnn", N_CLASSES, SIZE, width=4, pool="attention", seed=3)
     tta = mm.with_flip_tta(model)

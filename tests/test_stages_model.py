@@ -36,7 +36,9 @@ SIZE, SEED, SHARD_SIZE = 32, 3, 5  # shards of 5: val and test span two shards e
 SPLITS = {"train": range(0, 24), "val": range(24, 32), "test": range(32, 40)}
 TRAIN = {"epochs": 1, "batch_size": 8, "early_stopping_patience": 0, "shuffle_buffer": 64,
          # Op determinism is process-wide and irreversible: keep it out of the rest of the session.
-         "deterministic_ops": False}
+         "deterministic_ops": False,
+         # params.yaml's head, optimizer and saved model (the dataclass defaults keep the old ones)
+         "pool": "attention", "weight_decay": 0.2, "tta_flip": True}
 TRACKING = {"experiment": "test", "log_model": False}
 
 

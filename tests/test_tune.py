@@ -579,6 +579,13 @@ def test_a_real_trial_repeats_itself_and_scores_val_map_as_evaluate_does(shards:
     scorer.on_epoch_end(0, logs)
     pred = predictions.predict_split(model, val, 4)
     assert logs[tune.OBJECTIVE] == metrics.compute_metrics(pred.y_true, pred.y_prob)["macro_ap"]
+    # With the test-time flip, the model train would save: evaluate's score of the wrapped model.
+    flipped = trial.ValidationAP(dataset.make_dataset(val, 4), lambda epoch, logs: False, flip=True)
+    flipped.set_model(model)
+    logs = {}
+    flipped.on_epoch_end(0, logs)
+    pred = predictions.predict_split(mlic_model.with_flip_tta(model), val, 4)
+    assert logs[tune.OBJECTIVE] == pytest.approx(metrics.compute_metrics(pred.y_true, pred.y_prob)["macro_ap"], abs=1e-6)
     keras.backend.clear_session()
 
 

@@ -9,6 +9,8 @@ Layer layout (names are used by `freeze_backbone` / `unfreeze_top` and by tests)
     image -> preprocess -> backbone -> pool -> dropout -> probabilities
 or, with the class-attention head (`pool: attention`):
     image -> preprocess -> backbone -> dropout -> class_maps -> pool -> probabilities
+The file `train` saves with `train.tta_flip` nests that model twice over shared weights:
+    image -> [model(image), model(flip(image))] -> flip_average   (`with_flip_tta`)
 
 Training augmentation is not in the model: it runs in the tf.data pipeline (`augment.py`),
 where it cannot switch XLA off (Keras's RandomRotation/RandomZoom have no XLA kernel).
@@ -332,6 +334,9 @@ class ClassAttentionPool(keras.layers.Layer):
     the temperature T grows. The mean is global average pooling followed by the classifier
     (the usual head); the attention term lets a class whose object lights a few cells of the
     map score as if it filled it: what small objects need, at the cost of one 1x1 convolution.
+    CSRA-style rather than the paper's exact head: the classifier keeps its bias (counted 1 + lam
+    times) and its weights are not normalised, so weight decay also sharpens or softens the
+    attention; on a 1x1 map (32 px into strided_cnn) the attention term is the map itself.
     """
 
     def __init__(self, lam: float = 1.0, temperature: float = 1.0, **kwargs):
@@ -481,13 +486,20 @@ class HorizontalFlip(keras.layers.Layer):
         return input_shape
 
 
+def flips_at_test_time(cfg: Train) -> bool:
+    """Whether `train` saves the model with the test-time flip: asked for, and valid (the model was
+    trained on flipped images, so a mirror image keeps its labels)."""
+    return cfg.tta_flip and cfg.augment_flip
+
+
 def with_flip_tta(model: keras.Model) -> keras.Model:
     """`model` with horizontal-flip test-time augmentation: the mean of its probabilities for the
     image and for its mirror image, one model, so evaluate, `mlic predict` and the served model
     all see the same thing. Valid where training flipped images (a flip keeps every label true).
     The trained model is nested inside, with every weight shared; nothing else changes."""
     inputs = keras.Input(shape=model.input_shape[1:], dtype="float32", name="image")
-    both = [model(inputs), model(HorizontalFlip(name="flip")(inputs))]
+    # float32 like `preprocess`: under mixed_float16 the mirrored pixels would be rounded, the others not
+    both = [model(inputs), model(HorizontalFlip(dtype="float32", name="flip")(inputs))]
     outputs = keras.layers.Average(dtype="float32", name="flip_average")(both)
     return keras.Model(inputs, outputs, name=f"{model.name}_flip_tta")
 

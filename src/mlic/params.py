@@ -134,7 +134,7 @@ class Train:
     monitor: str = "val_auc_pr"
     early_stopping_patience: int = _in(12, 0)
     augment_flip: bool = True
-    tta_flip: bool = True
+    tta_flip: bool = False
     augment_rotation: float = _in(0.05, 0.0, 1.0)
     augment_zoom: float = _in(0.1, 0.0, 1.0, hi_open=True)
     augment_contrast: float = _in(0.1, 0.0, 1.0)

@@ -43,13 +43,15 @@ def learning_rate(kind: str, initial: float, total_steps: int) -> float | keras.
     raise ValueError(f"unknown lr_schedule {kind!r}; use constant or cosine")
 
 
-def optimizer_for(cfg: Train, lr: float | keras.optimizers.schedules.LearningRateSchedule) -> keras.optimizers.Optimizer:
+def optimizer_for(cfg: Train, lr: float | keras.optimizers.schedules.LearningRateSchedule,
+                  phase: str = "full") -> keras.optimizers.Optimizer:
     """Adam, or with `train.weight_decay` > 0 AdamW (Loshchilov & Hutter 2019): decoupled weight
     decay, each step shrinking every trainable variable by lr x weight_decay of itself. Behind
     BatchNorm a convolution's scale does not change its output, so the decay keeps its weights
     small and its effective learning rate up: from scratch it learnt far faster here
-    (docs/choosing.md)."""
-    if cfg.weight_decay > 0:
+    (docs/choosing.md). Not in phase 2 ("finetune"): a pretrained backbone's BatchNorm is frozen
+    there, so the decay would pull the pretrained weights towards zero and change the function."""
+    if cfg.weight_decay > 0 and phase != "finetune":
         return keras.optimizers.AdamW(lr, weight_decay=cfg.weight_decay)
     return keras.optimizers.Adam(lr)
 
@@ -218,7 +220,7 @@ def fit(model: keras.Model, train_epochs: Callable[..., Any], val_ds: Any, *, cf
             n = mlic_model.unfreeze_top(model, cfg.finetune_layers)
             log.info("phase 2: %d backbone layers trainable (BatchNorm frozen)", n)
         net = mlic_model.resized_view(model, small) if phase == PROGRESSIVE else model
-        optimizer = shared if small else optimizer_for(cfg, learning_rate(cfg.lr_schedule, lr0, epochs * steps))
+        optimizer = shared if small else optimizer_for(cfg, learning_rate(cfg.lr_schedule, lr0, epochs * steps), phase)
         _compile(net, optimizer, loss, n_classes, jit_compile)
         xla = bool(net.jit_compile)  # Keras turns a requested XLA off for op determinism or a non-XLA layer
         if jit_compile and not xla:

@@ -37,11 +37,13 @@ class ValidationAP(keras.callbacks.Callback):
     stops training after this epoch. Outputs that are not finite (a diverged loss) stop it too.
 
     `val_ds` is the validation dataset `training.fit` gets (unshuffled batches of images, labels):
-    built once, iterated each epoch."""
+    built once, iterated each epoch. `flip`: score the mean of each image and its mirror image, as
+    the saved model does with `train.tta_flip` (`model.with_flip_tta`), so trials rank what
+    evaluate will score."""
 
-    def __init__(self, val_ds: Any, report: Report):
+    def __init__(self, val_ds: Any, report: Report, flip: bool = False):
         super().__init__()
-        self.val_ds, self.report = val_ds, report
+        self.val_ds, self.report, self.flip = val_ds, report, flip
         self.y_true: np.ndarray | None = None
         self.pruned = self.diverged = False
 
@@ -49,7 +51,10 @@ class ValidationAP(keras.callbacks.Callback):
         logs = logs if logs is not None else {}
         probs, labels = [], []
         for images, y in self.val_ds:
-            probs.append(np.asarray(self.model(images, training=False), dtype=np.float64))
+            out = self.model(images, training=False)
+            if self.flip:
+                out = (out + self.model(keras.ops.flip(images, axis=2), training=False)) / 2
+            probs.append(np.asarray(out, dtype=np.float64))
             labels.append(np.asarray(y))
         if self.y_true is None:
             self.y_true = np.concatenate(labels).astype(np.int64)
@@ -89,7 +94,7 @@ class Trainer:
                                          seed=self.seed, shuffle_buffer=cfg.shuffle_buffer,
                                          repeat_threshold=cfg.repeat_threshold)
         val_ds = dataset.make_dataset(val_m, cfg.batch_size)
-        scorer = ValidationAP(val_ds, report)
+        scorer = ValidationAP(val_ds, report, flip=mlic_model.flips_at_test_time(cfg))
         with devices.strategy.scope(), tempfile.TemporaryDirectory(prefix="mlic-trial-") as tmp:
             model = mlic_model.from_params(cfg, n_classes, train_m.image_size, self.seed)
             loss = losses.loss_from_params(cfg, train_m.prevalence)
