@@ -51,7 +51,8 @@ def run(args: argparse.Namespace, params: Params) -> int:
     store.check_store(store.resolve_tracking_uri(params.tracking.uri, Path.cwd()))
 
     mlic_devices.set_seed(common.seed)
-    devices = mlic_devices.configure_devices(cfg.mixed_precision, cfg.jit_compile, cfg.deterministic_ops)
+    devices = mlic_devices.configure_devices(cfg.mixed_precision, cfg.jit_compile, cfg.deterministic_ops,
+                                                   cfg.intra_op_threads)
     train_m, val_m = Manifest.read(args.tfrecords, "train"), Manifest.read(args.tfrecords, "val")
     classes, size = train_m.classes, train_m.image_size
     if (val_m.classes, val_m.image_size, val_m.resize_mode) != (classes, size, train_m.resize_mode):
@@ -112,7 +113,8 @@ def run(args: argparse.Namespace, params: Params) -> int:
                  images_per_second=round(result.images_seen / max(result.seconds, 1e-9), 1),
                  jit_compile=_on(result.jit_compile), mixed_precision=_on(devices.mixed_precision),
                  progressive=result.progressive, tta_flip=_on(mlic_model.flips_at_test_time(cfg)),
-                 deterministic_ops=_on(devices.deterministic_ops), devices=_devices_text(devices))
+                 deterministic_ops=_on(devices.deterministic_ops), intra_op_threads=devices.intra_op_threads,
+                 devices=_devices_text(devices))
     log.info("best %s %.4f at epoch %d; %d epochs in %.0f s", cfg.monitor, result.best_value,
              result.best_epoch, len(result.history), result.seconds)
     return 0

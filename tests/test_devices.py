@@ -194,3 +194,46 @@ def test_mixed_precision_under_xla_keeps_the_head_float32(tmp_path):
     assert report["body"] == "float16", report                       # the backbone really is mixed
     assert report["out_dtype"] == "float32" and report["head"] == "float32", report
     assert np.isfinite(report["loss"])
+
+
+@pytest.mark.parametrize("value, gpus, n_cores, expected", [
+    ("auto", 0, 2, 1),   # CPU: one core left to the input pipeline
+    ("auto", 0, 8, 7),
+    ("auto", 0, 1, 1),   # never none
+    ("auto", 1, 8, 0),   # GPU: TensorFlow's default
+    (3, 0, 2, 3), (0, 0, 2, 0),
+])
+def test_resolve_intra_op_threads(value, gpus, n_cores, expected):
+    assert devices.resolve_intra_op_threads(value, gpus, n_cores) == expected
+
+
+@pytest.mark.parametrize("value", ["yes", -1, 1.5, True])
+def test_resolve_intra_op_threads_rejects_other_values(value):
+    with pytest.raises(ValueError, match="intra_op_threads"):
+        devices.resolve_intra_op_threads(value, 0, 2)
+
+
+THREADS_SCRIPT = textwrap.dedent(
+    """
+    import logging
+    import tensorflow as tf
+    from mlic import devices
+
+    logging.basicConfig(level=logging.WARNING)
+    config = devices.configure_devices(intra_op_threads="auto")
+    expected = max(1, devices.cores() - 1)
+    assert config.intra_op_threads == expected, (config.intra_op_threads, expected)
+    assert tf.config.threading.get_intra_op_parallelism_threads() == expected
+    tf.constant(1.0) + 1.0  # TensorFlow starts its pools: the count is fixed from here on
+    again = devices.configure_devices(intra_op_threads=expected + 1)
+    assert again.intra_op_threads == expected, again
+    print("THREADS", expected)
+    """
+)
+
+
+def test_intra_op_threads_apply_in_a_fresh_process_and_stay_fixed_after():
+    result = subprocess.run([sys.executable, "-c", THREADS_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "THREADS" in result.stdout
+    assert f"intra_op_threads {int(result.stdout.split()[-1]) + 1} not applied" in result.stderr

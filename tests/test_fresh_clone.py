@@ -87,6 +87,10 @@ def test_a_fresh_clone_logs_one_run_and_a_second_repro_none(clone: tuple[Path, d
     plan = progressive_plan(cfg, params["preprocess"]["image_size"])
     assert runs[0].data.tags["train.progressive"] == (f"{plan[0]} px x {plan[1]} epochs" if plan else "off")
     assert runs[0].data.tags["train.tta_flip"] == ("on" if flips_at_test_time(cfg) else "off")
+    from mlic.devices import cores, resolve_intra_op_threads
+
+    threads = resolve_intra_op_threads(cfg.intra_op_threads, 0, cores()) or cores()  # CI has no GPU
+    assert runs[0].data.tags["train.intra_op_threads"] == str(threads)
     AFTER_FIRST_REPRO["lock"] = (repo / "dvc.lock").read_text()
     again = run_ok(["dvc", "repro"], repo, env).stdout
     assert "Running stage" not in again, again

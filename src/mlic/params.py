@@ -41,7 +41,7 @@ def _check_ranges(obj: Any, where: str) -> None:
     for field in dataclasses.fields(obj):
         bounds = field.metadata.get("range")
         value = getattr(obj, field.name)
-        if bounds is None or value is None:
+        if bounds is None or value is None or isinstance(value, str):  # a word ("auto") is no number
             continue
         lo, hi, lo_open, hi_open = bounds
         ok = (lo is None or (value > lo if lo_open else value >= lo)) and (
@@ -147,6 +147,7 @@ class Train:
     mixed_precision: Literal["auto", "on", "off"] | bool = "auto"
     jit_compile: Literal["auto", "on", "off"] | bool = "auto"
     deterministic_ops: Literal["auto"] | bool = "auto"
+    intra_op_threads: Literal["auto"] | int = _in(0, 0)  # devices.resolve_intra_op_threads; 0: TensorFlow's default
     resume: bool = True
 
 

@@ -87,7 +87,8 @@ class Trainer:
         # also resets the dtype policy, so the devices are configured after it, every trial.
         keras.backend.clear_session()
         mlic_devices.set_seed(self.seed)
-        devices = mlic_devices.configure_devices(cfg.mixed_precision, cfg.jit_compile, cfg.deterministic_ops)
+        devices = mlic_devices.configure_devices(cfg.mixed_precision, cfg.jit_compile, cfg.deterministic_ops,
+                                                       cfg.intra_op_threads)
         train_m, val_m, n_classes = self.train_m, self.val_m, len(self.train_m.classes)
         aug = augment.Augmentation.from_params(cfg)
         train_epochs = functools.partial(dataset.make_dataset, train_m, cfg.batch_size, shuffle=True, augment=aug,
