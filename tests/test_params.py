@@ -65,7 +65,7 @@ def test_unknown_section_name_is_rejected() -> None:
 @pytest.mark.parametrize(
     "section, text, expected",
     [
-        ("split", "split:\n  val_fraction: 1e-3\n", ["split.val_fraction", "expected a number", "write 0.001"]),
+        ("split", "split:\n  val_fraction: 1e-3x\n", ["split.val_fraction", "expected a number", "'1e-3x'"]),
         ("split", "split:\n  val_fraction: true\n", ["split.val_fraction", "expected a number"]),
         ("preprocess", "preprocess:\n  image_size: 96.0\n", ["preprocess.image_size", "expected an integer"]),
         ("preprocess", "preprocess:\n  image_size: '96'\n", ["preprocess.image_size", "expected an integer"]),
@@ -77,7 +77,7 @@ def test_unknown_section_name_is_rejected() -> None:
         ("data", "data: [1, 2]\n", ["data", "expected a mapping"]),
         ("train", "train:\n  deterministic_ops: 'yes'\n", ["train.deterministic_ops", "'auto'", "true or false"]),
     ],
-    ids=["1e-3-string", "bool-for-float", "float-for-int", "string-for-int", "bool-for-int",
+    ids=["text-for-float", "bool-for-float", "float-for-int", "string-for-int", "bool-for-int",
          "string-for-bool", "string-for-list", "int-in-list", "int-for-str", "list-for-section",
          "auto-or-bool"],
 )
@@ -89,11 +89,41 @@ def test_wrong_type_is_rejected_with_a_hint(tmp_path: Path, section: str, text: 
         assert word in str(err.value)
 
 
-def test_1e3_hint_only_for_strings(tmp_path: Path) -> None:
-    path = _write(tmp_path, "split:\n  val_fraction: [0.1]\n")
-    with pytest.raises(ParamsError) as err:
-        load_section("split", path)
-    assert "1e-3" not in str(err.value)
+@pytest.mark.parametrize("text, value", [
+    ("1e-05", 1e-05), ("1e-4", 1e-4), ("1E3", 1000.0), ("+1.5e2", 150.0), ("2.5e-3", 0.0025),
+    ("1.0e-5", 1e-05), ("0.001", 0.001), (".5", 0.5), ("2E+2", 200.0),
+])
+def test_numbers_read_as_yaml_1_2_and_dvc_read_them(tmp_path: Path, text: str, value: float) -> None:
+    # PyYAML alone (YAML 1.1) reads an exponent without a dot as text: `dvc exp run -S
+    # train.learning_rate=0.00001` writes 1e-05, and that was refused as "not a number".
+    path = _write(tmp_path, f"train:\n  learning_rate: {text}\n")
+    got = load_section("train", path).learning_rate
+    assert got == value and type(got) is float
+    assert read_params_file(path)["train"]["learning_rate"] == value
+
+
+def test_what_dvc_writes_reads_back_as_the_same_number(tmp_path: Path) -> None:
+    from ruamel.yaml import YAML  # what `dvc exp run -S` writes params.yaml with
+
+    path = tmp_path / "params.yaml"
+    values = {"learning_rate": 0.00001, "weight_decay": 1e-4, "finetune_learning_rate": 3e-7, "dropout": 0.25}
+    with path.open("w", encoding="utf-8") as f:
+        YAML().dump({"train": values}, f)
+    assert "1e-05" in path.read_text()
+    train = load_section("train", path)
+    assert {k: getattr(train, k) for k in values} == values
+
+
+@pytest.mark.parametrize("text", ["e5", "1e", "1e-", "1.2.3", "0x1p3", "1e5x"])
+def test_what_is_no_number_stays_text(tmp_path: Path, text: str) -> None:
+    path = _write(tmp_path, f"data:\n  tags_column: {text}\n")
+    assert load_section("data", path).tags_column == text
+
+
+def test_integers_stay_integers(tmp_path: Path) -> None:
+    path = _write(tmp_path, "train:\n  epochs: 80\n  width: 1_6\n")
+    train = load_section("train", path)
+    assert (train.epochs, train.width) == (80, 16) and type(train.epochs) is int
 
 
 @pytest.mark.parametrize(

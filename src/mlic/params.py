@@ -199,16 +199,6 @@ _NOT_SEARCHABLE = {"epochs": "a trial's epochs are tune.epochs (its budget); tra
                    "resume": "it is bookkeeping, not a hyperparameter"}
 
 
-def dvc_writes_a_float(value: float) -> bool:
-    """Whether `dvc exp run -S key=<value>` leaves a float that PyYAML (this module) reads back.
-
-    DVC writes the value as `repr` does; PyYAML (YAML 1.1) reads an exponent form only with a
-    dot in it: `1.5e-05` is a float, `1e-05` is text.
-    """
-    text = repr(float(value))
-    return "e" not in text or "." in text
-
-
 @dataclasses.dataclass(frozen=True)
 class SearchSpec:
     """One searched param: `float` or `int` in [low, high] (`log`: sampled on a log scale), or
@@ -298,10 +288,6 @@ class Tune:
                     except ParamsError as exc:
                         raise ParamsError(f"{where}: {value!r} fails train.{key}'s own check: "
                                           f"{str(exc).removeprefix(f'train.{key}: ')}") from None
-                    if isinstance(value, float) and spec.type == "categorical" and not dvc_writes_a_float(value):
-                        raise ParamsError(f"{where}: choice {value!r} could not be applied with `dvc exp run -S`: "
-                                          f"DVC writes it as {value!r}, which params.yaml's reader takes as text; "
-                                          "pick a value with more than one significant digit or use a float range")
         if self.enabled and not any(self.space.values()):
             raise ParamsError("space is empty; name at least one train param to search "
                               "(e.g. space: {train: {dropout: {type: float, low: 0.1, high: 0.5}}})")
@@ -374,8 +360,7 @@ def _check_type(value: Any, hint: Any, where: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            hint_1e = " (write 0.001, not 1e-3: YAML reads 1e-3 as text)" if isinstance(value, str) else ""
-            raise ParamsError(f"{where}: expected a number, got {value!r}{hint_1e}")
+            raise ParamsError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
@@ -410,11 +395,32 @@ def section_from_dict(cls: type[T], raw: Any, where: str) -> T:
     return obj
 
 
+class _Yaml12Numbers(yaml.SafeLoader):
+    """PyYAML's safe loader, reading numbers as YAML 1.2 (and DVC, which writes params.yaml) does.
+
+    PyYAML follows YAML 1.1, where an exponent needs a dot and a signed exponent (`1.0e-5`):
+    `1e-05`, which `dvc exp run -S train.learning_rate=0.00001` writes (Python's repr), came back
+    as text and was refused as "not a number".
+    """
+
+
+_Yaml12Numbers.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse YAML as params.yaml is read everywhere in mlic: safely, numbers as YAML 1.2 reads them."""
+    return yaml.load(text, Loader=_Yaml12Numbers)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_params_file(path: str | Path = "params.yaml") -> dict[str, Any]:
     """Read params.yaml as a plain mapping (used for logging every param)."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found; run from the project root or pass --params") from None
     except yaml.YAMLError as exc:

@@ -55,7 +55,7 @@ from mlic.atomic import read_json, require_files
 from mlic.errors import InputError, MissingInput
 from mlic.metrics import ALIASES, DATA_FACTS, THRESHOLD_FREE
 from mlic.model_meta import ModelMeta
-from mlic.params import flatten, read_params_file
+from mlic.params import flatten, load_yaml, read_params_file
 from mlic.split import SPLITS
 from mlic.store import one_line
 from mlic.sweep import SWEEP_TAG
@@ -316,7 +316,7 @@ def committed_params(params_file: Path, root: Path) -> dict[str, str] | None:
     import yaml
 
     try:
-        raw = yaml.safe_load(text)
+        raw = load_yaml(text)
     except yaml.YAMLError:
         return None
     return flatten_params(raw) if isinstance(raw, dict) else None

@@ -42,7 +42,7 @@ import yaml
 from mlic import journal
 from mlic.atomic import atomic_open, write_json
 from mlic.errors import UserError
-from mlic.params import SearchSpec, Train, Tune, dvc_writes_a_float
+from mlic.params import SearchSpec, Train, Tune
 from mlic.sources import source_fingerprint
 from mlic.store import default_project_root, first_use
 from mlic.tfrecords import Manifest
@@ -148,8 +148,8 @@ def override_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if not math.isfinite(value) or not dvc_writes_a_float(value):
-            raise UserError(f"{value!r} cannot be applied with `dvc exp run -S` (params.yaml would read it as text)")
+        if not math.isfinite(value):
+            raise UserError(f"{value!r} cannot be applied with `dvc exp run -S` (not a finite number)")
         return repr(value)
     text = str(value)
     plain = text and text.lower() not in _HYDRA_WORDS and all(c.isalnum() or c in "_-./" for c in text) \
