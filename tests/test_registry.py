@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,3 +94,67 @@ def test_a_champion_logged_under_the_old_flat_name_is_still_compared(client, tmp
     new = _version(client, tmp_path, "m3", 0.7)
     d = registry.elect_champion(client, "m3", new, "val/macro_ap", 0.7)
     assert d.previous_value == pytest.approx(0.8) and d.promoted is False
+
+
+class _PausingClient:
+    """An MlflowClient that pauses after reading the champion, `pause` seconds: every racer reads
+    the champion before any of them moves the alias, and the worst moves it last."""
+
+    def __init__(self, client, pause: float) -> None:
+        self._client, self._pause = client, pause
+
+    def __getattr__(self, name: str):
+        return getattr(self._client, name)
+
+    def get_model_version_by_alias(self, *args, **kwargs):
+        try:
+            return self._client.get_model_version_by_alias(*args, **kwargs)
+        finally:
+            time.sleep(self._pause)
+
+
+def test_racing_elections_leave_the_best_version_champion(client, tmp_path: Path) -> None:
+    from mlflow import MlflowClient
+
+    uri = f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
+    values = [0.9, 0.8, 0.7, 0.6]    # the best would set the alias first, the worst last
+    versions = [_version(client, tmp_path, "race", v) for v in values]
+    start = threading.Barrier(len(values))
+    got: list = [None] * len(values)
+
+    def elect(i: int) -> None:
+        racer = _PausingClient(MlflowClient(uri), pause=0.2 * (i + 1))
+        start.wait()
+        try:
+            got[i] = registry.elect_champion(racer, "race", versions[i], "val/macro_ap", values[i])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            got[i] = exc
+
+    threads = [threading.Thread(target=elect, args=(i,)) for i in range(len(values))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not any(isinstance(g, BaseException) for g in got), got
+    # Without the lock all four read "no champion", all promote, and 0.6 (set last) stays champion.
+    assert client.get_model_version_by_alias("race", registry.ALIAS).version == int(versions[0])
+    assert sum(d.promoted for d in got) >= 1 and [d.previous_champion for d in got].count(None) == 1
+    from mlflow.entities import ViewType
+
+    active = client.search_experiments(view_type=ViewType.ACTIVE_ONLY)
+    assert not [e.name for e in active if e.name.startswith(registry.LOCK_PREFIX)]
+    assert client.get_experiment_by_name(registry.lock_name("race")) is None   # free for the next election
+
+
+def test_a_killed_holders_lock_is_broken_and_a_live_one_waited_for(client, caplog) -> None:
+    name = registry.lock_name("m4")
+    client.create_experiment(name)   # a holder that never lets go
+    with pytest.raises(TimeoutError, match=name):
+        with registry.champion_lock(client, "m4", wait_s=0.3, poll_s=0.05):
+            pass
+    time.sleep(0.3)
+    with caplog.at_level(logging.WARNING, logger="mlic.registry"):
+        with registry.champion_lock(client, "m4", stale_s=0.2):
+            assert client.get_experiment_by_name(name).lifecycle_stage == "active"   # ours now
+    assert "breaking the champion lock" in caplog.text
+    assert client.get_experiment_by_name(name) is None

@@ -7,20 +7,40 @@ make the test figures an optimistic, leaked estimate. Ties keep the current cham
 bit-identical retrain never moves the alias. The decision, with both values, is returned for
 the run to log (`champion.json`, `champion.*` tags) and written on the version's tags.
 
+An election reads the champion, compares, then moves the alias: two runs finishing together
+(sweep workers) could both read the old champion and the worse one set the alias last. So each
+election holds a lock for that model (`champion_lock`), taken the way `sweep.py` takes its
+one-shot lock: by creating the MLflow experiment that bears the lock's name, which any store keeps
+unique. Unlike the sweep's, this lock is taken again and again, so releasing renames the
+experiment (which frees the name) and then deletes it, out of the UI's lists (`mlflow gc` removes
+such deleted experiments for good). A lock older than `STALE_S` is taken to be a killed holder's
+and broken.
+
 Functions take an `MlflowClient`; this module never imports mlflow itself.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
-from collections.abc import Collection, Mapping
+import time
+import uuid
+from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
 from mlic.metrics import greater_is_better, headline_names
 from mlic.params import ParamsError
 
+log = logging.getLogger(__name__)
+
 ALIAS = "champion"
+LOCK_PREFIX = "mlic-champion-lock"
+ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
+# An election holds the lock for a few store calls (well under a second, seconds on a busy
+# server): a lock this old was left by a holder that was killed.
+STALE_S = 120.0
 # The numbers a user decides on (metrics.HEADLINE), shown on every registered version.
 HEADLINE = tuple(headline_names())
 
@@ -89,9 +109,60 @@ def _run_metric(client: Any, run_id: str | None, metric: str) -> float | None:
     return None if value is None else float(value)
 
 
+def lock_name(model: str) -> str:
+    """The experiment name whose creation entitles one election at a time for `model`."""
+    return f"{LOCK_PREFIX}/{model}"
+
+
+def _release(client: Any, experiment_id: str, name: str) -> None:
+    # Renamed first: a deleted experiment keeps its name taken, a renamed one gives it back.
+    client.rename_experiment(experiment_id, f"{name}/released/{uuid.uuid4().hex}")
+    client.delete_experiment(experiment_id)
+
+
+@contextlib.contextmanager
+def champion_lock(client: Any, model: str, *, wait_s: float = 2 * STALE_S, poll_s: float = 0.1,
+                  stale_s: float = STALE_S) -> Iterator[None]:
+    """Hold `model`'s election lock for the `with` block; wait for another holder to let go."""
+    name = lock_name(model)
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            lock_id = client.create_experiment(name)
+            break
+        except Exception as exc:
+            if getattr(exc, "error_code", None) != ALREADY_EXISTS:
+                raise
+        held = client.get_experiment_by_name(name)
+        if held is not None and time.time() * 1000 - (held.creation_time or 0) > stale_s * 1000:
+            log.warning("breaking the champion lock %r (experiment %s): held for over %.0f s, its holder "
+                        "was killed", name, held.experiment_id, stale_s)
+            with contextlib.suppress(Exception):  # another waiter broke it first
+                _release(client, held.experiment_id, name)
+            continue
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the champion of {model!r} is being elected by another run for over {wait_s:.0f} s "
+                               f"(MLflow experiment {name!r}); if no run is registering a model, delete that "
+                               "experiment and run `dvc repro track` again")
+        time.sleep(poll_s)
+    try:
+        yield
+    finally:
+        try:
+            _release(client, lock_id, name)
+        except Exception as exc:  # noqa: BLE001 - broken as stale meanwhile: nothing left to release
+            log.warning("could not release the champion lock %r: %s", name, exc)
+
+
 def elect_champion(client: Any, model: str, version: str, metric: str, value: float | None) -> Decision:
-    """Compare the new `version` with the current champion and move the alias if it wins."""
+    """Compare the new `version` with the current champion and move the alias if it wins, holding
+    `champion_lock` from reading the champion to moving the alias."""
     check_selection_metric(metric)
+    with champion_lock(client, model):
+        return _elect(client, model, version, metric, value)
+
+
+def _elect(client: Any, model: str, version: str, metric: str, value: float | None) -> Decision:
     try:
         current = client.get_model_version_by_alias(model, ALIAS)
     except Exception:  # noqa: BLE001 - MLflow raises RESOURCE_DOES_NOT_EXIST for "no such alias"
