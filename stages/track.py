@@ -47,7 +47,7 @@ def metrics_arg(text: str) -> tuple[str, Path]:
 
 
 # `track` logs the whole params file (dvc.yaml declares all of it) and reads these sections itself.
-SECTIONS = ("tracking", "calibrate", "evaluate")
+SECTIONS = ("tracking", "calibrate", "evaluate", "data")
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -89,7 +89,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
         if not (args.meta and args.thresholds):
             raise UserError("--model needs --meta and --thresholds: the packaged model carries all three")
         package = tracking.PackageSpec(args.model, args.meta, args.thresholds, cfg.registered_model,
-                                       cfg.champion_metric, args.summary)
+                                       cfg.champion_metric, args.summary, params.data.max_image_pixels)
     tracking.check_store(uri)
     rec = record.build_record(
         params_file=args.params, history_csv=args.history, metrics_files=args.metrics,

@@ -82,6 +82,23 @@ def test_unreadable_and_missing_inputs_are_reported_and_the_rest_predicted(
     assert "cannot be read" in caplog.text and str(bad) in caplog.text
 
 
+def test_images_over_the_params_max_image_pixels_are_refused(model_dir, folder: Path, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    big = folder / "big.png"
+    Image.new("RGB", (300, 200)).save(big)
+    params = tmp_path / "params.yaml"
+    params.write_text("data:\n  max_image_pixels: 59999\n")
+    out = tmp_path / "p.csv"
+    code = _predict(model_dir, [str(folder), "--out", str(out), "--params", str(params)], monkeypatch)
+    assert code == cli.EXIT_SOME_FAILED
+    assert str(big) not in pd.read_csv(out)["filename"].tolist()
+    errors = pd.read_csv(out.with_name("p.errors.csv"))
+    assert errors["path"].tolist() == [str(big)]
+    assert "more than the limit of 59,999" in errors.iloc[0, 1] and "data.max_image_pixels" in errors.iloc[0, 1]
+
+
 @pytest.mark.parametrize("argv, words", [
     (["nothing-here", "--out", "p.csv"], "nothing to predict"),
     (["{images}", "--out", "p.txt"], "use a .csv or .json"),

@@ -153,3 +153,26 @@ def test_a_bad_temperature_is_refused(predictor, tmp_path: Path, model_dir) -> N
     path.write_text(json.dumps(raw))
     with pytest.raises(ValueError, match="> 0"):
         read_thresholds(path, model_dir.classes)
+
+
+def test_an_image_over_max_pixels_is_refused_before_decoding_and_the_rest_predicted(
+        predictor, predict_images, tmp_path: Path) -> None:
+    from PIL import Image
+
+    from mlic.inference import DEFAULT_MAX_PIXELS
+    from mlic.params import Data
+
+    assert predictor.max_pixels == DEFAULT_MAX_PIXELS == Data().max_image_pixels
+    good = [str(predict_images.images_dir / f) for f in predict_images.filenames[:2]]
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(big)
+    strict = Predictor(predictor.model, predictor.meta, predictor.thresholds, predictor.temperature,
+                       max_pixels=300 * 200 - 1)
+    result = strict.predict([good[0], str(big), good[1], big.read_bytes()])
+    assert result.index == [0, 2] and sorted(result.errors) == [1, 3]
+    assert "300x200 = 60,000 pixels, more than the limit of 59,999" in result.errors[1]
+    assert "data.max_image_pixels" in result.errors[1] and result.errors[3] == result.errors[1]
+    np.testing.assert_allclose(result.probabilities, predictor.predict(good).probabilities, atol=1e-6)
+    at_limit = Predictor(predictor.model, predictor.meta, predictor.thresholds, predictor.temperature,
+                         max_pixels=300 * 200)
+    assert at_limit.predict([str(big)]).errors == {}

@@ -258,3 +258,39 @@ def test_the_packaged_model_applies_calibrates_temperature(model_dir, predict_im
     np.testing.assert_allclose(got.iloc[:, 1:].to_numpy(), cal.probabilities(raw), atol=1e-12)
     assert [list(x) for x in got["labels"]] == [[c for c, q in zip(model_dir.classes, row) if q >= 0.4]
                                                 for row in cal.probabilities(raw)]
+
+
+def test_an_empty_request_gets_mlics_own_error(loaded) -> None:
+    from mlflow.exceptions import MlflowException
+
+    with pytest.raises(MlflowException) as info:
+        loaded.predict(pd.DataFrame({"image": pd.Series([], dtype=object)}))
+    assert "the request holds no images" in info.value.message and "'image'" in info.value.message
+    assert info.value.get_http_status_code() == 400
+
+
+def test_the_packaged_model_refuses_images_over_its_runs_max_image_pixels(model_dir, predict_images,
+                                                                         tmp_path: Path) -> None:
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
+    from PIL import Image
+
+    from mlic.inference import DEFAULT_MAX_PIXELS
+
+    out = serving.save_packaged_model(tmp_path / "model", model_dir.models / "model.keras",
+                                      model_dir.models / "model_meta.json", model_dir.thresholds,
+                                      max_image_pixels=300 * 200 - 1)
+    model = mlflow.pyfunc.load_model(str(out))
+    big = tmp_path / "big.png"
+    Image.new("RGB", (300, 200)).save(big)
+    good = b64((predict_images.images_dir / predict_images.filenames[0]).read_bytes())
+    with pytest.raises(MlflowException) as info:
+        model.predict(pd.DataFrame({"image": [good, b64(big.read_bytes())]}))
+    assert "row 1: too many pixels (300x200" in info.value.message and "row 0" not in info.value.message
+    assert model.unwrap_python_model().predictor.max_pixels == 300 * 200 - 1
+    assert "max_image_pixels: 59999" in (out / "MLmodel").read_text()
+    # A package from before the limit travelled with it: data.max_image_pixels's default.
+    old = serving.save_packaged_model(tmp_path / "old", model_dir.models / "model.keras",
+                                      model_dir.models / "model_meta.json", model_dir.thresholds)
+    assert "max_image_pixels" not in (old / "MLmodel").read_text()
+    assert mlflow.pyfunc.load_model(str(old)).unwrap_python_model().predictor.max_pixels == DEFAULT_MAX_PIXELS

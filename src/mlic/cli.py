@@ -6,7 +6,9 @@ thresholds from calibrate as model_meta.json says), a packaged MLflow model fold
 URI (`runs:/<run id>`: the model that run logged, `models:/<name>@champion`, `models:/<name>/<version>`).
 Writes one row per readable image: filename, labels, prob_<class>... as CSV, or JSON if --out
 ends in .json. Unreadable images are logged with their reason (and listed in
-`<out stem>.errors.csv`); the rest are still predicted. Exit code: 0 all predicted, 1 some inputs
+`<out stem>.errors.csv`); the rest are still predicted. An image with more pixels than
+data.max_image_pixels (params.yaml's; a packaged model carries its run's) is one of those, refused
+before decoding, as split refuses it. Exit code: 0 all predicted, 1 some inputs
 failed, 2 a usage error (no model, nothing to predict).
 """
 
@@ -82,6 +84,13 @@ def _tracking_uri(params_path: Path) -> str:
     return resolve_tracking_uri(params_uri)
 
 
+def _max_image_pixels(params_path: Path) -> int:
+    """data.max_image_pixels of the project's params (its default without a params file)."""
+    from mlic.params import Data, load_section
+
+    return load_section("data", params_path).max_image_pixels if params_path.is_file() else Data.max_image_pixels
+
+
 def _thresholds_path(models_dir: Path, source: str) -> Path:
     """model_meta.json's `thresholds` is relative to the project root: the cwd, or models/'s parent."""
     candidates = [Path(source)] if Path(source).is_absolute() else [Path.cwd() / source, models_dir.parent / source]
@@ -119,7 +128,7 @@ def _load_predictor(model: str, thresholds: str | None, params_path: Path) -> An
 
         meta = ModelMeta.read(path / META_FILE)
         source = Path(thresholds) if thresholds else _thresholds_path(path, meta.thresholds)
-        return Predictor.from_files(path / KERAS_FILE, path / META_FILE, source)
+        return Predictor.from_files(path / KERAS_FILE, path / META_FILE, source, _max_image_pixels(params_path))
     if thresholds:
         raise UsageError("--thresholds applies to a models folder only: a packaged model carries its own")
     if path.is_dir() and (path / "MLmodel").is_file():
@@ -201,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help=".csv or .json (default: predictions.csv)")
     p.add_argument("--thresholds", help="thresholds.json to use with a models folder (default: model_meta.json's)")
     p.add_argument("--batch-size", type=int, default=64, help="images per model call (default: 64)")
-    p.add_argument("--params", default="params.yaml", help="for tracking.uri with an MLflow URI (default: params.yaml)")
+    p.add_argument("--params", default="params.yaml", help="for tracking.uri with an MLflow URI, and data.max_image_pixels with a "
+                   "models folder (default: params.yaml)")
     p.set_defaults(func=predict_command)
     return ap
 

@@ -9,12 +9,14 @@ are rounded as evaluate rounds them (`predictions.round_probabilities`), scaled 
 temperature and rounded again (`calibration.apply`, as calibrate scaled evaluate's predictions),
 and a class is predicted when that probability is >= its threshold (`metrics.predict`), so
 probabilities and labels here equal calibrate's on evaluate's predictions. An image that cannot be read is reported with its reason;
-the others are still predicted.
+the others are still predicted. An image whose header claims more pixels than `max_pixels`
+(`data.max_image_pixels`, what `split` refuses) is one of those, refused before it is decoded.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -30,6 +32,7 @@ from mlic.atomic import read_json
 from mlic.errors import InputError
 from mlic.metrics import predict as apply_thresholds
 from mlic.model_meta import ModelMeta
+from mlic.params import Data
 from mlic.predictions import round_probabilities
 from mlic.tfrecords import decode_pixels
 
@@ -40,6 +43,19 @@ META_FILE = "model_meta.json"
 # The answer's columns, for `mlic predict` and the packaged model alike.
 LABELS_COLUMN = "labels"
 PROB_PREFIX = "prob_"
+# data.max_image_pixels's default: the limit of a model packaged before it travelled with the model.
+DEFAULT_MAX_PIXELS = Data.max_image_pixels
+
+
+def check_pixels(source: images.ImageSource, limit: int) -> None:
+    """Raise `images.TooManyPixels` when the image's header claims more than `limit` pixels.
+
+    Reads the header only. Unlike `images.load_rgb(max_pixels=)` it leaves PIL's module-wide
+    limit alone: prediction decodes images on several threads at once.
+    """
+    with Image.open(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as im:
+        if im.width * im.height > limit:
+            raise images.TooManyPixels(im.width, im.height, limit)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,13 +94,14 @@ class Predictor:
     """A trained model with its input contract and decision thresholds."""
 
     def __init__(self, model: Any, meta: ModelMeta, thresholds: np.ndarray | float,
-                 temperature: np.ndarray | float = 1.0):
+                 temperature: np.ndarray | float = 1.0, max_pixels: int = DEFAULT_MAX_PIXELS):
         n_out = int(model.output_shape[-1])
         if n_out != len(meta.classes):
             raise InputError(f"the model has {n_out} outputs but its metadata lists {len(meta.classes)} "
                              "classes; model and model_meta.json come from different runs")
         self.model = model
         self.meta = meta
+        self.max_pixels = int(max_pixels)
         self.thresholds = np.broadcast_to(np.asarray(thresholds, dtype=np.float64), (n_out,)).copy()
         self.temperature = np.broadcast_to(np.asarray(temperature, dtype=np.float64), (n_out,)).copy()
         if not (np.isfinite(self.temperature).all() and (self.temperature > 0).all()):
@@ -95,13 +112,13 @@ class Predictor:
         return list(self.meta.classes)
 
     @classmethod
-    def from_files(cls, keras_path: str | Path, meta_path: str | Path,
-                   thresholds_path: str | Path) -> "Predictor":
+    def from_files(cls, keras_path: str | Path, meta_path: str | Path, thresholds_path: str | Path,
+                   max_pixels: int = DEFAULT_MAX_PIXELS) -> "Predictor":
         from mlic.model import load_model  # TensorFlow only once a model is loaded
 
         meta = ModelMeta.read(meta_path)
         cal = read_calibration(thresholds_path, meta.classes)
-        return cls(load_model(keras_path), meta, cal.thresholds, cal.temperature)
+        return cls(load_model(keras_path), meta, cal.thresholds, cal.temperature, max_pixels)
 
     def labels(self, probabilities: np.ndarray) -> list[list[str]]:
         """Class names whose (rounded) probability is >= their threshold, per row."""
@@ -134,7 +151,12 @@ class Predictor:
         def prepare(i: np.int64) -> tuple[bytes, np.bool_]:
             i = int(i)
             try:
+                check_pixels(sources[i], self.max_pixels)
                 return images.prepare(sources[i], size, meta.resize_mode, meta.encoding, quality), np.True_
+            except images.TooManyPixels as exc:
+                errors[i] = (f"{images.describe_failure(exc)}; shrink it, or raise data.max_image_pixels "
+                             "(for a packaged model: in the run that packages it)")
+                return blank, np.False_
             except Exception as exc:  # noqa: BLE001 - any unreadable input is reported, not fatal
                 errors[i] = images.describe_failure(exc)
                 return blank, np.False_

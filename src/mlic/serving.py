@@ -49,6 +49,7 @@ ARTIFACT_KERAS = "keras_model"
 ARTIFACT_META = "model_meta"
 ARTIFACT_THRESHOLDS = "thresholds"
 ARTIFACT_SUMMARY = "model_summary"
+MAX_PIXELS_KEY = "max_image_pixels"  # in the model_config: data.max_image_pixels of the packaging run
 # What the packaged model imports, pinned to the versions it was built and tested with.
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "scikit-learn", "mlflow")
 
@@ -87,10 +88,12 @@ class MlicModel(mlflow.pyfunc.PythonModel):
     _skip_type_hint_validation = True
 
     def load_context(self, context: Any) -> None:
-        from mlic.inference import Predictor
+        from mlic.inference import DEFAULT_MAX_PIXELS, Predictor
 
+        config = getattr(context, "model_config", None) or {}
         self.predictor = Predictor.from_files(context.artifacts[ARTIFACT_KERAS], context.artifacts[ARTIFACT_META],
-                                              context.artifacts[ARTIFACT_THRESHOLDS])
+                                              context.artifacts[ARTIFACT_THRESHOLDS],
+                                              int(config.get(MAX_PIXELS_KEY, DEFAULT_MAX_PIXELS)))
 
     # model_input is left unannotated on purpose: MLflow 3 reads a type hint there as a schema and
     # would override the explicit signature logged with the model.
@@ -115,6 +118,9 @@ class MlicModel(mlflow.pyfunc.PythonModel):
             got = list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
             raise InvalidImages(f"expected a DataFrame with a column {IMAGE_COLUMN!r} of base64-encoded image "
                                 f"files; got {got}")
+        if len(model_input) == 0:
+            raise InvalidImages(f"the request holds no images: send one row per image file, its bytes "
+                                f"base64-encoded, in column {IMAGE_COLUMN!r}")
         files, errors = decode_base64_column(model_input[IMAGE_COLUMN].tolist())
         readable = [i for i, f in enumerate(files) if f is not None]
         result = self.predictor.predict([files[i] for i in readable])
@@ -188,20 +194,24 @@ def _package_files(keras_path: Path, meta_path: Path, thresholds_path: Path,
         yield artifacts, str(code)
 
 
-def _model_kwargs(meta_path: Path) -> dict[str, Any]:
+def _model_kwargs(meta_path: Path, max_pixels: int | None) -> dict[str, Any]:
     from mlic.model_meta import ModelMeta
 
     meta = ModelMeta.read(meta_path)
-    return dict(python_model=MlicModel(), signature=signature(meta.classes),
+    # The model's own settings beside its artifacts: MLflow hands them to load_context.
+    config = {MAX_PIXELS_KEY: int(max_pixels)} if max_pixels is not None else None
+    return dict(python_model=MlicModel(), signature=signature(meta.classes), model_config=config,
                 input_example=input_example(meta.image_size), pip_requirements=pip_requirements())
 
 
 def save_packaged_model(path: str | Path, keras_path: str | Path, meta_path: str | Path,
-                        thresholds_path: str | Path) -> Path:
-    """Write the pyfunc model to a local folder (`mlflow models serve -m <folder>` serves it)."""
+                        thresholds_path: str | Path, max_image_pixels: int | None = None) -> Path:
+    """Write the pyfunc model to a local folder (`mlflow models serve -m <folder>` serves it).
+    `max_image_pixels`: larger images are refused (None: data.max_image_pixels's default)."""
     keras_path, meta_path, thresholds_path = Path(keras_path), Path(meta_path), Path(thresholds_path)
     with _package_files(keras_path, meta_path, thresholds_path) as (artifacts, code):
-        mlflow.pyfunc.save_model(str(path), artifacts=artifacts, code_paths=[code], **_model_kwargs(meta_path))
+        mlflow.pyfunc.save_model(str(path), artifacts=artifacts, code_paths=[code],
+                                 **_model_kwargs(meta_path, max_image_pixels))
     return Path(path)
 
 
@@ -265,8 +275,10 @@ _PYFUNC_FLAVOR = types.SimpleNamespace(__name__="mlflow.pyfunc", save_model=_sav
 
 def log_packaged_model(keras_path: str | Path, meta_path: str | Path, thresholds_path: str | Path, *,
                        name: str, registered_model_name: str | None = None, summary_path: str | Path | None = None,
-                       params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None) -> Any:
+                       params: dict[str, Any] | None = None, tags: dict[str, Any] | None = None,
+                       max_image_pixels: int | None = None) -> Any:
     """Log the pyfunc model into the active run (and register it); returns MLflow's ModelInfo.
+    `max_image_pixels`: the served model refuses larger images (None: data.max_image_pixels's default).
 
     MLflow's check that serves the input example through the freshly saved model is skipped:
     it imports TensorFlow and loads the model (~5 s of every `track`), and the same path is
@@ -285,7 +297,7 @@ def log_packaged_model(keras_path: str | Path, meta_path: str | Path, thresholds
         with _quiet_mlflow():
             return Model.log(artifact_path=None, name=name, flavor=_PYFUNC_FLAVOR, artifacts=artifacts,
                              code_paths=[code], registered_model_name=registered_model_name, params=params,
-                             tags=tags, validate_serving_input=False, **_model_kwargs(meta_path))
+                             tags=tags, validate_serving_input=False, **_model_kwargs(meta_path, max_image_pixels))
 
 
 def register_model(model_uri: str, name: str) -> str:

@@ -89,6 +89,7 @@ class PackageSpec:
     registered_model: str | None = None   # None: log the model, register nothing
     champion_metric: str = "val/macro_ap"
     summary: Path | None = None           # train's model_summary.txt (else made by loading the model)
+    max_image_pixels: int | None = None   # data.max_image_pixels: the served model refuses larger images
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,7 +423,8 @@ def _log_package(client: Any, run_id: str, package: PackageSpec, record: RunReco
     summary, run_name = record.metrics, record.name
     info = serving.log_packaged_model(package.keras_model, package.meta, package.thresholds,
                                       name=model_name(run_name), summary_path=package.summary,
-                                      tags={"mlflow.note.content": model_description(record, run_id)})
+                                      tags={"mlflow.note.content": model_description(record, run_id)},
+                                      max_image_pixels=package.max_image_pixels)
     log_metrics(info.model_id)
     if not package.registered_model:
         return info, None
