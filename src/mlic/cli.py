@@ -199,6 +199,24 @@ def predict_command(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def init_command(args: argparse.Namespace) -> int:
+    from mlic.project import init_project, next_steps
+
+    result = init_project(Path.cwd(), args.labels, args.images, fmt=args.format, tags_column=args.tags_column,
+                          delimiter=args.delimiter, filename_column=args.filename_column,
+                          skip_bad_images=True if args.skip_bad_images else None)
+    table, data = result.labels, result.data
+    log.info("checked %s: %d images, %d classes (%s)%s", data["labels_csv"], len(table.filenames),
+             len(table.classes), ", ".join(table.classes[:8]) + (", ..." if len(table.classes) > 8 else ""),
+             f"; {result.skipped} rows with unusable images will be skipped and listed" if result.skipped else "")
+    log.info("params.yaml: data.labels_csv %s, data.images_dir %s, data.format %s", data["labels_csv"],
+             data["images_dir"], data["format"])
+    log.info("dvc.yaml: %s", "the sample stage is removed (it only made the built-in sample)"
+             if result.sample_removed else "no sample stage (removed before)")
+    print("Next:\n" + "\n".join(f"  {line}" for line in next_steps(result)))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="mlic", description="mlic: multi-label image classification.")
     sub = ap.add_subparsers(dest="command", required=True)
@@ -213,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", default="params.yaml", help="for tracking.uri with an MLflow URI, and data.max_image_pixels with a "
                    "models folder (default: params.yaml)")
     p.set_defaults(func=predict_command)
+    i = sub.add_parser("init", help="point this project at your own labels CSV and images folder",
+                       description="Check your labels CSV and images as split will, then set data.* in "
+                       "params.yaml and remove the sample stage from dvc.yaml (comments kept). Run it in the "
+                       "project root; nothing is written if the data has problems.")
+    i.add_argument("--labels", required=True, help="the labels CSV, inside the project (e.g. data/labels.csv)")
+    i.add_argument("--images", required=True, help="the folder the CSV's filenames are relative to")
+    i.add_argument("--format", choices=["auto", "onehot", "tags"], default="auto",
+                   help="auto (default): tags when the CSV has just the filename and tags columns, else onehot")
+    i.add_argument("--tags-column", help="format tags: the column of tags (default: params.yaml's, 'tags')")
+    i.add_argument("--delimiter", help="format tags: what separates tags (default: params.yaml's, a space)")
+    i.add_argument("--filename-column", help="the column of filenames (default: params.yaml's, 'filename')")
+    i.add_argument("--skip-bad-images", action="store_true",
+                   help="skip rows whose image is missing or unusable (listed in reports/data/skipped.csv)")
+    i.set_defaults(func=init_command)
     return ap
 
 

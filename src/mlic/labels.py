@@ -118,6 +118,11 @@ def _parse_binary(value: str) -> int | None:
     return None
 
 
+def read_header(path: Path) -> list[str]:
+    """The labels CSV's column names (LabelError, naming the file, when it cannot be read)."""
+    return _read_rows(path)[0]
+
+
 def _read_rows(path: Path) -> tuple[list[str], list[tuple[int, list[str]]]]:
     """Header and (line number, cells) rows of a CSV; line numbers as an editor shows them."""
     try:
