@@ -29,6 +29,9 @@ def _yaml() -> Any:
     yaml = YAML()  # round-trip: comments, order and quoting stay as they were
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap a long comment line
+    # ruamel writes None as an empty value; the files say `null`, and keep saying it.
+    yaml.representer.add_representer(
+        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
     return yaml
 
 
