@@ -64,10 +64,10 @@ def test_own_data_from_a_fresh_clone_without_editing_dvc_yaml(fresh: tuple[Path,
                if a != b]
     assert [b.split("#")[0].split(":")[0].strip() for _, b in changed] == ["labels_csv", "images_dir", "format"]
     assert all("#" in a and "#" in b and a.split("#", 1)[1] == b.split("#", 1)[1] for a, b in changed)
-    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
-    assert "sample" not in pipeline["stages"]
-    assert list(pipeline["stages"]) == [s for s in yaml.safe_load(dvc_before)["stages"] if s != "sample"]
-    assert "# Charts over several columns of one file" in (repo / "dvc.yaml").read_text()
+    # dvc.yaml: the sample stage's lines gone, every other line as it was.
+    lines = dvc_before.splitlines()
+    start, end = lines.index("  sample:"), lines.index("  split:")
+    assert (repo / "dvc.yaml").read_text().splitlines() == lines[:start] + lines[end:]
 
     # The steps it printed, then the pipeline's first stage on the user's data.
     for step in steps[:-1]:

@@ -23,15 +23,15 @@ from mlic.params import Data, load_section
 SAMPLE_STAGE = "sample"
 
 
-def _yaml() -> Any:
+def _yaml(null: str) -> Any:
+    """A round-trip YAML that writes None as `null` (params.yaml's way) or "" (dvc.yaml's)."""
     from ruamel.yaml import YAML
 
     yaml = YAML()  # round-trip: comments, order and quoting stay as they were
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap a long comment line
-    # ruamel writes None as an empty value; the files say `null`, and keep saying it.
-    yaml.representer.add_representer(
-        type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", "null"))
+    yaml.indent(mapping=2, sequence=4, offset=2)  # the files' own style: "  - item" under its key
+    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", null))
     return yaml
 
 
@@ -80,15 +80,15 @@ def init_project(root: Path, labels_csv: str | Path, images_dir: str | Path, *, 
                                            "images_dir": str(root / images_rel)})
     table, skipped = read_labels(spec)
 
-    yaml = _yaml()
-    params = yaml.load(params_file.read_text(encoding="utf-8"))
+    params_yaml, dvc_yaml = _yaml("null"), _yaml("")
+    params = params_yaml.load(params_file.read_text(encoding="utf-8"))
     for key, value in data.items():
         params["data"][key] = value
-    pipeline = yaml.load(dvc_file.read_text(encoding="utf-8"))
+    pipeline = dvc_yaml.load(dvc_file.read_text(encoding="utf-8"))
     removed = SAMPLE_STAGE in pipeline["stages"]
     if removed:
         del pipeline["stages"][SAMPLE_STAGE]
-    for path, doc in ((params_file, params), (dvc_file, pipeline)):
+    for path, doc, yaml in ((params_file, params, params_yaml), (dvc_file, pipeline, dvc_yaml)):
         text = io.StringIO()
         yaml.dump(doc, text)
         with atomic_open(path, "w", encoding="utf-8") as f:
