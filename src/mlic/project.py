@@ -31,7 +31,12 @@ def _yaml(null: str) -> Any:
     yaml.preserve_quotes = True
     yaml.width = 4096  # never re-wrap a long comment line
     yaml.indent(mapping=2, sequence=4, offset=2)  # the files' own style: "  - item" under its key
-    yaml.representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", null))
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    # add_representer registers on the class: a subclass of its own, so the two styles never mix.
+    representer = type("Representer", (RoundTripRepresenter,), {})
+    representer.add_representer(type(None), lambda rep, _: rep.represent_scalar("tag:yaml.org,2002:null", null))
+    yaml.Representer = representer
     return yaml
 
 
