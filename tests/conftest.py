@@ -25,6 +25,29 @@ from mlic.params import Data
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# CI must not go green on a test that did not run: with MLIC_REQUIRE_ALL=1 (.ci/run sets it) a
+# skipped test fails, whatever skipped it (a missing package, browser, database, account or an
+# earlier test). xfail stays allowed: it is declared, with its reason, and still reported.
+REQUIRE_ALL = "MLIC_REQUIRE_ALL"
+
+
+def required(name: str) -> bool:
+    """Whether the switch `name` (MLIC_REQUIRE_*) is on: set to anything but "" or "0", or
+    MLIC_REQUIRE_ALL is. Every switch is read this one way."""
+    import os
+
+    return any(os.environ.get(n, "") not in ("", "0") for n in (name, REQUIRE_ALL))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and not hasattr(report, "wasxfail") and required(REQUIRE_ALL):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but {REQUIRE_ALL} is set (CI runs every test): {reason}"
+
 CLASSES = ("cloud", "road", "water", "field")
 # (mode to save in, file extension) cycled over the images, so every test set mixes formats.
 IMAGE_KINDS = (

@@ -72,7 +72,7 @@ def mlflow_server(
 @contextlib.contextmanager
 def browser() -> Iterator[Browser]:
     """A headless Chromium (Debian's /usr/bin/chromium) under Playwright; skips if either is missing,
-    or fails where MLIC_REQUIRE_BROWSER is set (.ci/run sets it: CI must not go green without it)."""
+    or fails where MLIC_REQUIRE_BROWSER or MLIC_REQUIRE_ALL is set (.ci/run sets the latter)."""
     missing = None
     try:
         from playwright import sync_api
@@ -81,8 +81,10 @@ def browser() -> Iterator[Browser]:
     if missing is None and not CHROMIUM.exists():
         missing = f"browser tests need {CHROMIUM} (`apt-get install -y chromium`)"
     if missing is not None:
-        if os.environ.get("MLIC_REQUIRE_BROWSER"):
-            pytest.fail(f"{missing}; MLIC_REQUIRE_BROWSER is set", pytrace=False)
+        from conftest import required
+
+        if required("MLIC_REQUIRE_BROWSER"):
+            pytest.fail(f"{missing}; MLIC_REQUIRE_BROWSER (or MLIC_REQUIRE_ALL) is set", pytrace=False)
         pytest.skip(missing)
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)

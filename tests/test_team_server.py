@@ -10,7 +10,7 @@ destination (proxied, nothing written beside the project); the rows must be in P
 model must load back through the server and predict like the local files. Both servers are then
 stopped by PID and nothing of them may be left running or listening.
 
-Skips where PostgreSQL cannot run (fails instead under MLIC_REQUIRE_POSTGRES=1, as in CI).
+Skips where PostgreSQL cannot run (fails instead under MLIC_REQUIRE_POSTGRES or MLIC_REQUIRE_ALL, as in CI).
 Slow: about a minute beside the shared pipeline project (conftest.pipeline_project).
 """
 

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -505,14 +506,62 @@ def test_sqlite_in_missing_folder_fails(tmp_path):
         tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/nope/mlflow.db")
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="root can write anywhere")
+def _as_nobody(fn) -> str:
+    """`fn()` in a forked child that dropped root for `nobody`: root writes anywhere, so an
+    unwritable folder is only unwritable to someone else. The child only calls `fn` (no import,
+    no exec: the interpreter under /root is out of nobody's reach); returns what it raised, or "OK"."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.close(read)
+            os.setgroups([])
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+            try:
+                fn()
+                message = "OK"
+            except Exception as exc:  # noqa: BLE001 - handed to the parent
+                message = f"{type(exc).__name__}: {exc}"
+            os.write(write, message.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as f:
+        message = f.read()
+    os.waitpid(pid, 0)
+    return message
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_sqlite_in_read_only_folder_fails(tmp_path):
-    tmp_path.chmod(0o500)
+    if os.geteuid() != 0:
+        tmp_path.chmod(0o500)
+        try:
+            with pytest.raises(tracking.TrackingUnavailable, match="not writable"):
+                tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+        finally:
+            tmp_path.chmod(0o700)
+        return
+    # As root (CI): a folder nobody may enter but not write, checked as nobody.
+    outer = Path(tempfile.mkdtemp(prefix="mlic-readonly-"))
     try:
-        with pytest.raises(tracking.TrackingUnavailable, match="not writable"):
-            tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+        outer.chmod(0o755)
+        folder = outer / "store"
+        folder.mkdir(mode=0o555)
+        uri = f"sqlite:///{folder.as_posix()}/mlflow.db"
+        got = _as_nobody(lambda: tracking.check_store(uri))
+        assert got.startswith("TrackingUnavailable") and f"folder {folder} is not writable" in got, got
+        assert _as_nobody(lambda: tracking.check_store(f"sqlite:///{outer.as_posix()}/x.db")).startswith(
+            "TrackingUnavailable")   # 0o755 root's: not nobody's to write either
+        (outer / "open").mkdir(mode=0o777)
+        (outer / "open").chmod(0o777)
+        assert _as_nobody(lambda: tracking.check_store(f"sqlite:///{(outer / 'open').as_posix()}/x.db")) == "OK"
     finally:
-        tmp_path.chmod(0o700)
+        shutil.rmtree(outer, ignore_errors=True)
 
 
 def test_check_cli_exits_2_with_the_message(monkeypatch, tmp_path, caplog):

@@ -8,7 +8,7 @@ anything of it is left: a process in its group, or a listener on its port.
 PostgreSQL refuses to run as root, and CI runs as root: there the cluster runs as an unprivileged
 user (Debian's `postgres`, else `nobody`), in a folder under the system temp dir (pytest's own
 temp dirs are root-only). Where PostgreSQL is missing, `require_postgres` skips with the reason,
-or fails if MLIC_REQUIRE_POSTGRES=1 (as CI sets it: `.ci/run` installs Debian's `postgresql`).
+or fails if MLIC_REQUIRE_POSTGRES or MLIC_REQUIRE_ALL is set (`.ci/run` sets the latter and installs `postgresql`).
 """
 
 from __future__ import annotations
@@ -111,8 +111,11 @@ class ServiceFailed(RuntimeError):
 
 
 def _skip_or_fail(reason: str) -> None:
-    if os.environ.get(REQUIRE_ENV) == "1":
-        pytest.fail(f"{reason} ({REQUIRE_ENV}=1: this run must test the PostgreSQL server)", pytrace=False)
+    from conftest import required
+
+    if required(REQUIRE_ENV):
+        pytest.fail(f"{reason} ({REQUIRE_ENV} or MLIC_REQUIRE_ALL is set: this run must test the PostgreSQL "
+                    "server)", pytrace=False)
     pytest.skip(reason)
 
 
@@ -142,7 +145,7 @@ def find_bindir() -> Path | None:
 
 
 def require_postgres() -> Postgres:
-    """PostgreSQL's binaries and the account to run them as, or skip (fail under MLIC_REQUIRE_POSTGRES=1)
+    """PostgreSQL's binaries and the account to run them as, or skip (fail under MLIC_REQUIRE_POSTGRES or MLIC_REQUIRE_ALL)
     with what is missing and how to get it."""
     bindir = find_bindir()
     if bindir is None:
