@@ -429,11 +429,18 @@ def mlflow_runs(env: dict[str, str]) -> list:
     return client.search_runs([e.experiment_id for e in exps], order_by=["attributes.start_time ASC"])
 
 
-def check_complete_run(run, env: dict[str, str], repo: Path) -> None:
+def check_complete_run(run, env: dict[str, str], repo: Path, *, workspace: bool = True,
+                       first_in_store: bool = False) -> None:
     """Assert that `run` (in the store at env's MLFLOW_TRACKING_URI) is what `track` logs for the
-    pipeline in `repo`: params, summary metrics, curves, artifacts, datasets, the packaged model,
-    its registry version, git provenance, FINISHED."""
+    pipeline in `repo`: params, summary metrics (each equal to the stage's metrics file the run
+    logged, and with `workspace` that file is `repo`'s own reports/*.json), curves, artifacts,
+    datasets, the packaged model, its registry version (with `first_in_store`: the champion), git
+    provenance, FINISHED."""
+    import json
     import subprocess
+    import tempfile
+
+    from mlic.record import flatten_metrics
 
     import mlflow
 
@@ -471,6 +478,24 @@ def check_complete_run(run, env: dict[str, str], repo: Path) -> None:
     name, version = run.data.tags["registered_model_version"].split("/")
     mv = client.get_model_version(name, version)
     assert mv.run_id == run.info.run_id
+    if first_in_store:  # nobody to beat: the first version is champion
+        assert run.data.tags["champion.promoted"] == "true"
+        assert str(client.get_model_version_by_alias(name, "champion").version) == str(version)
+    # The numbers are the pipeline's: each logged summary metric equals its stage's metrics file.
+    sweep_prefix = f"{run.data.tags['mlic.sweep']}/" if "mlic.sweep" in run.data.tags else ""
+    compared = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in ("evaluate", "calibrate"):
+            logged = json.loads(Path(client.download_artifacts(run.info.run_id, f"{stage}_metrics.json", tmp))
+                                .read_text())
+            if workspace:
+                assert logged == json.loads((repo / "reports" / stage / "metrics.json").read_text()), stage
+            for key, value in flatten_metrics(logged)[0].items():
+                got = metrics.get(key, metrics.get(sweep_prefix + key))
+                if got is not None:
+                    assert got == pytest.approx(value, rel=1e-9, abs=1e-12), (key, got, value)
+                    compared.append(key)
+    assert {"test/macro_f1", "test_calibrated/macro_f1", "val/macro_ap"} <= set(compared), compared
     assert "val/macro_ap" in mv.tags and "test_calibrated/macro_f1" in mv.tags
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert run.data.tags["git_commit"] == head

@@ -75,7 +75,7 @@ def test_a_fresh_clone_logs_one_run_and_a_second_repro_none(clone: tuple[Path, d
 
     runs = mlflow_runs(store)
     assert [r.info.status for r in runs] == ["FINISHED"]
-    check_complete_run(runs[0], store, repo)
+    check_complete_run(runs[0], store, repo, first_in_store=True)
     assert runs[0].data.tags["mlic.changed"] == "nothing" and runs[0].info.run_name.startswith("as committed")
     # What train ran, as the committed params ask (the defaults resize progressively)
     from mlic.model import flips_at_test_time

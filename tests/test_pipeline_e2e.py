@@ -68,7 +68,7 @@ def test_repro_then_noop_then_experiments(project: tuple[Path, dict[str, str]]) 
 
     runs = mlflow_runs(env)
     assert len(runs) == 1
-    check_complete_run(runs[0], env, repo)
+    check_complete_run(runs[0], env, repo, first_in_store=True)
     assert json.loads((repo / ".mlic/mlflow_run.json").read_text())["run_id"] == runs[0].info.run_id
     # The run spans the pipeline: it starts when the first stage started, so training is inside it.
     stages = _journal(repo)

@@ -227,7 +227,7 @@ def test_a_queued_sweep_on_two_workers_is_one_sweep_of_complete_runs(tmp_path):
     combos = sorted((r.data.params["train.learning_rate"], r.data.params["train.dropout"]) for r in children)
     assert combos == sorted((lr, d) for lr in GRID["train.learning_rate"] for d in GRID["train.dropout"])
     for run in children:
-        check_complete_run(run, dict(env, MLFLOW_TRACKING_URI=uri), repo)
+        check_complete_run(run, dict(env, MLFLOW_TRACKING_URI=uri), repo, workspace=False)  # queued: not the workspace's
         tags = run.data.tags
         assert tags[sweep.MLFLOW_PARENT] == parents[0].info.run_id
         # named for what it changed against the baseline commit's params, then the experiment
