@@ -622,12 +622,13 @@ def test_runs_left_running_by_a_killed_track_are_settled_by_the_next(tracked, mo
 
 
 FIRST_WRITER = """
-import sys, time
+import sys
 from pathlib import Path
 from mlflow import MlflowClient
 from mlic import tracking
-uri, start = sys.argv[1], float(sys.argv[2])
-time.sleep(max(0.0, start - time.time()))          # both processes open the fresh store at once
+uri = sys.argv[1]
+print("ready", flush=True)
+sys.stdin.readline()                               # both open the fresh store at the parent's word
 with tracking.first_use(uri):
     client = MlflowClient(uri)
     experiment_id = tracking.ensure_experiment(client, "race", uri)
@@ -641,10 +642,14 @@ def test_two_first_time_writers_to_a_fresh_store_both_succeed(tmp_path, trial):
     import sys
 
     uri = f"sqlite:///{tmp_path.as_posix()}/mlflow.db"
-    start = time.time() + 6                             # after both have imported mlflow
     env = {**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"}
-    procs = [subprocess.Popen([sys.executable, "-c", FIRST_WRITER, uri, str(start)], env=env,
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_WRITER, uri], env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    # Both have imported mlflow and mlic, however long that took under load: now both go at once.
+    assert [p.stdout.readline().strip() for p in procs] == ["ready", "ready"]
+    for p in procs:
+        p.stdin.write("go\n")
+        p.stdin.flush()
     outcomes = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outcomes
     from mlflow import MlflowClient
