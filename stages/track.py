@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 import mlic
-from mlic import figures, record, tracking
+from mlic import figures, record, store, tracking
 from mlic.atomic import write_json
 from mlic.errors import UserError
 from mlic.stage import Params, Stage
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
     # MLflow draws a progress bar for every artifact it reads back while logging the model.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     cfg, cal, ev = params.tracking, params.calibrate, params.evaluate
-    uri = tracking.resolve_tracking_uri(cfg.uri)
+    uri = store.resolve_tracking_uri(cfg.uri)
     if args.model and not cfg.log_model:
         log.info("tracking.log_model is false: not logging %s", args.model)
     package = None
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace, params: Params) -> int:
             raise UserError("--model needs --meta and --thresholds: the packaged model carries all three")
         package = tracking.PackageSpec(args.model, args.meta, args.thresholds, cfg.registered_model,
                                        cfg.champion_metric, args.summary, params.data.max_image_pixels)
-    tracking.check_store(uri)
+    store.check_store(uri)
     rec = record.build_record(
         params_file=args.params, history_csv=args.history, metrics_files=args.metrics,
         artifacts=args.artifacts, manifests_dir=args.manifests_dir, model_meta=args.meta,

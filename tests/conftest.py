@@ -472,7 +472,7 @@ def check_complete_run(run, env: dict[str, str], repo: Path, *, workspace: bool 
     assert len(models) == 1, models
     # The served model refuses images over the run's data.max_image_pixels: the limit travels in it.
     flavor = mlflow.models.get_model_info(f"models:/{models[0].model_id}").flavors["python_function"]
-    assert flavor["config"]["max_image_pixels"] == int(run.data.params["data.max_image_pixels"]), flavor
+    assert flavor["config"]["data.max_image_pixels"] == int(run.data.params["data.max_image_pixels"]), flavor
     assert "champion.json" in artifacts
     assert run.data.tags["champion.promoted"] in ("true", "false")
     name, version = run.data.tags["registered_model_version"].split("/")

@@ -288,7 +288,7 @@ def test_the_packaged_model_refuses_images_over_its_runs_max_image_pixels(model_
         model.predict(pd.DataFrame({"image": [good, b64(big.read_bytes())]}))
     assert "row 1: too many pixels (300x200" in info.value.message and "row 0" not in info.value.message
     assert model.unwrap_python_model().predictor.max_pixels == 300 * 200 - 1
-    assert "max_image_pixels: 59999" in (out / "MLmodel").read_text()
+    assert "data.max_image_pixels: 59999" in (out / "MLmodel").read_text()
     # A package from before the limit travelled with it: data.max_image_pixels's default.
     old = serving.save_packaged_model(tmp_path / "old", model_dir.models / "model.keras",
                                       model_dir.models / "model_meta.json", model_dir.thresholds)

@@ -18,7 +18,7 @@ import pytest
 from conftest import check_complete_run, make_project, run_ok
 from mlflow_ui import mlflow_server
 
-from mlic import record, sweep, tracking
+from mlic import record, store, sweep, tracking
 
 WORKERS = 4
 
@@ -27,7 +27,7 @@ def _race(uri: str, name: str = "lr-dropout", workers: int = WORKERS) -> tuple[s
     """`workers` threads, each with its own client, ask for the sweep's parent at the same moment."""
     from mlflow import MlflowClient
 
-    with tracking.first_use(uri):
+    with store.first_use(uri):
         experiment_id = tracking.ensure_experiment(MlflowClient(uri), "mlic", uri)
     start = threading.Barrier(workers)
     got: list[str | BaseException] = [""] * workers

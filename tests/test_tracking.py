@@ -24,7 +24,7 @@ import pandas as pd
 import pytest
 
 from conftest import git, write_text
-from mlic import journal, tracking
+from mlic import journal, store, tracking
 from mlic.record import data_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,6 +164,9 @@ def test_every_param_is_logged_flattened(tracked):
         "tracking.experiment": "mlic-test",
         "tracking.log_model": "true",
         "tracking.registered_model": "mlic-test-model",
+        # the packaged model's image limit (its model_config, which MLflow logs as params too): the
+        # default here, as this params.yaml does not set it
+        "data.max_image_pixels": "100000000",
     }
 
 
@@ -476,19 +479,19 @@ def test_tracking_uri_precedence_env_then_params_then_project_db(monkeypatch, tm
         monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     else:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", env)
-    assert tracking.resolve_tracking_uri(params_uri, tmp_path) == expected.format(root=tmp_path.resolve().as_posix())
+    assert store.resolve_tracking_uri(params_uri, tmp_path) == expected.format(root=tmp_path.resolve().as_posix())
 
 
 def test_default_store_follows_dvc_root(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    assert tracking.resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
+    assert store.resolve_tracking_uri(None) == f"sqlite:///{tmp_path.resolve().as_posix()}/mlflow.db"
 
 
 def test_unreachable_server_fails_fast_in_one_line():
     started = time.perf_counter()
-    with pytest.raises(tracking.TrackingUnavailable) as info:
-        tracking.check_store("http://127.0.0.1:9", timeout_s=5.0)
+    with pytest.raises(store.TrackingUnavailable) as info:
+        store.check_store("http://127.0.0.1:9", timeout_s=5.0)
     assert time.perf_counter() - started < 6.0
     message = str(info.value)
     assert "\n" not in message
@@ -497,13 +500,13 @@ def test_unreachable_server_fails_fast_in_one_line():
 
 
 def test_writable_sqlite_folder_passes_and_creates_nothing(tmp_path):
-    tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+    store.check_store(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
     assert list(tmp_path.iterdir()) == []
 
 
 def test_sqlite_in_missing_folder_fails(tmp_path):
-    with pytest.raises(tracking.TrackingUnavailable, match="does not exist"):
-        tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/nope/mlflow.db")
+    with pytest.raises(store.TrackingUnavailable, match="does not exist"):
+        store.check_store(f"sqlite:///{tmp_path.as_posix()}/nope/mlflow.db")
 
 
 def _as_nobody(fn) -> str:
@@ -541,8 +544,8 @@ def test_sqlite_in_read_only_folder_fails(tmp_path):
     if os.geteuid() != 0:
         tmp_path.chmod(0o500)
         try:
-            with pytest.raises(tracking.TrackingUnavailable, match="not writable"):
-                tracking.check_store(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+            with pytest.raises(store.TrackingUnavailable, match="not writable"):
+                store.check_store(f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
         finally:
             tmp_path.chmod(0o700)
         return
@@ -553,26 +556,32 @@ def test_sqlite_in_read_only_folder_fails(tmp_path):
         folder = outer / "store"
         folder.mkdir(mode=0o555)
         uri = f"sqlite:///{folder.as_posix()}/mlflow.db"
-        got = _as_nobody(lambda: tracking.check_store(uri))
+        got = _as_nobody(lambda: store.check_store(uri))
         assert got.startswith("TrackingUnavailable") and f"folder {folder} is not writable" in got, got
-        assert _as_nobody(lambda: tracking.check_store(f"sqlite:///{outer.as_posix()}/x.db")).startswith(
+        assert _as_nobody(lambda: store.check_store(f"sqlite:///{outer.as_posix()}/x.db")).startswith(
             "TrackingUnavailable")   # 0o755 root's: not nobody's to write either
         (outer / "open").mkdir(mode=0o777)
         (outer / "open").chmod(0o777)
-        assert _as_nobody(lambda: tracking.check_store(f"sqlite:///{(outer / 'open').as_posix()}/x.db")) == "OK"
+        assert _as_nobody(lambda: store.check_store(f"sqlite:///{(outer / 'open').as_posix()}/x.db")) == "OK"
     finally:
         shutil.rmtree(outer, ignore_errors=True)
 
 
-def test_check_cli_exits_2_with_the_message(monkeypatch, tmp_path, caplog):
+def test_mlic_check_exits_2_with_the_message_and_0_on_a_usable_store(monkeypatch, tmp_path, caplog):
+    from mlic import cli
+
+    caplog.set_level(logging.INFO)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
-    assert tracking.main(["check", "--params", str(tmp_path / "absent.yaml"), "--timeout", "2"]) == 2
+    assert cli.main(["check", "--params", str(tmp_path / "absent.yaml"), "--timeout", "2"]) == 2
     assert "is not reachable" in caplog.text
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path.as_posix()}/mlflow.db")
+    assert cli.main(["check", "--params", str(tmp_path / "absent.yaml")]) == 0
+    assert "is usable" in caplog.text
 
 
 def test_password_is_redacted():
-    assert tracking.redact_uri("https://me:secret@host:8443/x") == "https://me:***@host:8443/x"
-    assert tracking.redact_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
+    assert store.redact_uri("https://me:secret@host:8443/x") == "https://me:***@host:8443/x"
+    assert store.redact_uri("sqlite:////a/b.db") == "sqlite:////a/b.db"
 
 
 # --------------------------------------------------------------------------- tracking never lies
@@ -625,11 +634,11 @@ FIRST_WRITER = """
 import sys
 from pathlib import Path
 from mlflow import MlflowClient
-from mlic import tracking
+from mlic import store, tracking
 uri = sys.argv[1]
 print("ready", flush=True)
 sys.stdin.readline()                               # both open the fresh store at the parent's word
-with tracking.first_use(uri):
+with store.first_use(uri):
     client = MlflowClient(uri)
     experiment_id = tracking.ensure_experiment(client, "race", uri)
 run = client.create_run(experiment_id)
@@ -657,31 +666,31 @@ def test_two_first_time_writers_to_a_fresh_store_both_succeed(tmp_path, trial):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("race").experiment_id])
     assert [r.info.status for r in runs] == ["FINISHED", "FINISHED"]
-    assert tracking.sqlite_schema_problem(tmp_path / "mlflow.db") is None
+    assert store.sqlite_schema_problem(tmp_path / "mlflow.db") is None
 
 
 def test_check_verifies_the_schema_not_just_the_file(tracked, tmp_path):
     import sqlite3
 
     _, uri, _, _ = tracked
-    tracking.check_store(uri)                                   # the fixture's healthy store
+    store.check_store(uri)                                   # the fixture's healthy store
     half = tmp_path / "half.db"
     with sqlite3.connect(half) as db:                           # creation interrupted after one table
         db.execute("CREATE TABLE experiments (experiment_id INTEGER)")
-    with pytest.raises(tracking.TrackingUnavailable, match="missing tables: alembic_version"):
-        tracking.check_store(f"sqlite:///{half.as_posix()}")
+    with pytest.raises(store.TrackingUnavailable, match="missing tables: alembic_version"):
+        store.check_store(f"sqlite:///{half.as_posix()}")
     junk = write_text(tmp_path / "junk.db", "not a database at all, but long enough to be read " * 20)
-    with pytest.raises(tracking.TrackingUnavailable, match="not a readable SQLite database"):
-        tracking.check_store(f"sqlite:///{junk.as_posix()}")
+    with pytest.raises(store.TrackingUnavailable, match="not a readable SQLite database"):
+        store.check_store(f"sqlite:///{junk.as_posix()}")
     old = tmp_path / "old.db"
-    store = tracking.sqlite_path(uri)
-    old.write_bytes(store.read_bytes())
-    known, heads = tracking.mlflow_schema_heads()
+    db_file = store.sqlite_path(uri)
+    old.write_bytes(db_file.read_bytes())
+    known, heads = store.mlflow_schema_heads()
     older = sorted(known - heads)[0]
     with sqlite3.connect(old) as db:
         db.execute("UPDATE alembic_version SET version_num = ?", (older,))
-    with pytest.raises(tracking.TrackingUnavailable, match="older MLflow schema .* mlflow db upgrade"):
-        tracking.check_store(f"sqlite:///{old.as_posix()}")
+    with pytest.raises(store.TrackingUnavailable, match="older MLflow schema .* mlflow db upgrade"):
+        store.check_store(f"sqlite:///{old.as_posix()}")
 
 
 def test_runs_of_a_sweep_are_children_of_one_parent(tracked, monkeypatch):

@@ -199,6 +199,16 @@ def predict_command(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
+def check_command(args: argparse.Namespace) -> int:
+    """Exit 0 if runs can be logged to the tracking store (TrackingUnavailable: 2, with the reason)."""
+    from mlic.store import check_store, redact_uri
+
+    uri = _tracking_uri(Path(args.params))
+    check_store(uri, args.timeout)
+    log.info("MLflow tracking store %s is usable", redact_uri(uri))
+    return EXIT_OK
+
+
 def init_command(args: argparse.Namespace) -> int:
     from mlic.project import init_project, next_steps
 
@@ -245,6 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--skip-bad-images", action="store_true",
                    help="skip rows whose image is missing or unusable (listed in reports/data/skipped.csv)")
     i.set_defaults(func=init_command)
+    c = sub.add_parser("check", help="check that runs can be logged to the MLflow tracking store",
+                       description="Resolve the tracking store as `track` does (MLFLOW_TRACKING_URI, else "
+                       "tracking.uri in params.yaml, else the project's mlflow.db) and check it: a SQLite file's "
+                       "folder and schema; a server's /health and one API call. Exit 0 if usable, else 2 "
+                       "with the reason.")
+    c.add_argument("--params", default="params.yaml", help="for tracking.uri (default: params.yaml)")
+    c.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for a server (default: 5)")
+    c.set_defaults(func=check_command)
     return ap
 
 

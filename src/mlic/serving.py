@@ -49,7 +49,9 @@ ARTIFACT_KERAS = "keras_model"
 ARTIFACT_META = "model_meta"
 ARTIFACT_THRESHOLDS = "thresholds"
 ARTIFACT_SUMMARY = "model_summary"
-MAX_PIXELS_KEY = "max_image_pixels"  # in the model_config: data.max_image_pixels of the packaging run
+# In the model_config: data.max_image_pixels of the packaging run. MLflow also logs a model_config
+# as run params: under this name it is the very param the run already holds, with the same value.
+MAX_PIXELS_KEY = "data.max_image_pixels"
 # What the packaged model imports, pinned to the versions it was built and tested with.
 REQUIREMENTS = ("tensorflow", "keras", "numpy", "pandas", "pillow", "scikit-learn", "mlflow")
 

@@ -38,7 +38,6 @@ import logging
 import os
 import re
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -49,19 +48,7 @@ from mlic import journal, registry, serving, sweep
 from mlic.atomic import require_files
 from mlic.errors import InputError
 from mlic.record import FINGERPRINT_TAG, MAX_TAG_VALUE, DatasetInput, RunRecord
-from mlic.store import (  # noqa: F401 - re-exported: tracking is where users look for them
-    DB_FILE,
-    TrackingUnavailable,
-    check_store,
-    default_project_root,
-    first_use,
-    mlflow_schema_heads,
-    one_line,
-    redact_uri,
-    resolve_tracking_uri,
-    sqlite_path,
-    sqlite_schema_problem,
-)
+from mlic.store import first_use, one_line, redact_uri, sqlite_path
 
 log = logging.getLogger(__name__)
 
@@ -592,33 +579,3 @@ class StudyRuns:
         info = RunInfo(self.parent_id, self.experiment_id, self.experiment, self.study, self.tracking_uri, "")
         log.info("MLflow: study run %s with %d nested trial runs\n%s", self.parent_id, len(result.rows),
                  "\n".join(ui_hint(info)))
-
-
-# --------------------------------------------------------------------------- CLI
-def main(argv: list[str] | None = None) -> int:
-    """`python -m mlic.tracking check`: exit 0 if the configured store is usable, else 2."""
-    import argparse
-
-    ap = argparse.ArgumentParser(prog="python -m mlic.tracking", description=main.__doc__)
-    ap.add_argument("command", choices=["check"])
-    ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--timeout", type=float, default=5.0)
-    args = ap.parse_args(argv)
-    from mlic.params import load_section
-    from mlic.stage import setup_logging
-
-    setup_logging()
-
-    params_uri = load_section("tracking", args.params).uri if Path(args.params).exists() else None
-    uri = resolve_tracking_uri(params_uri)
-    try:
-        check_store(uri, args.timeout)
-    except TrackingUnavailable as exc:
-        log.error("%s", exc)
-        return 2
-    log.info("MLflow tracking store %s is usable", redact_uri(uri))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
