@@ -172,22 +172,32 @@ def make_set():
     return make_image_set
 
 
+def write_shards(image_set: ImageSet, out: Path, splits: dict[str, Any], *, size: int = 32, shard_size: int = 8,
+                 seed: int = 5, y: np.ndarray | None = None, encoding: str = "jpeg", pool: Any = None) -> dict:
+    """TFRecord shards and manifests of `image_set` into `out`, as preprocess writes them (pad resize,
+    JPEG quality 90): per split the rows `splits[split]` (labels `y`, default the set's). Returns
+    {split: Manifest}. The one shard-writing helper of the suite."""
+    from mlic.tfrecords import EncodeSettings, write_split  # TensorFlow only for the tests using it
+
+    y = image_set.y if y is None else y
+    settings = EncodeSettings(image_size=size, resize_mode="pad", encoding=encoding, jpeg_quality=90)
+    out.mkdir(parents=True, exist_ok=True)
+    return {split: write_split(split, [image_set.filenames[i] for i in rows], y[list(rows)], image_set.classes,
+                               image_set.images_dir, out, settings, shard_size, seed, pool=pool)
+            for split, rows in splits.items()}
+
+
 @pytest.fixture(scope="session")
 def tiny_tfrecords(tmp_path_factory: pytest.TempPathFactory):
     """`tiny_tfrecords(size)`: train (24) and val (8) records of a 32-image set at `size` px in
     shards of 8, written once per size per session; returns (folder, number of classes)."""
-    from mlic.tfrecords import EncodeSettings, write_split  # TensorFlow only for the tests using it
-
     made: dict[int, tuple[Path, int]] = {}
 
     def get(size: int) -> tuple[Path, int]:
         if size not in made:
             image_set = make_image_set(tmp_path_factory.mktemp(f"tiny_set_{size}"), n=32, seed=7)
             out = tmp_path_factory.mktemp(f"tiny_tfr_{size}")
-            settings = EncodeSettings(image_size=size, resize_mode="pad", encoding="jpeg", jpeg_quality=90)
-            for split, rows in {"train": np.arange(0, 24), "val": np.arange(24, 32)}.items():
-                write_split(split, [image_set.filenames[i] for i in rows], image_set.y[rows], image_set.classes,
-                            image_set.images_dir, out, settings, shard_size=8, seed=5)
+            write_shards(image_set, out, {"train": range(0, 24), "val": range(24, 32)}, size=size)
             made[size] = (out, len(image_set.classes))
         return made[size]
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_shards
 
 from mlic import images
 from mlic.inference import Predictor, read_thresholds
@@ -98,13 +99,13 @@ def test_prediction_sees_the_pixels_evaluate_saw_in_the_shards(predictor, predic
     """Files through `Predictor.predict` = the same files written by preprocess and read back by
     the TFRecord reader, JPEG round trip included: no train/serve skew for either encoding."""
     from mlic import dataset
-    from mlic.tfrecords import EncodeSettings, Manifest, write_split
+    from mlic.tfrecords import Manifest
 
     meta = ModelMeta(**{**predictor.meta.to_dict(), "encoding": encoding, "jpeg_quality": 90})
-    settings = EncodeSettings(meta.image_size, meta.resize_mode, encoding, 90)
+    assert meta.resize_mode == "pad"  # as write_shards writes
     names = predict_images.filenames
-    write_split("test", names, predict_images.y, predict_images.classes, predict_images.images_dir, tmp_path,
-                settings, shard_size=5, seed=0)
+    write_shards(predict_images, tmp_path, {"test": range(len(names))}, size=meta.image_size,
+                 shard_size=5, seed=0, encoding=encoding)
     shards = {}
     for x, _, files in dataset.make_dataset(Manifest.read(tmp_path, "test"), 4, with_filenames=True):
         for name, p in zip(files.numpy(), predictor.predict_arrays(x.numpy())):

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_shards
 
 from mlic import calibration, metrics, thresholds, tfrecords
 from mlic.params import load_section
@@ -92,15 +93,12 @@ class Project:
 
 
 def _write_tfrecords(image_set, out: Path) -> tuple[dict[str, np.ndarray], dict[str, list[str]]]:
-    settings = tfrecords.EncodeSettings(image_size=SIZE, resize_mode="pad", encoding="jpeg", jpeg_quality=90)
     y = image_set.y.copy()
     y[list(SPLITS["test"]), -1] = 0  # a class with no test positive: AP undefined, ROC-AUC undefined
-    out.mkdir(parents=True)
+    write_shards(image_set, out, SPLITS, size=SIZE, shard_size=SHARD_SIZE, seed=SEED, y=y)
     order = {}
     for split, rows in SPLITS.items():
         names = [image_set.filenames[i] for i in rows]
-        tfrecords.write_split(split, names, y[list(rows)], image_set.classes, image_set.images_dir, out,
-                              settings, SHARD_SIZE, SEED)
         order[split] = [names[i] for i in tfrecords.record_order(names, SEED)]
     return dict(zip(image_set.filenames, y)), order
 

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from conftest import write_shards
 
 from mlic import tune
 from mlic.params import ParamsError, SearchSpec, Train, Tune, load_section, section_from_dict
@@ -533,17 +534,10 @@ REAL_TUNE = {"enabled": True, "n_trials": 3, "epochs": 1, "pruner": "none",
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory: pytest.TempPathFactory, make_set) -> Path:
     """Tiny shards: 28 train / 12 val records of 32 px, 4 classes."""
-    from mlic import tfrecords
-
     root = tmp_path_factory.mktemp("tune_shards")
     image_set = make_set(root / "raw", n=40, seed=11)
-    settings = tfrecords.EncodeSettings(image_size=32, resize_mode="pad", encoding="jpeg", jpeg_quality=90)
-    out = root / "tfrecords"
-    out.mkdir()
-    for split, rows in {"train": list(range(28)), "val": list(range(28, 40))}.items():
-        tfrecords.write_split(split, [image_set.filenames[i] for i in rows], image_set.y[rows], image_set.classes,
-                              image_set.images_dir, out, settings, 8, 3)
-    return out
+    write_shards(image_set, root / "tfrecords", {"train": range(28), "val": range(28, 40)}, seed=3)
+    return root / "tfrecords"
 
 
 @pytest.mark.slow
