@@ -256,7 +256,10 @@ def tf_runs() -> dict[str, subprocess.CompletedProcess]:
 
 def test_tensorflow_start_up_noise_exists_unfiltered(tf_runs) -> None:
     err = tf_runs["all"].stderr.decode()
-    assert "absl::InitializeLog" in err and "oneDNN custom operations are on" in err
+    # oneDNN's line shows only where TensorFlow turns its custom ops on (not on a CPU without
+    # AVX2, which gets cpu_feature_guard's line instead): the noise differs by machine, not its kind.
+    assert "absl::InitializeLog" in err
+    assert "oneDNN custom operations are on" in err or "cpu_feature_guard" in err, err[-3000:]
     if GPU_ABSENT:
         assert "failed call to cuInit" in err
 
