@@ -481,7 +481,10 @@ def check_complete_run(run, env: dict[str, str], repo: Path, *, workspace: bool 
                                          filter_string=f"source_run_id = '{run.info.run_id}'")
     assert len(models) == 1, models
     # The served model refuses images over the run's data.max_image_pixels: the limit travels in it.
-    flavor = mlflow.models.get_model_info(f"models:/{models[0].model_id}").flavors["python_function"]
+    with tempfile.TemporaryDirectory() as tmp:
+        mlmodel = mlflow.artifacts.download_artifacts(artifact_uri=f"{models[0].artifact_location}/MLmodel",
+                                                      dst_path=tmp, tracking_uri=env["MLFLOW_TRACKING_URI"])
+        flavor = yaml.safe_load(Path(mlmodel).read_text())["flavors"]["python_function"]
     assert flavor["config"]["data.max_image_pixels"] == int(run.data.params["data.max_image_pixels"]), flavor
     assert "champion.json" in artifacts
     assert run.data.tags["champion.promoted"] in ("true", "false")
