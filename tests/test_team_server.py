@@ -85,7 +85,7 @@ def test_pipeline_logs_a_complete_run_to_the_postgres_server(team_server: TeamSe
     remote = {"MLFLOW_TRACKING_URI": server.mlflow.url}
     env = {**project.env, **remote}
 
-    checked = project.run("python", "-m", "mlic.tracking", "check", **remote)
+    checked = project.run("python", "-m", "mlic.cli", "check", **remote)
     assert "is usable" in checked.stderr + checked.stdout
 
     started = time.perf_counter()
