@@ -32,12 +32,12 @@ from typing import Any
 
 from mlic.metrics import greater_is_better, headline_names
 from mlic.params import ParamsError
+from mlic.sweep import ALREADY_EXISTS
 
 log = logging.getLogger(__name__)
 
 ALIAS = "champion"
 LOCK_PREFIX = "mlic-champion-lock"
-ALREADY_EXISTS = "RESOURCE_ALREADY_EXISTS"
 # An election holds the lock for a few store calls (well under a second, seconds on a busy
 # server): a lock this old was left by a holder that was killed.
 STALE_S = 120.0
@@ -142,8 +142,8 @@ def champion_lock(client: Any, model: str, *, wait_s: float = 2 * STALE_S, poll_
             continue
         if time.monotonic() > deadline:
             raise TimeoutError(f"the champion of {model!r} is being elected by another run for over {wait_s:.0f} s "
-                               f"(MLflow experiment {name!r}); if no run is registering a model, delete that "
-                               "experiment and run `dvc repro track` again")
+                               f"(MLflow experiment {name!r}); a lock left by a killed run is broken after "
+                               f"{stale_s:.0f} s: run `dvc repro track` again")
         time.sleep(poll_s)
     try:
         yield
