@@ -11,7 +11,6 @@ nothing changes until the data can be used.
 from __future__ import annotations
 
 import dataclasses
-import io
 from pathlib import Path
 from typing import Any
 
@@ -94,10 +93,8 @@ def init_project(root: Path, labels_csv: str | Path, images_dir: str | Path, *, 
     if removed:
         del pipeline["stages"][SAMPLE_STAGE]
     for path, doc, yaml in ((params_file, params, params_yaml), (dvc_file, pipeline, dvc_yaml)):
-        text = io.StringIO()
-        yaml.dump(doc, text)
         with atomic_open(path, "w", encoding="utf-8") as f:
-            f.write(text.getvalue())
+            yaml.dump(doc, f)
     return InitResult(data=data, labels=table, skipped=len(skipped), sample_removed=removed)
 
 
